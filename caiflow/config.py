@@ -118,7 +118,7 @@ class PromptSource(Section):
 
 
 class OpenAIEndpointConfig(Section):
-    base_url: str = _nofp(
+    base_url: str = Field(
         "https://api.openai.com/v1", description="OpenAI-compatible base URL (OpenAI, vLLM, TGI, llama.cpp)."
     )
     model: str = Field("gpt-4o-mini", description="Model name at the endpoint.")

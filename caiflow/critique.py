@@ -1,0 +1,181 @@
+"""The critique-revision loop (SL-CAI data): answer, then N rounds of critique and revision.
+
+For each red-team prompt the model answers, critiques its answer under a principle, and
+revises it; the revision of the last round is the SFT target. Principles are chosen per row
+with a seeded RNG: round 1 uses the prompt's categorised principle when the constitution has
+it (that is what categorisation is for), later rounds sample uniformly. Benign prompts are
+answered plainly, to mix helpfulness data into SFT.
+
+Degenerate revisions are kept with a ``drop_reason``, never silently removed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from caiflow.constitution import Constitution, FewShot, Principle
+from caiflow.generation import GenerationEngine, Sampling
+from caiflow.seeds import row_rng, row_seed
+
+STEP_VERSION = 1
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+ROUND = pa.struct(
+    [
+        ("principle", pa.string()),
+        ("critique_request", pa.string()),
+        ("critique", pa.string()),
+        ("revision_request", pa.string()),
+        ("revision", pa.string()),
+    ]
+)
+SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("kind", pa.string()),
+        ("category", pa.string()),
+        ("initial_answer", pa.string()),
+        ("rounds", pa.list_(ROUND)),
+        ("revision", pa.string()),
+        # TRL's conversational record: the prompt and the final (revised) answer.
+        ("messages", pa.list_(MESSAGE)),
+        ("drop_reason", pa.string()),
+    ]
+)
+
+# Phrases that show the model copied the instructions instead of answering.
+_ECHO_MARKERS = ("critiquerequest", "revisionrequest", "critique request", "revision request", "please rewrite")
+
+
+@dataclass(frozen=True)
+class Sampler:
+    answer: Sampling
+    critique: Sampling
+    revision: Sampling
+
+
+def _few_shot_turns(examples: tuple[FewShot, ...], principle_of, n: int) -> list[dict[str, str]]:
+    turns: list[dict[str, str]] = []
+    for ex in examples[:n]:
+        p = principle_of(ex.principle)
+        turns += [
+            {"role": "user", "content": ex.prompt},
+            {"role": "assistant", "content": ex.answer},
+            {"role": "user", "content": p.critique_request if p else ""},
+            {"role": "assistant", "content": ex.critique},
+            {"role": "user", "content": p.revision_request if p else ""},
+            {"role": "assistant", "content": ex.revision},
+        ]
+    return turns
+
+
+def choose_principles(constitution: Constitution, prompt_id: str, category: str | None, rounds: int,
+                      seed: int) -> list[Principle]:
+    """The principle for each round: the category first (when known), then seeded samples."""
+    ids = constitution.principle_ids()
+    chosen: list[Principle] = []
+    for r in range(rounds):
+        if r == 0 and category in ids:
+            chosen.append(constitution.principle(category))
+        else:
+            chosen.append(constitution.principle(row_rng(seed, prompt_id, f"principle-{r}").choice(ids)))
+    return chosen
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def degenerate_reason(initial: str, revision: str, principle: Principle) -> str | None:
+    """Why a revision is unusable as SFT target, or None when it is fine."""
+    if not revision.strip():
+        return "empty-revision"
+    if _norm(revision) == _norm(initial):
+        return "revision-identical-to-answer"
+    low = _norm(revision)
+    request = _norm(principle.revision_request)
+    if any(m in low for m in _ECHO_MARKERS) or (len(request) > 20 and request[:40] in low):
+        return "revision-echoes-instructions"
+    return None
+
+
+def run_rows(engine: GenerationEngine, constitution: Constitution, rows: list[dict[str, Any]], *,
+             rounds: int, few_shot: int, sampler: Sampler, seed: int,
+             answer_benign: bool = True) -> list[dict[str, Any]]:
+    """Answer, critique and revise a batch of prompt rows; returns records matching SCHEMA.
+
+    rows: dicts with prompt_id, prompt, kind ('red-team' | 'benign') and category.
+    All rows of one stage go to the engine together, so batching is across prompts.
+    """
+    by_id = {p.id: p for p in constitution.principles}
+    shots = _few_shot_turns(constitution.few_shot, by_id.get, few_shot)
+    work = [r for r in rows if r["kind"] == "red-team" or answer_benign]
+
+    answers = engine.generate(
+        [[{"role": "user", "content": r["prompt"]}] for r in work],
+        sampler.answer,
+        [row_seed(seed, r["prompt_id"], "answer") for r in work],
+    )
+    state = {r["prompt_id"]: {"answer": a, "current": a, "rounds": []} for r, a in zip(work, answers)}
+    red = [r for r in work if r["kind"] == "red-team"]
+    plans = {r["prompt_id"]: choose_principles(constitution, r["prompt_id"], r.get("category"), rounds, seed)
+             for r in red}
+
+    for k in range(rounds):
+        convs, seeds_c = [], []
+        for r in red:
+            p = plans[r["prompt_id"]][k]
+            convs.append(shots + [
+                {"role": "user", "content": r["prompt"]},
+                {"role": "assistant", "content": state[r["prompt_id"]]["current"]},
+                {"role": "user", "content": p.critique_request},
+            ])
+            seeds_c.append(row_seed(seed, r["prompt_id"], f"critique-{k}"))
+        critiques = engine.generate(convs, sampler.critique, seeds_c) if red else []
+        for conv, r, c in zip(convs, red, critiques):
+            p = plans[r["prompt_id"]][k]
+            conv += [{"role": "assistant", "content": c}, {"role": "user", "content": p.revision_request}]
+        revisions = engine.generate(
+            convs, sampler.revision, [row_seed(seed, r["prompt_id"], f"revision-{k}") for r in red]
+        ) if red else []
+        for r, c, v in zip(red, critiques, revisions):
+            p = plans[r["prompt_id"]][k]
+            st = state[r["prompt_id"]]
+            st["rounds"].append({"principle": p.id, "critique_request": p.critique_request, "critique": c,
+                                 "revision_request": p.revision_request, "revision": v})
+            if v.strip():  # an empty revision keeps the previous answer for the next round
+                st["current"] = v
+
+    records = []
+    for r in rows:
+        st = state.get(r["prompt_id"])
+        if st is None:
+            records.append(_record(r, "", [], "", "benign-not-answered"))
+            continue
+        if r["kind"] == "red-team":
+            last = st["rounds"][-1]["revision"]
+            reason = degenerate_reason(st["answer"], last, plans[r["prompt_id"]][-1])
+            records.append(_record(r, st["answer"], st["rounds"], last, reason))
+        else:
+            reason = None if st["answer"].strip() else "empty-answer"
+            records.append(_record(r, st["answer"], [], st["answer"], reason))
+    return records
+
+
+def _record(row: dict[str, Any], initial: str, rounds: list[dict], final: str, reason: str | None) -> dict[str, Any]:
+    return {
+        "prompt_id": row["prompt_id"],
+        "prompt": row["prompt"],
+        "kind": row["kind"],
+        "category": row.get("category"),
+        "initial_answer": initial,
+        "rounds": rounds,
+        "revision": final,
+        "messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": final}],
+        "drop_reason": reason,
+    }

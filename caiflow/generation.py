@@ -1,0 +1,363 @@
+"""The generation engine: batched, per-row seeded sampling and multiple-choice scoring.
+
+Every generation step (answers, critiques, revisions, preference samples, evaluation answers)
+goes through :class:`GenerationEngine`. What it guarantees:
+
+- Batched, left-padded generation; batches are sorted by prompt length, longest first (less
+  padding, and an out-of-memory error shows up in the first batch rather than an hour in);
+  results come back in input order.
+- Per-row seeds: the text for row ``i`` depends only on its prompt, its seed and the sampling
+  settings, not on which rows share its batch or on the batch size (up to float noise from
+  padded attention). A resumed or re-batched run therefore reproduces an uninterrupted one.
+- Out of memory: the failing batch is halved and redone, and the smaller size is kept for the
+  rest of the call (``batch_size``, ``backoffs``); at one row the error is re-raised.
+  ``CAIFLOW_FAULT_OOM_ABOVE_BATCH=N`` injects a real ``torch.OutOfMemoryError`` into any batch
+  of more than N rows, so tests exercise the genuine recovery path.
+- :meth:`GenerationEngine.score_choices` turns a multiple-choice question into probabilities
+  from the log-probability of each option's tokens (the AI-feedback method of the design).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+log = logging.getLogger(__name__)
+
+# Set to N to make any batch of more than N rows fail with a real torch.OutOfMemoryError.
+FAULT_OOM_ENV = "CAIFLOW_FAULT_OOM_ABOVE_BATCH"
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample one completion."""
+
+    max_new_tokens: int = 128  # upper bound on generated tokens; generation stops earlier at EOS
+    temperature: float = 0.7  # softmax temperature; 0 means greedy (argmax) decoding
+    top_p: float = 1.0  # nucleus sampling: keep the smallest token set with this much mass; 1.0 = off
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens is {self.max_new_tokens}: set it to 1 or more.")
+        if self.temperature < 0:
+            raise ValueError(f"temperature is {self.temperature}: use 0 for greedy decoding or a positive value.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p is {self.top_p}: it must be in (0, 1]; 1.0 turns nucleus sampling off.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# ---------------------------------------------------------------- out of memory
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for an accelerator or host out-of-memory error, False for anything else (bugs)."""
+    oom_types = tuple(
+        t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
+    )
+    if isinstance(exc, oom_types) or isinstance(exc, MemoryError):
+        return True
+    # CUDA ("CUDA out of memory", "CUDA error: out of memory"), MPS ("MPS backend out of memory"), XPU.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def free_accelerator_memory() -> None:
+    """Drop unreachable tensors and return cached accelerator blocks to the driver."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _injected_oom(rows: int) -> None:
+    limit = os.environ.get(FAULT_OOM_ENV)
+    if limit is not None and rows > int(limit):
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_OOM_ENV})")
+
+
+# ---------------------------------------------------------------- per-row sampling
+
+
+class PerRowSampler(LogitsProcessor):
+    """Samples each row's next token from its own seeded generator, then leaves only that token.
+
+    Run under greedy decoding (``do_sample=False``): the sampled token is the only one not masked
+    to -inf, so greedy picks it. Each row draws exactly once per step from its own generator,
+    so its tokens do not depend on the other rows of the batch.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device | str):
+        if temperature <= 0:
+            raise ValueError("PerRowSampler needs temperature > 0; use greedy decoding for temperature 0.")
+        self.temperature = temperature
+        self.top_p = top_p
+        self.generators = [torch.Generator(device=device).manual_seed(int(s) % 2**64) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            probs = _top_p_filter(probs, self.top_p)
+        picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, picks.unsqueeze(1), 0.0)
+        return out
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero the tail outside the nucleus; the most likely token always stays."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+# ---------------------------------------------------------------- engine
+
+
+class GenerationEngine:
+    """Batched generation and option scoring for one loaded causal LM and its tokenizer."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_input_tokens: int | None = None,
+                 progress: Callable[[int, int], None] | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size is {batch_size}: set it to 1 or more.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size  # current batch size; halves on out-of-memory and stays halved
+        self.max_input_tokens = max_input_tokens  # longer prompts are an error (drop them upstream)
+        self.progress = progress  # progress(done_rows, total_rows) after every batch
+        self.backoffs = 0  # how many times batch_size was halved
+        self.generated_tokens = 0  # new tokens produced so far (EOS excluded), for throughput figures
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_token_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token first.")
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self._logits_to_keep = True  # cleared if the model's forward does not take logits_to_keep
+
+    # ------------------------------------------------------------ prompts
+
+    def format_chat(self, conversation: list[dict]) -> str:
+        """The prompt string for a conversation, ending where the assistant's answer starts."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in conversation]
+        return "\n".join([*lines, "Assistant:"])
+
+    def _encode(self, text: str) -> list[int]:
+        # A chat template already writes the BOS token as text; do not add a second one.
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        encoded = [self._encode(p) for p in prompts]
+        for i, ids in enumerate(encoded):
+            if not ids:
+                raise ValueError(f"prompt {i} is empty (0 tokens): drop empty prompts before generating.")
+            if self.max_input_tokens is not None and len(ids) > self.max_input_tokens:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens, more than max_input_tokens={self.max_input_tokens}: "
+                    "drop over-long prompts first (the prompts step drops them with a reason) or raise the limit."
+                )
+        return encoded
+
+    def _pad_left(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+                mask[i, width - len(r):] = 1
+        device = self.model.device
+        return ids.to(device), mask.to(device)
+
+    # ------------------------------------------------------------ batching with OOM backoff
+
+    def _run_batched(self, items: Sequence[T], run: Callable[[list[T]], list[R]]) -> list[R]:
+        """run() over consecutive batches of items; halve the batch on out-of-memory and redo it."""
+        results: list[R] = []
+        total, start = len(items), 0
+        while start < total:
+            batch = list(items[start:start + self.batch_size])
+            out: list[R] | None = None
+            try:
+                _injected_oom(len(batch))
+                with torch.inference_mode():
+                    out = run(batch)
+            except Exception as exc:
+                if not is_out_of_memory(exc) or len(batch) == 1:
+                    raise
+            if out is None:
+                # Outside the except block, so the failed batch's frames and tensors are released.
+                free_accelerator_memory()
+                self.batch_size = max(1, len(batch) // 2)
+                self.backoffs += 1
+                log.warning("out of memory on a batch of %d rows: retrying with batch_size=%d (backoff %d)",
+                            len(batch), self.batch_size, self.backoffs)
+                continue
+            results.extend(out)
+            start += len(batch)
+            if self.progress is not None:
+                self.progress(start, total)
+        return results
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int]) -> list[str]:
+        """One assistant answer per conversation (chat template applied), in input order."""
+        return self.generate_text([self.format_chat(c) for c in conversations], sampling, seeds)
+
+    def generate_text(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[str]:
+        """One completion per already formatted prompt string, decoded and stripped, in input order."""
+        ids = self.generate_ids(prompts, sampling, seeds)
+        return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
+
+    def generate_ids(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[list[int]]:
+        """The new token ids of each completion (up to, not including, EOS), in input order."""
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds: pass one seed per prompt.")
+        if not prompts:
+            return []
+        encoded = self._encode_prompts(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first
+
+        def run(rows: list[int]) -> list[list[int]]:
+            return self._generate_batch([encoded[i] for i in rows], [seeds[i] for i in rows], sampling)
+
+        outputs = self._run_batched(order, run)
+        result: list[list[int]] = [[] for _ in prompts]
+        for i, out in zip(order, outputs):
+            result[i] = out
+        return result
+
+    def _generation_config(self, sampling: Sampling) -> GenerationConfig:
+        # Sampling happens in PerRowSampler; the model's own generation settings (repetition
+        # penalty, temperature, ...) are neutralised so Sampling alone decides the output.
+        return GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            temperature=1.0,
+            top_k=None,
+            top_p=1.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+        )
+
+    def _generate_batch(self, rows: list[list[int]], seeds: list[int], sampling: Sampling) -> list[list[int]]:
+        input_ids, attention_mask = self._pad_left(rows)
+        processors = LogitsProcessorList()
+        if not sampling.greedy:
+            processors.append(PerRowSampler(seeds, sampling.temperature, sampling.top_p, input_ids.device))
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=self._generation_config(sampling),
+            logits_processor=processors,
+        )
+        new = out[:, input_ids.shape[1]:].tolist()
+        eos = set(self.eos_token_ids)
+        result = []
+        for toks in new:
+            end = next((k for k, t in enumerate(toks) if t in eos), len(toks))
+            result.append(toks[:end])
+            self.generated_tokens += end
+        return result
+
+    # ------------------------------------------------------------ scoring
+
+    def score_choices(self, prompts: list[str], options: list[str]) -> np.ndarray:
+        """P(option | prompt) over the given options, from each option's total token log-probability.
+
+        Returns a (len(prompts), len(options)) float64 array whose rows sum to 1.
+        """
+        if len(options) < 1:
+            raise ValueError("score_choices needs at least one option, e.g. ['(A)', '(B)'].")
+        if not prompts:
+            return np.zeros((0, len(options)), dtype=np.float64)
+        contexts = self._encode_prompts(prompts)
+        pairs: list[tuple[int, int, list[int], int]] = []  # prompt index, option index, sequence, option length
+        for i, (prompt, ctx) in enumerate(zip(prompts, contexts)):
+            for j, option in enumerate(options):
+                opt = self._option_ids(prompt, ctx, option)
+                pairs.append((i, j, ctx + opt, len(opt)))
+        order = sorted(range(len(pairs)), key=lambda k: -len(pairs[k][2]))
+
+        def run(batch: list[int]) -> list[float]:
+            return self._score_batch([pairs[k][2] for k in batch], [pairs[k][3] for k in batch])
+
+        logps = self._run_batched(order, run)
+        totals = np.empty((len(prompts), len(options)), dtype=np.float64)
+        for k, lp in zip(order, logps):
+            totals[pairs[k][0], pairs[k][1]] = lp
+        totals -= totals.max(axis=1, keepdims=True)
+        probs = np.exp(totals)
+        return probs / probs.sum(axis=1, keepdims=True)
+
+    def score_choices_chat(self, conversations: list[list[dict]], options: list[str],
+                           assistant_prefix: str = "") -> np.ndarray:
+        """score_choices on each conversation formatted for the assistant's turn, plus a prefix."""
+        return self.score_choices([self.format_chat(c) + assistant_prefix for c in conversations], options)
+
+    def _option_ids(self, prompt: str, ctx: list[int], option: str) -> list[int]:
+        """The option's tokens as they follow the prompt's tokens in prompt+option."""
+        full = self._encode(prompt + option)
+        if full[:len(ctx)] == ctx and len(full) > len(ctx):
+            return full[len(ctx):]
+        # The tokenizer merged across the boundary: keep the prompt's tokens and append the
+        # option tokenized alone, so every option is scored after the same context.
+        opt = self.tokenizer(option, add_special_tokens=False)["input_ids"]
+        if not opt:
+            raise ValueError(f"option {option!r} has no tokens: options must be non-empty text.")
+        return opt
+
+    def _score_batch(self, seqs: list[list[int]], option_lens: list[int]) -> list[float]:
+        input_ids, attention_mask = self._pad_left(seqs)
+        # Left padding: explicit positions so each row's positions start at 0 as if unpadded.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        k = max(option_lens)  # option tokens sit in the last k positions; logits from the k before
+        logits = self._forward_logits(input_ids, attention_mask, position_ids, k + 1)[:, -(k + 1):-1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        targets = input_ids[:, -k:]
+        token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (batch, k)
+        lens = torch.tensor(option_lens, device=token_logp.device)
+        keep = torch.arange(k, device=token_logp.device).unsqueeze(0) >= (k - lens).unsqueeze(1)
+        return (token_logp * keep).sum(-1).double().tolist()
+
+    def _forward_logits(self, input_ids, attention_mask, position_ids, keep: int) -> torch.Tensor:
+        kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids, use_cache=False)
+        if self._logits_to_keep:
+            try:  # only the last positions' logits: a (batch, length, vocab) tensor can be huge
+                return self.model(**kwargs, logits_to_keep=keep).logits
+            except TypeError:
+                self._logits_to_keep = False
+        return self.model(**kwargs).logits
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Every token that ends an answer: the tokenizer's EOS and the model's generation EOS ids."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, gen_eos):
+        for t in value if isinstance(value, (list, tuple)) else [value]:
+            if t is not None and t not in ids:
+                ids.append(int(t))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model defines an EOS token: generation could not stop.")
+    return ids

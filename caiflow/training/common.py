@@ -1,0 +1,268 @@
+"""What the three trainers share: LoRA configs, model loading, checkpoints, out-of-memory back-off.
+
+Training adapts to memory within a step: on out-of-memory the per-device batch is halved and
+gradient accumulation doubled (the effective batch, and so the result, stays the same), and the
+run resumes from its last checkpoint. ``CAIFLOW_FAULT_OOM_ABOVE_BATCH=N`` makes any step with a
+per-device batch above N raise the real ``torch.OutOfMemoryError``, so that path can be tested.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from caiflow.training.config import LoraSettings
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "CAIFLOW_FAULT_OOM_ABOVE_BATCH"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---------------------------------------------------------------- devices and seeds
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def free_memory() -> None:
+    """Drop what an interrupted step left behind before trying again."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+# ---------------------------------------------------------------- LoRA and models
+
+
+def lora_config(settings: LoraSettings, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    """A peft LoraConfig from our settings ('all-linear' leaves the output head alone)."""
+    from peft import LoraConfig
+
+    targets = settings.target_modules
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+        bias="none",
+    )
+
+
+def quantization_config(dtype: str = "float32"):
+    """4-bit nf4 with double quantisation: the QLoRA recipe."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=getattr(torch, dtype),
+    )
+
+
+def load_base_for_training(path: Path, method: str = "lora", dtype: str = "float32", auto_class=None, **kwargs: Any):
+    """The model a trainer starts from: full precision, or 4-bit and prepared for k-bit training ('qlora').
+
+    ``auto_class`` defaults to AutoModelForCausalLM; the reward model passes AutoModelForSequenceClassification.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from caiflow.models import _quiet_transformers
+
+    _quiet_transformers()
+    auto_class = auto_class or AutoModelForCausalLM
+    load_kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), **kwargs}
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        load_kwargs["quantization_config"] = quantization_config(dtype)
+        load_kwargs["device_map"] = {"": 0} if has_cuda() else {"": "cpu"}
+        model = auto_class.from_pretrained(path, **load_kwargs)
+        # Casts norms to fp32 and enables input gradients; gradient checkpointing stays off (tiny CPU runs).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return model
+    model = auto_class.from_pretrained(path, **load_kwargs)
+    if has_cuda():
+        model.to("cuda")
+    return model
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base_path(path: Path) -> str | None:
+    import json
+
+    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+    return cfg.get("base_model_name_or_path")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The highest-numbered complete ``checkpoint-N`` in folder, for ``resume_from_checkpoint``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for p in folder.iterdir():
+        m = _CHECKPOINT.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def trainer_args(cls, work_dir: Path, *, seed: int, learning_rate: float, per_device: int, accumulation: int,
+                 max_steps: int | None, epochs: float = 1.0, save_steps: int = 50, logging_steps: int = 10,
+                 **extra: Any):
+    """TrainingArguments (or a TRL config subclass) with this project's defaults: local, quiet, checkpointed."""
+    return cls(
+        output_dir=str(work_dir),
+        seed=seed,
+        data_seed=seed,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        max_steps=max_steps if max_steps is not None else -1,
+        num_train_epochs=epochs,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=2,
+        logging_steps=logging_steps,
+        report_to="none",
+        push_to_hub=False,
+        disable_tqdm=True,  # metrics go to the log and the returned dict instead
+        use_cpu=not has_cuda(),
+        bf16=False,  # precision is chosen by the model's dtype, not mixed-precision autocast
+        fp16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+# ---------------------------------------------------------------- out-of-memory back-off
+
+
+def fault_callback():
+    """A TrainerCallback raising the real torch.OutOfMemoryError when the per-device batch is above the env limit."""
+    import torch
+    from transformers import TrainerCallback
+
+    class _InjectOOM(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            limit = os.environ.get(FAULT_ENV)
+            if limit and args.per_device_train_batch_size > int(limit):
+                raise torch.OutOfMemoryError(
+                    f"injected out of memory: per-device batch {args.per_device_train_batch_size} > {FAULT_ENV}={limit}"
+                )
+
+    return _InjectOOM()
+
+
+@dataclass
+class RunOutcome:
+    trainer: Any
+    train_output: Any
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    backoffs: int = 0
+    resumed_from: str | None = None
+    attempts: list[dict] = field(default_factory=list)
+
+
+def _smaller_batch(batch: int, per_device: int) -> int:
+    """The largest divisor of the effective batch at most half the current per-device batch."""
+    for d in range(per_device // 2, 0, -1):
+        if batch % d == 0:
+            return d
+    return 0
+
+
+def train_with_backoff(build: Callable[[int, int], Any], batch_size: int, per_device: int,
+                       checkpoints: Path) -> RunOutcome:
+    """Build a trainer for (per_device, accumulation) and train it, resuming from the last checkpoint.
+
+    On out-of-memory: halve the per-device batch, double accumulation, rebuild, resume. Gives up
+    (re-raises) when the per-device batch is already 1.
+    """
+    backoffs = 0
+    attempts: list[dict] = []
+    while True:
+        accumulation = max(1, batch_size // per_device)
+        resume = last_checkpoint(checkpoints)
+        trainer = build(per_device, accumulation)
+        try:
+            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except BaseException as exc:  # noqa: BLE001 - filtered just below
+            if not is_oom(exc):
+                raise
+            smaller = _smaller_batch(batch_size, per_device)
+            attempts.append({"per_device_batch_size": per_device, "error": str(exc)[:200]})
+            del trainer
+            free_memory()
+            if smaller < 1:
+                log.error("out of memory with a per-device batch of 1: nothing left to shrink")
+                raise
+            log.warning("out of memory at per-device batch %d: retrying with %d (accumulation %d), resuming from %s",
+                        per_device, smaller, batch_size // smaller, last_checkpoint(checkpoints))
+            per_device = smaller
+            backoffs += 1
+            continue
+        return RunOutcome(trainer, output, per_device, accumulation, backoffs,
+                          resume.name if resume else None, attempts)
+
+
+def write_card(out_dir: Path, title: str, method: str, config: dict, seed: int, extra: dict | None,
+               metrics: dict | None = None) -> None:
+    """A short model card: what was trained, how, and from which inputs."""
+    import json
+
+    lines = [f"# {title}", "", f"- method: `{method}`", f"- seed: `{seed}`"]
+    for key, value in (extra or {}).items():
+        lines.append(f"- {key}: `{value}`")
+    lines += ["", "## Config", "", "```json", json.dumps(config, indent=2, sort_keys=True, default=str), "```"]
+    if metrics:
+        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        lines += ["", "## Metrics", "", "```json", json.dumps(shown, indent=2, sort_keys=True), "```"]
+    (Path(out_dir) / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def log_history_value(trainer, key: str) -> float | None:
+    """The last logged value of key in the trainer's history (e.g. 'train_loss')."""
+    for entry in reversed(trainer.state.log_history):
+        if key in entry:
+            return float(entry[key])
+    return None

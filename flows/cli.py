@@ -1,0 +1,106 @@
+"""The `caiflow` command line.
+
+    caiflow run --config configs/demo.yaml [--storage DIR] [--set a.b=value ...]
+
+Bad input (config, constitution, prompt source, model) ends with one line naming the problem
+and the fix, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("caiflow")
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _prefect_defaults() -> None:
+    """Quiet, local Prefect defaults (a user's own settings win)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    from caiflow.categorize import CategorizeError
+    from caiflow.config import ConfigError
+    from caiflow.constitution import ConstitutionError
+    from caiflow.models import ModelNotFoundError
+    from caiflow.prompts import PromptSourceError
+    from caiflow.store import StoreError
+
+    return (ConfigError, ConstitutionError, PromptSourceError, ModelNotFoundError, CategorizeError, StoreError)
+
+
+def _summary_table(result: dict[str, Any], seconds: float) -> str:
+    lines = [f"{'step':<20} {'status':<9} {'seconds':>8} {'rows':>6}  output"]
+    for step, s in result["steps"].items():
+        status = "cached" if s["cached"] else "computed"
+        lines.append(f"{step:<20} {status:<9} {s['seconds']:>8.1f} {s['rows']:>6}  {s['path']}")
+    lines.append(f"total {seconds:.1f} s; run record: {result['run_record']}")
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from caiflow.config import load_config
+    from caiflow.constitution import load_constitution
+
+    errors = input_errors()
+    t0 = time.monotonic()
+    try:  # validate the cheap things before starting Prefect
+        cfg = load_config(args.config, args.set or [], args.storage)
+        load_constitution(cfg.constitution_path(), cfg.constitution.invert, cfg.constitution.principles)
+        from caiflow.store import Store
+
+        Store(cfg.run.storage)
+    except errors as exc:
+        print(f"caiflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    # Prefect's cache records live beside the artifacts they point at (read when Prefect is imported).
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path(cfg.run.storage).resolve() / "prefect-results"))
+    from flows.constitutional_ai import constitutional_ai
+
+    try:
+        result = constitutional_ai(config=str(args.config), overrides=list(args.set or []), storage=args.storage)
+    except errors as exc:
+        print(f"caiflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - report and exit non-zero; Prefect logged the traceback
+        print(f"caiflow: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(_summary_table(result, time.monotonic() - t0))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="caiflow", description="Constitutional AI pipeline on Prefect.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pipeline on a config preset")
+    run.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
+    run.add_argument("--storage", help="artifact root (overrides run.storage)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set generation.batch_size=8 (repeatable)")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _prefect_defaults()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The `constitutional-ai` flow: every step as a cached task, chained by artifact references.
+
+It runs without a Prefect server (Prefect starts a temporary one) and, unchanged, as a
+deployment on a worker. Fingerprints are planned up front from the config, so a step whose
+artifact is complete shows as Cached and does no work.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from prefect import flow
+
+from caiflow.config import Config, load_config
+from caiflow.constitution import load_constitution
+from caiflow.models import resolve_model
+from caiflow.plan import make_plan
+from caiflow.store import Store
+from tasks.common import logger
+from tasks.critique_revision import critique_revision_task
+from tasks.prompts import prompts_task
+
+
+def _run_id() -> str:
+    try:
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            return str(flow_run.id)
+    except Exception:  # noqa: BLE001 - outside a flow run
+        pass
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def run_pipeline(cfg: Config) -> dict[str, Any]:
+    """Run (or find cached) every step; return a summary per step."""
+    log = logger()
+    started = datetime.now(timezone.utc).isoformat()
+    store = Store(cfg.run.storage)
+    storage = str(store.root)
+    constitution = load_constitution(cfg.constitution_path(), cfg.constitution.invert, cfg.constitution.principles)
+    t0 = time.monotonic()
+    model = resolve_model(cfg.model.name, storage, cfg.model.revision, cfg.model.tiny.model_dump())
+    log.info("model %s ready in %.1f s at %s", model.identity, time.monotonic() - t0, model.path)
+    plan = make_plan(cfg, constitution.content_hash, model.identity)
+    summary: dict[str, Any] = {}
+
+    def record(step: str, state, seconds: float):
+        ref = state.result()
+        summary[step] = {"fingerprint": ref.fingerprint, "path": ref.path, "rows": ref.rows,
+                         "cached": state.name == "Cached", "seconds": round(seconds, 1), "metrics": ref.metrics}
+        return ref
+
+    common = dict(cfg=cfg, constitution=constitution, model=model, storage=storage)
+    t = time.monotonic()
+    state = prompts_task(**common, step="prompts", fingerprint=plan.fingerprints["prompts"],
+                         inputs=plan.inputs["prompts"], return_state=True)
+    prompts_ref = record("prompts", state, time.monotonic() - t)
+
+    t = time.monotonic()
+    state = critique_revision_task(**common, step="critique_revision",
+                                   fingerprint=plan.fingerprints["critique_revision"],
+                                   inputs=plan.inputs["critique_revision"], prompts_ref=prompts_ref,
+                                   return_state=True)
+    record("critique_revision", state, time.monotonic() - t)
+
+    run_id = _run_id()
+    path = store.write_run_record(run_id, {
+        "run_id": run_id,
+        "name": cfg.run.name,
+        "started": started,
+        "finished": datetime.now(timezone.utc).isoformat(),
+        "config": cfg.model_dump(mode="json"),
+        "constitution": {"name": constitution.name, "version": constitution.version,
+                         "hash": constitution.content_hash, "inverted": constitution.inverted},
+        "model": model.identity,
+        "steps": {k: {kk: vv for kk, vv in v.items() if kk != "metrics"} for k, v in summary.items()},
+    })
+    log.info("run record: %s", path)
+    return {"run_id": run_id, "run_record": str(path), "steps": summary}
+
+
+@flow(name="constitutional-ai", log_prints=False)
+def constitutional_ai(config: str = "configs/demo.yaml", overrides: list[str] | None = None,
+                      storage: str | None = None) -> dict[str, Any]:
+    """The whole Constitutional AI pipeline on a preset (`config`), with `--set`-style overrides."""
+    return run_pipeline(load_config(config, overrides or [], storage))

@@ -1,0 +1,133 @@
+"""Step 1, prompts: load, normalise, dedupe, cap, split, categorise by principle.
+
+Output: one Parquet table of every prompt read, kept ones with ``drop_reason`` null and the
+others with the reason they were dropped (empty, too long, duplicate, over the cap, principle
+not selected).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+from prefect import task
+
+from caiflow.categorize import OTHER, categorize_local, categorize_openai
+from caiflow.config import Config
+from caiflow.constitution import Constitution
+from caiflow.generation import GenerationEngine
+from caiflow.models import ResolvedModel, load_causal_lm, load_tokenizer
+from caiflow.prompts import cap_prompts, clean_prompts, load_prompts, split_prompts
+from caiflow.store import ArtifactRef, Store
+from tasks.common import Progress, logger, markdown_stats, publish_markdown, publish_table, retry_scaled, task_options
+
+STEP = "prompts"
+
+SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("kind", pa.string()),
+        ("source", pa.string()),
+        ("hint_principle", pa.string()),
+        ("split", pa.string()),
+        ("category", pa.string()),
+        ("category_confidence", pa.float64()),
+        ("drop_reason", pa.string()),
+    ]
+)
+
+
+def _max_tokens(cfg: Config, model: ResolvedModel) -> int:
+    """Configured limit, else a quarter of the model's context (room for answers and critiques)."""
+    if cfg.prompts.max_tokens:
+        return cfg.prompts.max_tokens
+    import json
+
+    conf = json.loads((model.path / "config.json").read_text())
+    return max(64, int(conf.get("max_position_embeddings", 2048)) // 4)
+
+
+def build_prompts(cfg: Config, constitution: Constitution, model: ResolvedModel, storage: str,
+                  fingerprint: str, inputs: dict[str, str] | None = None) -> ArtifactRef:
+    """The step's logic, callable without Prefect."""
+    store = Store(storage)
+    done = store.load_ref(STEP, fingerprint)
+    if done is not None:
+        return done
+    log = logger()
+    p = cfg.prompts
+    df = load_prompts(p.sources, cfg.resolve_path("."))
+    log.info("read %d prompts from %d source(s)", len(df), len(p.sources))
+
+    tokenizer = load_tokenizer(model.path, cfg.model.trust_remote_code)
+    count = lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]  # noqa: E731
+    df = clean_prompts(df, p.min_chars, p.max_chars, _max_tokens(cfg, model), count)
+    df = cap_prompts(df, p.max_red_team, p.max_benign, cfg.run.seed)
+    df = split_prompts(df, p.eval_fraction, cfg.run.seed)
+
+    kept = df["drop_reason"].isna()
+    texts = df.loc[kept, "prompt"].tolist()
+    cat = p.categorize
+    progress = Progress("prompts-categorize", len(texts), f"categorising {len(texts)} prompts ({cat.backend})")
+    if cat.backend == "none" or not texts:
+        result = [(h if isinstance(h, str) else OTHER, 1.0) for h in df.loc[kept, "hint_principle"]]
+    elif cat.backend == "local":
+        model_obj = load_causal_lm(model.path, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
+        engine = GenerationEngine(model_obj, tokenizer, batch_size=retry_scaled(cat.batch_size),
+                                  progress=lambda d, t: progress.update(d))
+        result = categorize_local(engine, constitution, texts)
+    else:
+        o = cat.openai
+        result = categorize_openai(constitution, texts, base_url=o.base_url, model=o.model,
+                                   api_key_env=o.api_key_env, max_concurrency=o.max_concurrency,
+                                   max_retries=o.max_retries, timeout=o.timeout, on_done=progress.update)
+    progress.update(len(texts), force=True)
+    df["category"] = None
+    df["category_confidence"] = float("nan")
+    df.loc[kept, "category"] = [c for c, _ in result]
+    df.loc[kept, "category_confidence"] = [c for _, c in result]
+
+    if cfg.constitution.principles:  # keep red-team prompts about the configured principles only
+        selected = set(cfg.constitution.principles) | {OTHER}
+        off = kept & (df["kind"] == "red-team") & ~df["category"].isin(selected)
+        df.loc[off, "drop_reason"] = "principle-not-selected (" + df.loc[off, "category"].astype(str) + ")"
+
+    df = df[[f.name for f in SCHEMA]].sort_values("prompt_id", kind="stable").reset_index(drop=True)
+    store.write_table(STEP, fingerprint, df, SCHEMA)
+    metrics = prompt_metrics(df)
+    ref = store.finalize(STEP, fingerprint, rows=len(df), metrics=metrics, inputs=inputs or {},
+                         params={"prompts": p.fingerprint_dict(), "constitution": constitution.content_hash,
+                                 "seed": cfg.run.seed})
+    publish_table("prompts-preview", df, "First prompts with split, category and drop reason")
+    publish_markdown("prompts-stats", markdown_stats("Prompts", metrics), "Prompt counts by kind, split, category")
+    log.info("prompts: %s", metrics)
+    return ref
+
+
+def prompt_metrics(df: pd.DataFrame) -> dict[str, Any]:
+    kept = df[df["drop_reason"].isna()]
+    out: dict[str, Any] = {
+        "read": int(len(df)),
+        "kept": int(len(kept)),
+        "train_red_team": int(((kept["split"] == "train") & (kept["kind"] == "red-team")).sum()),
+        "train_benign": int(((kept["split"] == "train") & (kept["kind"] == "benign")).sum()),
+        "eval_red_team": int(((kept["split"] == "eval") & (kept["kind"] == "red-team")).sum()),
+        "eval_benign": int(((kept["split"] == "eval") & (kept["kind"] == "benign")).sum()),
+    }
+    reasons = df["drop_reason"].dropna().str.replace(r" \(.*", "", regex=True).str.replace(r" of .*", "", regex=True)
+    for reason, n in reasons.value_counts().items():
+        out[f"dropped_{reason}"] = int(n)
+    for cat, n in kept["category"].value_counts().items():
+        out[f"category_{cat}"] = int(n)
+    hinted = kept[kept["hint_principle"].notna()]
+    if len(hinted):  # the builtin set says which principle each prompt was written for
+        out["category_agrees_with_hint"] = round(float((hinted["hint_principle"] == hinted["category"]).mean()), 3)
+    return out
+
+
+@task(**task_options("prompts"))
+def prompts_task(cfg: Config, constitution: Constitution, model: ResolvedModel, storage: str, step: str,
+                 fingerprint: str, inputs: dict[str, str]) -> ArtifactRef:
+    return build_prompts(cfg, constitution, model, storage, fingerprint, inputs)

@@ -1,0 +1,255 @@
+"""The generation engine on the tiny random model (and a smoke run of the real default model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from caiflow.generation import (
+    FAULT_OOM_ENV,
+    GenerationEngine,
+    Sampling,
+    is_out_of_memory,
+    free_accelerator_memory,
+)
+from caiflow.models import DEFAULT_MODEL, load_causal_lm, load_model_and_tokenizer, resolve_model
+
+PROMPTS = [
+    "Hello there.",
+    "Tell me a long story about a dragon who guards a library full of ancient books.",
+    "Why?",
+    "What is two plus two? Please explain your reasoning step by step.",
+    "Name a colour.",
+    "Write a poem about the sea, the wind and a small boat.",
+    "Hi",
+    "How do plants grow?",
+]
+SEEDS = [11, 22, 33, 44, 55, 66, 77, 88]
+SAMPLED = Sampling(max_new_tokens=8, temperature=0.9, top_p=0.95)
+GREEDY = Sampling(max_new_tokens=8, temperature=0)
+
+
+def engine_for(tiny_model, **kwargs) -> GenerationEngine:
+    model, tokenizer, _ = tiny_model
+    return GenerationEngine(model, tokenizer, **kwargs)
+
+
+# ---------------------------------------------------------------- generation
+
+
+def test_one_string_per_prompt_in_input_order(tiny_model):
+    together = engine_for(tiny_model, batch_size=3).generate_text(PROMPTS, SAMPLED, SEEDS)
+    alone = [engine_for(tiny_model).generate_text([p], SAMPLED, [s])[0] for p, s in zip(PROMPTS, SEEDS)]
+    assert len(together) == len(PROMPTS)
+    assert all(isinstance(t, str) for t in together)
+    assert together == alone
+
+
+def test_seeded_sampling_does_not_depend_on_batch_size(tiny_model):
+    one = engine_for(tiny_model, batch_size=1).generate_text(PROMPTS, SAMPLED, SEEDS)
+    four = engine_for(tiny_model, batch_size=4).generate_text(PROMPTS, SAMPLED, SEEDS)
+    assert one == four
+    reseeded = engine_for(tiny_model, batch_size=4).generate_text(PROMPTS, SAMPLED, [s + 1000 for s in SEEDS])
+    assert sum(a != b for a, b in zip(four, reseeded)) >= len(PROMPTS) - 1
+
+
+def test_same_prompt_different_seeds_differ(tiny_model):
+    texts = engine_for(tiny_model, batch_size=4).generate_text(["Hello there."] * 4, SAMPLED, [1, 2, 3, 4])
+    assert len(set(texts)) >= 3
+
+
+def test_greedy_is_deterministic_and_ignores_seeds(tiny_model):
+    engine = engine_for(tiny_model, batch_size=4)
+    first = engine.generate_text(PROMPTS, GREEDY, SEEDS)
+    assert engine.generate_text(PROMPTS, GREEDY, [0] * len(PROMPTS)) == first
+    assert engine_for(tiny_model, batch_size=1).generate_text(PROMPTS, GREEDY, SEEDS) == first
+
+
+def test_max_new_tokens_is_respected(tiny_model):
+    engine = engine_for(tiny_model, batch_size=4)
+    ids = engine.generate_ids(PROMPTS, Sampling(max_new_tokens=5, temperature=1.0), SEEDS)
+    assert [len(r) <= 5 for r in ids] == [True] * len(PROMPTS)
+    assert max(len(r) for r in ids) == 5  # a random model almost never emits EOS
+    assert engine.generated_tokens == sum(len(r) for r in ids)
+
+
+def test_generate_formats_chat(tiny_model):
+    engine = engine_for(tiny_model, batch_size=4)
+    convs = [[{"role": "user", "content": p}] for p in PROMPTS[:3]]
+    prompts = [engine.format_chat(c) for c in convs]
+    assert prompts[0].endswith("<|im_start|>assistant\n")  # the real template, with the generation prompt
+    assert engine.generate(convs, SAMPLED, SEEDS[:3]) == engine.generate_text(prompts, SAMPLED, SEEDS[:3])
+
+
+def test_format_chat_without_template(tiny_model, monkeypatch):
+    engine = engine_for(tiny_model)
+    monkeypatch.setattr(engine.tokenizer, "chat_template", None)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert engine.format_chat(conv) == "System: Be brief.\nUser: Hi\nAssistant:"
+
+
+def test_progress_is_reported_after_every_batch(tiny_model):
+    calls = []
+    engine = engine_for(tiny_model, batch_size=3, progress=lambda done, total: calls.append((done, total)))
+    engine.generate_text(PROMPTS, GREEDY, SEEDS)
+    assert calls == [(3, 8), (6, 8), (8, 8)]
+
+
+def test_over_long_prompt_is_an_error(tiny_model):
+    engine = engine_for(tiny_model, max_input_tokens=5)
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens.*drop over-long prompts"):
+        engine.generate_text(["Hi", PROMPTS[1]], GREEDY, [0, 1])
+
+
+def test_input_errors(tiny_model):
+    engine = engine_for(tiny_model)
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        engine.generate_text(["Hi", "Hello"], GREEDY, [0])
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate_text([""], GREEDY, [0])
+    assert engine.generate_text([], GREEDY, []) == []
+    with pytest.raises(ValueError, match="temperature"):
+        Sampling(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(top_p=0)
+
+
+# ---------------------------------------------------------------- out of memory
+
+
+def test_injected_oom_halves_the_batch_and_keeps_the_outputs(tiny_model, monkeypatch):
+    expected = engine_for(tiny_model, batch_size=2).generate_text(PROMPTS, SAMPLED, SEEDS)
+    monkeypatch.setenv(FAULT_OOM_ENV, "2")
+    engine = engine_for(tiny_model, batch_size=8)
+    assert engine.generate_text(PROMPTS, SAMPLED, SEEDS) == expected
+    assert engine.backoffs == 2
+    assert engine.batch_size == 2
+
+
+def test_oom_at_batch_size_one_is_raised(tiny_model, monkeypatch):
+    monkeypatch.setenv(FAULT_OOM_ENV, "0")
+    engine = engine_for(tiny_model, batch_size=4)
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        engine.generate_text(PROMPTS[:4], GREEDY, SEEDS[:4])
+    assert (engine.backoffs, engine.batch_size) == (2, 1)
+
+
+def test_other_errors_are_not_retried(tiny_model, monkeypatch):
+    engine = engine_for(tiny_model, batch_size=4)
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not a lack of memory")
+
+    monkeypatch.setattr(engine, "_generate_batch", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        engine.generate_text(PROMPTS, GREEDY, SEEDS)
+    assert (engine.backoffs, engine.batch_size) == (0, 4)
+
+
+@pytest.mark.parametrize(
+    "exc, expected",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory"), True),
+        (MemoryError(), True),
+        (RuntimeError("CUDA error: out of memory"), True),
+        (RuntimeError("MPS backend out of memory (MPS allocated: 8 GB)"), True),
+        (RuntimeError("XPU out of memory. Tried to allocate 20.00 MiB"), True),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"), False),
+        (ValueError("out of memory"), False),
+        (KeyError("input_ids"), False),
+    ],
+)
+def test_is_out_of_memory(exc, expected):
+    assert is_out_of_memory(exc) is expected
+
+
+def test_free_accelerator_memory_runs_on_cpu():
+    free_accelerator_memory()
+
+
+# ---------------------------------------------------------------- scoring
+
+QUESTION = "Question: pick one. Answer:"
+
+
+@pytest.fixture(scope="module")
+def trained_model(tiny_model):
+    """A fresh copy of the tiny model trained to always continue QUESTION with ' (A)'."""
+    _, tokenizer, resolved = tiny_model
+    model = load_causal_lm(resolved.path, device="cpu")
+    model.train()
+    ids = tokenizer(QUESTION + " (A)", return_tensors="pt")["input_ids"]
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model, tokenizer
+
+
+def test_score_choices_prefers_the_trained_answer(trained_model):
+    model, tokenizer = trained_model
+    engine = GenerationEngine(model, tokenizer)
+    probs = engine.score_choices([QUESTION], [" (A)", " (B)"])
+    assert probs.shape == (1, 2)
+    assert probs[0, 0] > 0.9
+    flipped = engine.score_choices([QUESTION], [" (B)", " (A)"])
+    np.testing.assert_allclose(flipped[0], probs[0, ::-1], atol=1e-6)
+
+
+def test_score_choices_shape_and_normalisation(tiny_model):
+    engine = engine_for(tiny_model, batch_size=4)
+    options = ["(A)", "(B)", " principle three", "x"]
+    probs = engine.score_choices(PROMPTS[:5], options)
+    assert probs.shape == (5, 4)
+    assert probs.dtype == np.float64
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    assert (probs > 0).all()
+
+
+def test_score_choices_batched_equals_unbatched(tiny_model):
+    options = [" (A)", " (B)", " neither of these options"]
+    batched = engine_for(tiny_model, batch_size=8).score_choices(PROMPTS, options)
+    single = engine_for(tiny_model, batch_size=1).score_choices(PROMPTS, options)
+    np.testing.assert_allclose(batched, single, atol=1e-4)
+
+
+def test_score_choices_backs_off_on_oom(tiny_model, monkeypatch):
+    options = [" (A)", " (B)"]
+    expected = engine_for(tiny_model, batch_size=8).score_choices(PROMPTS[:4], options)
+    monkeypatch.setenv(FAULT_OOM_ENV, "3")
+    engine = engine_for(tiny_model, batch_size=8)
+    np.testing.assert_allclose(engine.score_choices(PROMPTS[:4], options), expected, atol=1e-4)
+    assert (engine.backoffs, engine.batch_size) == (2, 2)
+
+
+def test_score_choices_chat_formats_then_scores(tiny_model):
+    engine = engine_for(tiny_model, batch_size=4)
+    convs = [[{"role": "user", "content": p}] for p in PROMPTS[:3]]
+    got = engine.score_choices_chat(convs, ["(A)", "(B)"], assistant_prefix="The answer is ")
+    want = engine.score_choices([engine.format_chat(c) + "The answer is " for c in convs], ["(A)", "(B)"])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_score_choices_needs_options(tiny_model):
+    with pytest.raises(ValueError, match="at least one option"):
+        engine_for(tiny_model).score_choices(["Hi"], [])
+
+
+# ---------------------------------------------------------------- the real default model
+
+
+@pytest.mark.slow
+def test_default_model_smoke(model_store):
+    model, tokenizer = load_model_and_tokenizer(resolve_model(DEFAULT_MODEL, model_store))
+    engine = GenerationEngine(model, tokenizer, batch_size=2)
+    convs = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "user", "content": "Write one sentence about the sea."}]]
+    texts = engine.generate(convs, Sampling(max_new_tokens=16), seeds=[0, 1])
+    assert len(texts) == 2
+    assert all(t.strip() for t in texts)
