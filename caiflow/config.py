@@ -20,9 +20,9 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and the fix."""
 
 
-def _nofp(description: str, **kwargs: Any) -> Any:
+def _nofp(default: Any, **kwargs: Any) -> Any:
     """A field that does not change results, so it is not part of any fingerprint."""
-    return Field(description=description, json_schema_extra={"fingerprint": False}, **kwargs)
+    return Field(default, json_schema_extra={"fingerprint": False}, **kwargs)
 
 
 class Section(BaseModel):

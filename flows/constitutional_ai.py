@@ -19,7 +19,7 @@ from caiflow.constitution import load_constitution
 from caiflow.models import resolve_model
 from caiflow.plan import make_plan
 from caiflow.store import Store
-from tasks.common import logger
+from tasks.common import call_step, logger
 from tasks.critique_revision import critique_revision_task
 from tasks.prompts import prompts_task
 
@@ -54,18 +54,14 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
                          "cached": state.name == "Cached", "seconds": round(seconds, 1), "metrics": ref.metrics}
         return ref
 
-    common = dict(cfg=cfg, constitution=constitution, model=model, storage=storage)
-    t = time.monotonic()
-    state = prompts_task(**common, step="prompts", fingerprint=plan.fingerprints["prompts"],
-                         inputs=plan.inputs["prompts"], return_state=True)
-    prompts_ref = record("prompts", state, time.monotonic() - t)
+    def step(name: str, task, **kwargs):
+        t = time.monotonic()
+        state = call_step(task, store, name, plan.fingerprints[name], cfg=cfg, constitution=constitution,
+                          model=model, inputs=plan.inputs[name], **kwargs)
+        return record(name, state, time.monotonic() - t)
 
-    t = time.monotonic()
-    state = critique_revision_task(**common, step="critique_revision",
-                                   fingerprint=plan.fingerprints["critique_revision"],
-                                   inputs=plan.inputs["critique_revision"], prompts_ref=prompts_ref,
-                                   return_state=True)
-    record("critique_revision", state, time.monotonic() - t)
+    prompts_ref = step("prompts", prompts_task)
+    step("critique_revision", critique_revision_task, prompts_ref=prompts_ref)
 
     run_id = _run_id()
     path = store.write_run_record(run_id, {

@@ -34,11 +34,13 @@ def logger() -> logging.Logger:
         return logging.getLogger("caiflow")
 
 
-def fingerprint_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
-    """Prefect cache key = step + fingerprint + storage root, offered only for complete artifacts."""
+def fingerprint_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect cache key = step + fingerprint + storage root.
+
+    The flow calls a step with `refresh_cache=True` when the store says its artifact is not
+    complete (never built, deleted or corrupt), so a cache record never outlives its artifact.
+    """
     step, fp, root = parameters["step"], parameters["fingerprint"], parameters["storage"]
-    if not Store(root).is_complete(step, fp):
-        return None  # not done (or deleted / corrupt): run the task; its store logic resumes
     where = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]
     return f"caiflow-{step}-{fp}-{where}"
 
@@ -153,9 +155,11 @@ def markdown_stats(title: str, stats: dict[str, Any]) -> str:
     return f"## {title}\n\n| metric | value |\n|---|---|\n{rows}\n"
 
 
-def done_or_none(store: Store, step: str, fp: str):
-    """The finished artifact's reference when the store already has it."""
-    return store.load_ref(step, fp)
+def call_step(task: Any, store: Store, step: str, fingerprint: str, **kwargs: Any) -> Any:
+    """Run a step's task and return its final state; a cache hit only if the artifact is complete."""
+    fresh = not store.is_complete(step, fingerprint)
+    return task.with_options(refresh_cache=fresh)(
+        storage=str(store.root), step=step, fingerprint=fingerprint, return_state=True, **kwargs)
 
 
 Callback = Callable[[int], None]

@@ -25,7 +25,7 @@ def harness(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def storage(tmp_path_factory, model_store):
+def storage(tmp_path_factory, model_store, tiny_model):
     root = tmp_path_factory.mktemp("flow-storage")
     shutil.copytree(Path(model_store) / "models", root / "models")  # reuse the tiny model
     return root
