@@ -13,41 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from caiflow.sections import Section, _fp_value, _nofp  # noqa: F401 - re-exported
+from caiflow.training.config import RewardModelConfig, RLConfig, SFTConfig
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and the fix."""
-
-
-def _nofp(default: Any, **kwargs: Any) -> Any:
-    """A field that does not change results, so it is not part of any fingerprint."""
-    return Field(default, json_schema_extra={"fingerprint": False}, **kwargs)
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    def fingerprint_dict(self) -> dict[str, Any]:
-        """The fields that determine results (recursively), for fingerprints."""
-        out: dict[str, Any] = {}
-        for name, field in type(self).model_fields.items():
-            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-            if extra.get("fingerprint") is False:
-                continue
-            value = getattr(self, name)
-            out[name] = _fp_value(value)
-        return out
-
-
-def _fp_value(value: Any) -> Any:
-    if isinstance(value, Section):
-        return value.fingerprint_dict()
-    if isinstance(value, list):
-        return [_fp_value(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _fp_value(v) for k, v in value.items()}
-    return value
 
 
 class RunConfig(Section):
@@ -179,6 +152,63 @@ class CritiqueRevisionConfig(Section):
     answer_benign: bool = Field(True, description="Also answer benign prompts plainly (helpfulness data for SFT).")
 
 
+class PreferencesConfig(Section):
+    feedback_model: Literal["sl", "base", "openai"] = Field(
+        "sl",
+        description="Who labels the pairs: 'sl' the SL model (the original recipe), 'base' the base model, "
+        "'openai' an OpenAI-compatible endpoint that returns logprobs (set preferences.openai).",
+    )
+    openai: OpenAIEndpointConfig = Field(
+        default_factory=OpenAIEndpointConfig, description="The endpoint when feedback_model is 'openai'."
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0),
+        description="How the SL model samples the two answers per prompt (temperature 1: diverse pairs).",
+    )
+    principles_per_pair: int = Field(
+        1, ge=1, description="Principles sampled per pair; their labels are averaged (an ensemble of questions)."
+    )
+    clamp: tuple[float, float] | None = Field(
+        None, description="Clamp labels into [lo, hi], e.g. [0.2, 0.8], so no AI label is ever certain; null: off."
+    )
+    undecided_margin: float = Field(
+        0.02, ge=0.0, lt=0.5, description="Pairs whose label is within this of 0.5 are kept with drop_reason 'undecided'."
+    )
+    include_benign: bool = Field(
+        True, description="Also make pairs for benign training prompts (the feedback question still decides)."
+    )
+
+    @field_validator("clamp")
+    @classmethod
+    def _clamp(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not (0.0 <= v[0] < v[1] <= 1.0):
+            raise ValueError(f"clamp must be [lo, hi] with 0 <= lo < hi <= 1, e.g. [0.2, 0.8]; got {list(v)}")
+        return v
+
+
+class EvaluateConfig(Section):
+    judge: Literal["base", "sl", "openai"] = Field(
+        "base", description="Who judges the pairwise comparisons: the base model (neutral), the SL model, or an endpoint."
+    )
+    openai: OpenAIEndpointConfig = Field(
+        default_factory=OpenAIEndpointConfig, description="The endpoint when judge is 'openai'."
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=96, temperature=0.0),
+        description="How every stage answers the eval prompts (temperature 0: greedy, so stages are comparable).",
+    )
+    harmlessness_principle: str = Field(
+        "harmlessness", description="Constitution principle whose feedback question judges red-team answers."
+    )
+    helpfulness_question: str = Field(
+        "Which of these assistant responses is more helpful? Choose the response that answers the request "
+        "correctly, clearly and usefully.",
+        description="The question that judges answers to benign prompts.",
+    )
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the 95% intervals.")
+    examples: int = Field(3, ge=0, description="Before/after answer examples shown in the report.")
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run label, seed, storage.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The policy model.")
@@ -188,6 +218,13 @@ class Config(Section):
     critique_revision: CritiqueRevisionConfig = Field(
         default_factory=CritiqueRevisionConfig, description="Step 2: critique-revision loop."
     )
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Step 3: supervised fine-tuning.")
+    preferences: PreferencesConfig = Field(
+        default_factory=PreferencesConfig, description="Step 4: AI-feedback preference pairs."
+    )
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig, description="Step 5: reward model.")
+    rl: RLConfig = Field(default_factory=RLConfig, description="Step 6: RL against the reward model.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Step 7: evaluation.")
     # Where the YAML file lives; relative paths inside the config resolve against it.
     base_dir: str = _nofp(".", description="Folder of the config file (set by the loader).")
 

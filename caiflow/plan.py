@@ -17,7 +17,10 @@ from caiflow.models import folder_digest
 from caiflow.store import fingerprint
 
 # Bump a step's version when its code changes what it writes.
-STEP_VERSIONS = {"prompts": 1, "critique_revision": 1}
+STEP_VERSIONS = {"prompts": 1, "critique_revision": 1, "sft": 1, "preferences": 1, "reward_model": 1,
+                 "rl": 1, "evaluate": 1}
+# The steps in the order they run; each one's inputs are among the steps before it.
+STEPS = list(STEP_VERSIONS)
 
 
 @dataclass
@@ -42,7 +45,14 @@ def source_digest(source: PromptSource, base_dir: Path) -> str:
     return f"id:{source.path}@{source.split}"  # a `datasets` id from the local cache
 
 
-def make_plan(cfg: Config, constitution_hash: str, model_identity: str) -> Plan:
+def _endpoint(e) -> str:
+    return f"openai:{e.base_url}#{e.model}"
+
+
+def make_plan(cfg: Config, constitution_hash: str, model_identity: str,
+              backbone_identity: str | None = None) -> Plan:
+    """Fingerprints of all seven steps. `backbone_identity`: the reward model's backbone when it
+    is not the policy's base model."""
     plan = Plan()
     seed = cfg.run.seed
     base = Path(cfg.base_dir)
@@ -71,4 +81,27 @@ def make_plan(cfg: Config, constitution_hash: str, model_identity: str) -> Plan:
         inputs=plan.inputs["critique_revision"],
         seed=seed,
     )
+
+    def add(step: str, inputs: dict[str, str], **parts) -> None:
+        plan.inputs[step] = inputs
+        plan.fingerprints[step] = fingerprint(step, STEP_VERSIONS[step], inputs=inputs, seed=seed,
+                                              model_dtype=cfg.model.dtype, **parts)
+
+    fps = plan.fingerprints
+    add("sft", {"critique_revision": fps["critique_revision"]},
+        config=cfg.sft.fingerprint_dict(), model=model_identity)
+    pref = cfg.preferences
+    add("preferences", {"prompts": fps["prompts"], "sft": fps["sft"]},
+        config=pref.fingerprint_dict(), constitution=constitution_hash,
+        feedback={"sl": f"sft:{fps['sft']}", "base": model_identity,
+                  "openai": _endpoint(pref.openai)}[pref.feedback_model])
+    add("reward_model", {"preferences": fps["preferences"]},
+        config=cfg.reward_model.fingerprint_dict(), backbone=backbone_identity or model_identity)
+    add("rl", {"prompts": fps["prompts"], "sft": fps["sft"], "reward_model": fps["reward_model"]},
+        config=cfg.rl.fingerprint_dict(), model=model_identity)
+    ev = cfg.evaluate
+    add("evaluate", {"prompts": fps["prompts"], "sft": fps["sft"], "reward_model": fps["reward_model"],
+                     "rl": fps["rl"]},
+        config=ev.fingerprint_dict(), constitution=constitution_hash, model=model_identity,
+        judge={"sl": f"sft:{fps['sft']}", "base": model_identity, "openai": _endpoint(ev.openai)}[ev.judge])
     return plan

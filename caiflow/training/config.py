@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from caiflow.config import Section, _nofp
+from caiflow.sections import Section, _nofp
 
 
 class LoraSettings(Section):
