@@ -20,6 +20,7 @@ goes through :class:`GenerationEngine`. What it guarantees:
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -144,6 +145,8 @@ class GenerationEngine:
         if self.pad_token_id is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token first.")
         self.eos_token_ids = _eos_ids(model, tokenizer)
+        # Newer transformers name the cache argument `cache`; older ones `past_key_values`.
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._logits_to_keep = True  # cleared if the model's forward does not take logits_to_keep
 
     # ------------------------------------------------------------ prompts
@@ -291,20 +294,16 @@ class GenerationEngine:
         if not prompts:
             return np.zeros((0, len(options)), dtype=np.float64)
         contexts = self._encode_prompts(prompts)
-        pairs: list[tuple[int, int, list[int], int]] = []  # prompt index, option index, sequence, option length
-        for i, (prompt, ctx) in enumerate(zip(prompts, contexts)):
-            for j, option in enumerate(options):
-                opt = self._option_ids(prompt, ctx, option)
-                pairs.append((i, j, ctx + opt, len(opt)))
-        order = sorted(range(len(pairs)), key=lambda k: -len(pairs[k][2]))
+        option_ids = [[self._option_ids(p, ctx, o) for o in options] for p, ctx in zip(prompts, contexts)]
+        order = sorted(range(len(prompts)), key=lambda i: -len(contexts[i]))  # similar lengths batch together
 
-        def run(batch: list[int]) -> list[float]:
-            return self._score_batch([pairs[k][2] for k in batch], [pairs[k][3] for k in batch])
+        def run(batch: list[int]) -> list[list[float]]:
+            return self._score_batch([contexts[i] for i in batch], [option_ids[i] for i in batch])
 
         logps = self._run_batched(order, run)
         totals = np.empty((len(prompts), len(options)), dtype=np.float64)
-        for k, lp in zip(order, logps):
-            totals[pairs[k][0], pairs[k][1]] = lp
+        for i, lp in zip(order, logps):
+            totals[i] = lp
         totals -= totals.max(axis=1, keepdims=True)
         probs = np.exp(totals)
         return probs / probs.sum(axis=1, keepdims=True)
@@ -326,28 +325,51 @@ class GenerationEngine:
             raise ValueError(f"option {option!r} has no tokens: options must be non-empty text.")
         return opt
 
-    def _score_batch(self, seqs: list[list[int]], option_lens: list[int]) -> list[float]:
-        input_ids, attention_mask = self._pad_left(seqs)
-        # Left padding: explicit positions so each row's positions start at 0 as if unpadded.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        k = max(option_lens)  # option tokens sit in the last k positions; logits from the k before
-        logits = self._forward_logits(input_ids, attention_mask, position_ids, k + 1)[:, -(k + 1):-1]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        targets = input_ids[:, -k:]
-        token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (batch, k)
-        lens = torch.tensor(option_lens, device=token_logp.device)
-        keep = torch.arange(k, device=token_logp.device).unsqueeze(0) >= (k - lens).unsqueeze(1)
-        return (token_logp * keep).sum(-1).double().tolist()
+    def _score_batch(self, contexts: list[list[int]], options: list[list[list[int]]]) -> list[list[float]]:
+        """Total log-probability of each prompt's option tokens after its context.
 
-    def _forward_logits(self, input_ids, attention_mask, position_ids, keep: int) -> torch.Tensor:
-        kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask,
-                                      position_ids=position_ids, use_cache=False)
+        The shared context runs once; its key/value cache is repeated for the K options, which
+        then run together (a few tokens each). With K options this costs about one context
+        forward instead of K.
+        """
+        k = len(options[0])
+        ids, mask = self._pad_left(contexts)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row starts at position 0
+        kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = self._forward_last(**kwargs)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, vocab): each option's first token
+        flat = [o for row in options for o in row]  # B*K option token lists, prompt-major
+        rows = torch.arange(len(contexts), device=first.device).repeat_interleave(k)
+        firsts = torch.tensor([o[0] for o in flat], device=first.device)
+        total = first[rows, firsts]
+        width = max(len(o) for o in flat)
+        if width > 1:  # later option tokens: run the options on the repeated cache
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(k)
+            opt = torch.full((len(flat), width), self.pad_token_id, dtype=torch.long)
+            opt_mask = torch.zeros((len(flat), width), dtype=torch.long)
+            for j, o in enumerate(flat):
+                opt[j, :len(o)] = torch.tensor(o, dtype=torch.long)
+                opt_mask[j, :len(o)] = 1
+            opt, opt_mask = opt.to(ids.device), opt_mask.to(ids.device)
+            lengths = mask.sum(-1).repeat_interleave(k).unsqueeze(1)
+            logits = self.model(
+                input_ids=opt, attention_mask=torch.cat([mask.repeat_interleave(k, dim=0), opt_mask], dim=1),
+                position_ids=lengths + torch.arange(width, device=ids.device).unsqueeze(0),
+                use_cache=True, **{self._cache_kwarg: cache},
+            ).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, opt[:, 1:].unsqueeze(-1)).squeeze(-1)
+            total = total + (logp * opt_mask[:, 1:]).sum(-1)
+        return total.double().view(len(contexts), k).tolist()
+
+    def _forward_last(self, **kwargs: Any) -> Any:
+        """Forward pass keeping only the last position's logits when the model allows it."""
         if self._logits_to_keep:
-            try:  # only the last positions' logits: a (batch, length, vocab) tensor can be huge
-                return self.model(**kwargs, logits_to_keep=keep).logits
+            try:  # a (batch, length, vocab) logits tensor can be huge; only the last row is needed
+                return self.model(**kwargs, logits_to_keep=1)
             except TypeError:
                 self._logits_to_keep = False
-        return self.model(**kwargs).logits
+        return self.model(**kwargs)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -163,3 +163,30 @@ def call_step(task: Any, store: Store, step: str, fingerprint: str, **kwargs: An
 
 
 Callback = Callable[[int], None]
+
+
+def policy_engine(stage: str, cfg: Any, model: Any, store: Store, refs: dict[str, Any], batch_size: int) -> Any:
+    """A GenerationEngine for a pipeline stage: 'base', 'sl' (the sft artifact) or 'rl' (the rl artifact)."""
+    from caiflow.generation import GenerationEngine
+    from caiflow.models import load_model_and_tokenizer
+    from caiflow.training.sft import load_policy
+
+    if stage == "base":
+        m, tok = load_model_and_tokenizer(model, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
+    else:
+        step = {"sl": "sft", "rl": "rl"}[stage]
+        folder = Path(refs[step].path) / "model"
+        m, tok = load_policy(folder, base_model_path=model.path, device=cfg.model.device, dtype=cfg.model.dtype)
+    return GenerationEngine(m, tok, batch_size=batch_size)
+
+
+def choice_scorer(who: str, endpoint: Any, cfg: Any, model: Any, store: Store, refs: dict[str, Any],
+                  batch_size: int, engines: dict[str, Any] | None = None) -> Any:
+    """What scores "(A)" vs "(B)": a local stage's engine ('base', 'sl') or an OpenAI-compatible endpoint."""
+    if who == "openai":
+        from caiflow.feedback import EndpointChoiceScorer
+
+        return EndpointChoiceScorer(endpoint)
+    if engines is not None and who in engines:
+        return engines[who]
+    return policy_engine(who, cfg, model, store, refs, batch_size)

@@ -225,7 +225,7 @@ def test_score_choices_backs_off_on_oom(tiny_model, monkeypatch):
     monkeypatch.setenv(FAULT_OOM_ENV, "3")
     engine = engine_for(tiny_model, batch_size=8)
     np.testing.assert_allclose(engine.score_choices(PROMPTS[:4], options), expected, atol=1e-4)
-    assert (engine.backoffs, engine.batch_size) == (2, 2)
+    assert (engine.backoffs, engine.batch_size) == (1, 2)  # 4 prompts > 3: halved once, to 2 prompts
 
 
 def test_score_choices_chat_formats_then_scores(tiny_model):
