@@ -17,7 +17,7 @@ from caiflow.models import folder_digest
 from caiflow.store import fingerprint
 
 # Bump a step's version when its code changes what it writes.
-STEP_VERSIONS = {"prompts": 1, "critique_revision": 1, "sft": 1, "preferences": 1, "reward_model": 1,
+STEP_VERSIONS = {"prompts": 2, "critique_revision": 1, "sft": 1, "preferences": 1, "reward_model": 1,
                  "rl": 1, "evaluate": 1}
 # The steps in the order they run; each one's inputs are among the steps before it.
 STEPS = list(STEP_VERSIONS)

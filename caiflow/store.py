@@ -16,6 +16,7 @@ finished shards and hidden temporary files behind; a re-run redoes only what is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
@@ -114,10 +115,12 @@ class ArtifactRef:
     path: str  # the artifact folder, absolute
     rows: int
     metrics: dict = field(default_factory=dict, hash=False)
+    # True when this run found the artifact already finished (by an earlier or a concurrent run).
+    reused: bool = field(default=False, compare=False)
 
     def to_dict(self) -> dict:
         return {"step": self.step, "fingerprint": self.fingerprint, "path": self.path,
-                "rows": self.rows, "metrics": dict(self.metrics)}
+                "rows": self.rows, "metrics": dict(self.metrics), "reused": self.reused}
 
     @classmethod
     def from_dict(cls, d: dict) -> ArtifactRef:
@@ -440,6 +443,39 @@ class Store:
             except (OSError, TypeError, KeyError):
                 return False
         return True
+
+    @contextlib.contextmanager
+    def lock(self, step: str, fp: str, poll: float = 2.0, on_wait: Any = None) -> Iterator[None]:
+        """Hold the artifact's lock: one process computes a fingerprint, the others wait.
+
+        An advisory `flock` on `<root>/locks/<step>-<fingerprint>.lock`: the kernel releases it when
+        its holder exits or is killed, so a crashed holder never blocks the next run.
+        """
+        import fcntl
+
+        folder = self.root / "locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{_check_name('step', step)}-{_check_name('fingerprint', fp)}.lock", "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fh, fcntl.LOCK_EX)  # blocks until the holder finishes or dies
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def quarantine(self, step: str, fp: str) -> Path | None:
+        """Move a finished-looking but corrupt artifact aside (kept for inspection, never trusted)."""
+        base = self.artifact_dir(step, fp)
+        if not base.exists():
+            return None
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        dest = base.with_name(f"{TMP_PREFIX}corrupt-{fp}-{stamp}")
+        base.rename(dest)
+        return dest
 
     def load_ref(self, step: str, fp: str) -> ArtifactRef | None:
         if not self.is_complete(step, fp):

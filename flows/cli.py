@@ -1,6 +1,7 @@
 """The `caiflow` command line.
 
     caiflow run --config configs/demo.yaml [--storage DIR] [--set a.b=value ...]
+    caiflow verify [--storage DIR]
 
 Bad input (config, constitution, prompt source, model) ends with one line naming the problem
 and the fix, and exit code 2.
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("caiflow")
+
+# The pipeline's steps, in order (kept here so `--help` does not import the heavy modules).
+STEPS = ["prompts", "critique_revision", "sft", "preferences", "reward_model", "rl", "evaluate"]
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -48,6 +52,15 @@ def _summary_table(result: dict[str, Any], seconds: float) -> str:
         status = "cached" if s["cached"] else "computed"
         lines.append(f"{step:<20} {status:<9} {s['seconds']:>8.1f} {s['rows']:>6}  {s['path']}")
     lines.append(f"total {seconds:.1f} s; run record: {result['run_record']}")
+    evaluation = result["steps"].get("evaluate")
+    if evaluation:
+        from tasks.evaluate import verdict_table
+
+        rows = verdict_table(evaluation["metrics"])
+        lines += ["", "verdict on held-out prompts: win rate vs base [95% interval]; 0.5 = no difference",
+                  f"{'stage':<6} {'harmlessness (red-team)':<26} {'helpfulness (benign)':<26} reward (mean ± std)"]
+        lines += [f"{r['stage']:<6} {r['harmlessness']:<26} {r['helpfulness']:<26} {r['reward']}" for r in rows]
+        lines.append(f"report: {Path(evaluation['path']) / 'report.md'}")
     return "\n".join(lines)
 
 
@@ -60,9 +73,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:  # validate the cheap things before starting Prefect
         cfg = load_config(args.config, args.set or [], args.storage)
         load_constitution(cfg.constitution_path(), cfg.constitution.invert, cfg.constitution.principles)
+        from caiflow.models import resolve_model
+        from caiflow.prompts import load_prompts
         from caiflow.store import Store
 
         Store(cfg.run.storage)
+        load_prompts(cfg.prompts.sources, Path(cfg.base_dir))  # readable, with the expected columns
+        resolve_model(cfg.model.name, cfg.run.storage, cfg.model.revision, cfg.model.tiny.model_dump())
     except errors as exc:
         print(f"caiflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -72,7 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.constitutional_ai import constitutional_ai
 
     try:
-        result = constitutional_ai(config=str(args.config), overrides=list(args.set or []), storage=args.storage)
+        result = constitutional_ai(config=str(args.config), overrides=list(args.set or []), storage=args.storage,
+                                   until=args.until)
     except errors as exc:
         print(f"caiflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -83,6 +101,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check every artifact against its manifest; exit 1 when any is corrupt."""
+    from caiflow.store import Store, StoreError
+
+    try:
+        store = Store(args.storage or "storage")
+    except StoreError as exc:
+        print(f"caiflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    counts = {"ok": 0, "corrupt": 0, "incomplete": 0}
+    for step, fp in store.iter_artifacts():
+        if store.manifest(step, fp) is None:
+            status, detail = "incomplete", "no manifest: unfinished or crashed; the next run resumes it"
+        else:
+            problems = store.verify(step, fp)
+            status = "corrupt" if problems else "ok"
+            detail = "; ".join(problems) if problems else ""
+        counts[status] += 1
+        print(f"{status:<10} {step}/{fp}  {detail}".rstrip())
+    print(f"{counts['ok']} ok, {counts['corrupt']} corrupt, {counts['incomplete']} incomplete under {store.root}"
+          + ("; a run recomputes corrupt artifacts (moving them aside first)" if counts["corrupt"] else ""))
+    return 1 if counts["corrupt"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="caiflow", description="Constitutional AI pipeline on Prefect.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,13 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--storage", help="artifact root (overrides run.storage)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a config value, e.g. --set generation.batch_size=8 (repeatable)")
+    run.add_argument("--until", default="evaluate", choices=STEPS,
+                     help="stop after this step (default: evaluate, the whole pipeline)")
     run.set_defaults(func=cmd_run)
+    verify = sub.add_parser("verify", help="check every artifact against its manifest (sizes, checksums, rows)")
+    verify.add_argument("--storage", help="artifact root (default: storage)")
+    verify.set_defaults(func=cmd_verify)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     _prefect_defaults()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s")
+    for noisy in ("httpx", "httpcore"):  # one line per Prefect API call otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from caiflow.faults import fail_attempt
 from caiflow.generation import free_accelerator_memory, is_out_of_memory
 from caiflow.store import Store
 
@@ -57,15 +58,19 @@ def retry_on_oom(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def retry_scaled(batch_size: int) -> int:
-    """The batch size for this attempt: halved for each Prefect retry after an out-of-memory."""
+def attempt() -> int:
+    """Which Prefect attempt of the current task this is (1 outside a task run)."""
     try:
         from prefect.runtime import task_run
 
-        attempt = max(int(task_run.run_count or 1), 1)
+        return max(int(task_run.run_count or 1), 1)
     except Exception:  # noqa: BLE001 - plain call
-        attempt = 1
-    return max(1, batch_size // 2 ** (attempt - 1))
+        return 1
+
+
+def retry_scaled(batch_size: int) -> int:
+    """The batch size for this attempt: halved for each Prefect retry after an out-of-memory."""
+    return max(1, batch_size // 2 ** (attempt() - 1))
 
 
 def _in_run() -> bool:
@@ -155,11 +160,52 @@ def markdown_stats(title: str, stats: dict[str, Any]) -> str:
     return f"## {title}\n\n| metric | value |\n|---|---|\n{rows}\n"
 
 
+def trusted(store: Store, step: str, fingerprint: str) -> bool:
+    """The artifact is finished and matches its manifest; a corrupt one is moved aside to be rebuilt."""
+    if store.manifest(step, fingerprint) is None:
+        return False
+    problems = store.verify(step, fingerprint)
+    if problems:
+        moved = store.quarantine(step, fingerprint)
+        logger().warning("%s/%s does not match its manifest (%s): moved to %s and recomputing", step, fingerprint,
+                         "; ".join(problems[:3]), moved)
+        return False
+    return True
+
+
 def call_step(task: Any, store: Store, step: str, fingerprint: str, **kwargs: Any) -> Any:
-    """Run a step's task and return its final state; a cache hit only if the artifact is complete."""
-    fresh = not store.is_complete(step, fingerprint)
+    """Run a step's task and return its final state; a cache hit only if the artifact checks out."""
+    fresh = not trusted(store, step, fingerprint)
     return task.with_options(refresh_cache=fresh)(
         storage=str(store.root), step=step, fingerprint=fingerprint, return_state=True, **kwargs)
+
+
+def locked(step: str) -> Callable:
+    """Wrap a step's logic so concurrent runs of one fingerprint compute it once.
+
+    The first run takes the lock and computes; another run of the same config waits, then finds
+    the finished artifact and returns it (each step function starts with `store.load_ref`).
+    """
+    import functools
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def inner(cfg: Any, constitution: Any, model: Any, storage: str, fingerprint: str, *args: Any,
+                  **kwargs: Any) -> Any:
+            import dataclasses
+
+            store = Store(storage)
+            with store.lock(step, fingerprint, on_wait=lambda: logger().info(
+                    "%s/%s is being computed by another run: waiting for it", step, fingerprint)):
+                done = store.load_ref(step, fingerprint)
+                if done is not None:
+                    return dataclasses.replace(done, reused=True)
+                fail_attempt(step, attempt())
+                return fn(cfg, constitution, model, storage, fingerprint, *args, **kwargs)
+
+        return inner
+
+    return wrap
 
 
 Callback = Callable[[int], None]

@@ -14,11 +14,22 @@ from prefect import task
 
 from caiflow.config import Config, SamplingConfig
 from caiflow.constitution import Constitution
+from caiflow.faults import kill_point
 from caiflow.critique import SCHEMA, Sampler, run_rows
 from caiflow.generation import GenerationEngine, Sampling
 from caiflow.models import ResolvedModel, load_model_and_tokenizer
 from caiflow.store import ArtifactRef, Store
-from tasks.common import Progress, logger, markdown_stats, publish_markdown, publish_table, retry_scaled, task_options
+from tasks.common import (
+    locked,
+    logger,
+    markdown_stats,
+    Progress,
+    attempt,
+    publish_markdown,
+    publish_table,
+    retry_scaled,
+    task_options,
+)
 
 STEP = "critique_revision"
 
@@ -27,6 +38,7 @@ def _sampling(s: SamplingConfig) -> Sampling:
     return Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
 
 
+@locked(STEP)
 def run_critique_revision(cfg: Config, constitution: Constitution, model: ResolvedModel, storage: str,
                           fingerprint: str, inputs: dict[str, str], prompts_ref: ArtifactRef) -> ArtifactRef:
     """The step's logic, callable without Prefect."""
@@ -58,13 +70,15 @@ def run_critique_revision(cfg: Config, constitution: Constitution, model: Resolv
         out = run_rows(engine, constitution, records[start:stop], rounds=c.rounds, few_shot=c.few_shot,
                        sampler=sampler, seed=cfg.run.seed, answer_benign=c.answer_benign)
         writer.write(index, out)
+        kill_point(f"{STEP}:shard:{index}")
         done_rows += stop - start
         progress.update(done_rows, force=True)
 
     df = store.read_table(store.artifact_dir(STEP, fingerprint))
     metrics = sl_metrics(df)
     if engine is not None:
-        metrics.update(oom_backoffs=engine.backoffs, final_batch_size=engine.batch_size)
+        metrics.update(oom_backoffs=engine.backoffs, final_batch_size=engine.batch_size, task_attempt=attempt(),
+                       start_batch_size=retry_scaled(cfg.generation.batch_size))
     ref = store.finalize(STEP, fingerprint, rows=len(df), metrics=metrics, inputs=inputs,
                          params={"critique_revision": c.fingerprint_dict(), "constitution": constitution.content_hash,
                                  "model": model.identity, "seed": cfg.run.seed})

@@ -27,7 +27,16 @@ from caiflow.models import ResolvedModel
 from caiflow.seeds import row_seed
 from caiflow.store import ArtifactRef, Store
 from caiflow.training.reward import RewardScorer
-from tasks.common import choice_scorer, logger, policy_engine, publish_markdown, publish_table, retry_scaled, task_options
+from tasks.common import (
+    choice_scorer,
+    locked,
+    logger,
+    policy_engine,
+    publish_markdown,
+    publish_table,
+    retry_scaled,
+    task_options,
+)
 from tasks.preferences import train_prompts
 
 STEP = "evaluate"
@@ -45,6 +54,7 @@ JUDGEMENTS_SCHEMA = pa.schema([
 ])
 
 
+@locked(STEP)
 def run_evaluate(cfg: Config, constitution: Constitution, model: ResolvedModel, storage: str, fingerprint: str,
                  inputs: dict[str, str], prompts_ref: ArtifactRef, sft_ref: ArtifactRef, reward_ref: ArtifactRef,
                  rl_ref: ArtifactRef) -> ArtifactRef:

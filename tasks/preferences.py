@@ -17,6 +17,7 @@ from prefect import task
 
 from caiflow.config import Config
 from caiflow.constitution import Constitution
+from caiflow.faults import kill_point
 from caiflow.feedback import SCHEMA, feedback_metrics, label_pairs
 from caiflow.generation import Sampling
 from caiflow.models import ResolvedModel
@@ -24,7 +25,9 @@ from caiflow.seeds import row_seed
 from caiflow.store import ArtifactRef, Store
 from tasks.common import (
     Progress,
+    attempt,
     choice_scorer,
+    locked,
     logger,
     markdown_stats,
     policy_engine,
@@ -46,6 +49,7 @@ def train_prompts(store: Store, prompts_ref: ArtifactRef, split: str, include_be
     return rows.sort_values("prompt_id", kind="stable").reset_index(drop=True)
 
 
+@locked(STEP)
 def run_preferences(cfg: Config, constitution: Constitution, model: ResolvedModel, storage: str, fingerprint: str,
                     inputs: dict[str, str], prompts_ref: ArtifactRef, sft_ref: ArtifactRef) -> ArtifactRef:
     """The step's logic, callable without Prefect."""
@@ -86,13 +90,15 @@ def run_preferences(cfg: Config, constitution: Constitution, model: ResolvedMode
                                principles_per_pair=p.principles_per_pair,
                                clamp=tuple(p.clamp) if p.clamp else None, margin=p.undecided_margin)
         writer.write(index, labelled)
+        kill_point(f"{STEP}:shard:{index}")
         done_rows += stop - start
         progress.update(done_rows, force=True)
 
     df = store.read_table(store.artifact_dir(STEP, fingerprint))
     metrics: dict[str, Any] = feedback_metrics(df)
     if engine is not None:
-        metrics.update(oom_backoffs=engine.backoffs, final_batch_size=engine.batch_size)
+        metrics.update(oom_backoffs=engine.backoffs, final_batch_size=engine.batch_size, task_attempt=attempt(),
+                       start_batch_size=retry_scaled(cfg.generation.batch_size))
     ref = store.finalize(STEP, fingerprint, rows=len(df), metrics=metrics, inputs=inputs,
                          params={"preferences": p.fingerprint_dict(), "constitution": constitution.content_hash,
                                  "seed": cfg.run.seed})

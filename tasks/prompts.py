@@ -20,7 +20,16 @@ from caiflow.generation import GenerationEngine
 from caiflow.models import ResolvedModel, load_causal_lm, load_tokenizer
 from caiflow.prompts import cap_prompts, clean_prompts, load_prompts, split_prompts
 from caiflow.store import ArtifactRef, Store
-from tasks.common import Progress, logger, markdown_stats, publish_markdown, publish_table, retry_scaled, task_options
+from tasks.common import (
+    locked,
+    logger,
+    markdown_stats,
+    Progress,
+    publish_markdown,
+    publish_table,
+    retry_scaled,
+    task_options,
+)
 
 STEP = "prompts"
 
@@ -49,6 +58,7 @@ def _max_tokens(cfg: Config, model: ResolvedModel) -> int:
     return max(64, int(conf.get("max_position_embeddings", 2048)) // 4)
 
 
+@locked(STEP)
 def build_prompts(cfg: Config, constitution: Constitution, model: ResolvedModel, storage: str,
                   fingerprint: str, inputs: dict[str, str] | None = None) -> ArtifactRef:
     """The step's logic, callable without Prefect."""

@@ -17,7 +17,7 @@ from caiflow.constitution import Constitution
 from caiflow.models import ResolvedModel, resolve_model
 from caiflow.store import ArtifactRef, Store
 from caiflow.training.reward import train_reward_model
-from tasks.common import logger, markdown_stats, publish_markdown, task_options
+from tasks.common import locked, logger, markdown_stats, publish_markdown, task_options
 
 STEP = "reward_model"
 MODEL_DIR = "model"
@@ -30,6 +30,7 @@ def backbone(cfg: Config, model: ResolvedModel, storage: str) -> ResolvedModel:
     return resolve_model(cfg.reward_model.backbone, storage)
 
 
+@locked(STEP)
 def run_reward_model(cfg: Config, constitution: Constitution, model: ResolvedModel, storage: str, fingerprint: str,
                      inputs: dict[str, str], preferences_ref: ArtifactRef) -> ArtifactRef:
     """The step's logic, callable without Prefect."""

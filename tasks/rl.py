@@ -17,13 +17,14 @@ from caiflow.constitution import Constitution
 from caiflow.models import ResolvedModel
 from caiflow.store import ArtifactRef, Store
 from caiflow.training.rl import train_rl
-from tasks.common import Progress, logger, markdown_stats, publish_markdown, publish_table, task_options
+from tasks.common import Progress, locked, logger, markdown_stats, publish_markdown, publish_table, task_options
 from tasks.preferences import train_prompts
 
 STEP = "rl"
 MODEL_DIR = "model"
 
 
+@locked(STEP)
 def run_rl(cfg: Config, constitution: Constitution, model: ResolvedModel, storage: str, fingerprint: str,
            inputs: dict[str, str], prompts_ref: ArtifactRef, sft_ref: ArtifactRef,
            reward_ref: ArtifactRef) -> ArtifactRef:

@@ -15,12 +15,13 @@ from caiflow.constitution import Constitution
 from caiflow.models import ResolvedModel
 from caiflow.store import ArtifactRef, Store
 from caiflow.training.sft import train_sft
-from tasks.common import logger, markdown_stats, publish_markdown, task_options
+from tasks.common import locked, logger, markdown_stats, publish_markdown, task_options
 
 STEP = "sft"
 MODEL_DIR = "model"
 
 
+@locked(STEP)
 def run_sft(cfg: Config, constitution: Constitution, model: ResolvedModel, storage: str, fingerprint: str,
             inputs: dict[str, str], sl_ref: ArtifactRef) -> ArtifactRef:
     """The step's logic, callable without Prefect."""

@@ -85,3 +85,32 @@ def test_local_categorisation_gives_valid_labels(tiny_model, constitution):
         assert label in valid and 1 / len(valid) <= p <= 1.0
     probs = engine.score_choices_chat([[{"role": "user", "content": "x"}]], [f" {l}" for l in valid], "Principle:")
     assert np.isclose(probs.sum(), 1.0)
+
+
+class LeaningScorer:
+    """A scorer that leans hard towards the first label whatever the request, plus a weak true signal."""
+
+    def __init__(self, constitution):
+        self.names = labels(constitution)
+
+    def score_choices_chat(self, convs, options, assistant_prefix=""):
+        rows = []
+        for conv in convs:
+            text = conv[-1]["content"].split("Request:")[1]
+            row = np.full(len(options), 1.0)
+            row[0] = 20.0  # the lean
+            for i, name in enumerate(self.names):
+                if name != OTHER and name.split("-")[0] in text.lower():
+                    row[i] *= 3.0  # the signal
+            rows.append(row / row.sum())
+        return np.array(rows)
+
+
+def test_calibration_removes_a_label_the_model_always_leans_to(constitution):
+    scorer = LeaningScorer(constitution)
+    names = labels(constitution)
+    target = next(n for n in names[1:] if n != OTHER)
+    prompt = f"something about {target.split('-')[0]} here"
+    assert categorize_local(scorer, constitution, [prompt], calibrate=False)[0][0] == names[0]
+    label, p = categorize_local(scorer, constitution, [prompt])[0]
+    assert label == target and p > 1 / len(names)
