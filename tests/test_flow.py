@@ -13,7 +13,7 @@ from caiflow.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/tiny.yaml")
-STEPS = ["prompts", "critique_revision"]
+STEPS = ["prompts", "critique_revision", "sft", "preferences", "reward_model", "rl", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,10 @@ def storage(tmp_path_factory, model_store, tiny_model):
     return root
 
 
-def run(storage, *overrides):
+def run(storage, *overrides, until="evaluate"):
     from flows.constitutional_ai import constitutional_ai
 
-    return constitutional_ai(config=TINY, overrides=list(overrides), storage=str(storage))
+    return constitutional_ai(config=TINY, overrides=list(overrides), storage=str(storage), until=until)
 
 
 def test_flow_runs_then_serves_from_cache(harness, storage):
@@ -73,12 +73,38 @@ def test_changed_constitution_reruns_dependent_steps(harness, storage, tmp_path)
         assert changed["steps"][step]["fingerprint"] != base["steps"][step]["fingerprint"]
 
 
-def test_changed_generation_setting_reruns_only_critique_revision(harness, storage):
+def test_changed_generation_setting_reruns_from_critique_revision(harness, storage):
     base = run(storage)
     changed = run(storage, "critique_revision.revision.max_new_tokens=5")
     assert changed["steps"]["prompts"]["cached"]
-    assert not changed["steps"]["critique_revision"]["cached"]
-    assert changed["steps"]["critique_revision"]["fingerprint"] != base["steps"]["critique_revision"]["fingerprint"]
+    for step in STEPS[1:]:
+        assert not changed["steps"][step]["cached"], step
+        assert changed["steps"][step]["fingerprint"] != base["steps"][step]["fingerprint"]
+
+
+def test_changed_rl_setting_reruns_only_rl_and_evaluate(harness, storage):
+    base = run(storage)
+    changed = run(storage, "rl.kl_coef=0.2")
+    assert [s for s in STEPS if not changed["steps"][s]["cached"]] == ["rl", "evaluate"]
+    assert changed["steps"]["sft"]["fingerprint"] == base["steps"]["sft"]["fingerprint"]
+
+
+def test_added_prompts_generate_only_new_rows(harness, storage):
+    small = run(storage, "prompts.max_red_team=6", until="critique_revision")
+    large = run(storage, "prompts.max_red_team=10", until="critique_revision")
+    store = Store(storage)
+    old = store.read_table(small["steps"]["critique_revision"]["path"])
+    new = store.read_table(large["steps"]["critique_revision"]["path"])
+    metrics = large["steps"]["critique_revision"]["metrics"]
+    shared = set(old["prompt_id"]) & set(new["prompt_id"])
+    assert shared and len(new) > len(old)
+    assert metrics["rows_reused"] + metrics["rows_generated"] == len(new)
+    assert metrics["rows_reused"] >= len(shared) - 1  # a borderline category may flip; never more work
+    assert metrics["rows_generated"] <= len(new) - len(shared) + 1
+    both = new.set_index("prompt_id").loc[sorted(shared)]
+    before = old.set_index("prompt_id").loc[sorted(shared)]
+    same = (both["category"] == before["category"])
+    assert (both["revision"][same] == before["revision"][same]).all()  # reused rows are the earlier rows
 
 
 def test_deleted_artifact_is_recomputed_identically(harness, storage):
