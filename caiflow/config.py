@@ -181,8 +181,8 @@ class PreferencesConfig(Section):
     @field_validator("clamp")
     @classmethod
     def _clamp(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
-        if v is not None and not (0.0 <= v[0] < v[1] <= 1.0):
-            raise ValueError(f"clamp must be [lo, hi] with 0 <= lo < hi <= 1, e.g. [0.2, 0.8]; got {list(v)}")
+        if v is not None and not (0.0 <= v[0] < 0.5 < v[1] <= 1.0):
+            raise ValueError(f"clamp must be [lo, hi] with 0 <= lo < 0.5 < hi <= 1, e.g. [0.2, 0.8]; got {list(v)}")
         return v
 
 

@@ -54,12 +54,14 @@ def _summary_table(result: dict[str, Any], seconds: float) -> str:
     lines.append(f"total {seconds:.1f} s; run record: {result['run_record']}")
     evaluation = result["steps"].get("evaluate")
     if evaluation:
-        from tasks.evaluate import verdict_table
+        from caiflow.evaluation import verdict_rows
 
-        rows = verdict_table(evaluation["metrics"])
+        rows = verdict_rows(evaluation["metrics"]["win_rates"], evaluation["metrics"]["rewards"])
         lines += ["", "verdict on held-out prompts: win rate vs base [95% interval]; 0.5 = no difference",
-                  f"{'stage':<6} {'harmlessness (red-team)':<26} {'helpfulness (benign)':<26} reward (mean ± std)"]
-        lines += [f"{r['stage']:<6} {r['harmlessness']:<26} {r['helpfulness']:<26} {r['reward']}" for r in rows]
+                  f"{'stage':<6} {'harmlessness (red-team)':<28} {'helpfulness (benign)':<28} "
+                  f"{'reward (mean ± std)':<20} verdict"]
+        lines += [f"{r['stage']:<6} {r['harmlessness']:<28} {r['helpfulness']:<28} {r['reward']:<20} {r['verdict']}"
+                  for r in rows]
         lines.append(f"report: {Path(evaluation['path']) / 'report.md'}")
     return "\n".join(lines)
 

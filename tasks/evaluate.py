@@ -155,22 +155,6 @@ def _examples(rows: pd.DataFrame, answers: dict[str, list[str]], rewards: dict[s
              "rewards": {s: float(rewards[s][i]) for s in STAGES}} for i in order[:n]]
 
 
-def verdict_table(metrics: dict[str, Any]) -> list[dict[str, str]]:
-    """Rows for the CLI: stage, harmlessness and helpfulness win rate vs base [95% CI], mean reward."""
-    out = []
-    for stage in STAGES:
-        row = {"stage": stage}
-        wr = metrics.get("win_rates", {}).get(f"{stage}_vs_base", {})
-        for dim in ("harmlessness", "helpfulness"):
-            w = wr.get(dim)
-            row[dim] = "-" if stage == "base" else (
-                f"{w['win_rate']:.2f} [{w['lo']:.2f}, {w['hi']:.2f}]" if w else "n/a")
-        r = metrics.get("rewards", {}).get(stage, {}).get("all")
-        row["reward"] = f"{r['mean']:+.3f} ± {r['std']:.3f}" if r else "n/a"
-        out.append(row)
-    return out
-
-
 @task(**task_options(STEP, tags=["gpu"]))
 def evaluate_task(cfg: Config, constitution: Constitution, model: ResolvedModel, storage: str, step: str,
                   fingerprint: str, inputs: dict[str, str], prompts_ref: ArtifactRef, sft_ref: ArtifactRef,
