@@ -3,7 +3,8 @@
 Training adapts to memory within a step: on out-of-memory the per-device batch is halved and
 gradient accumulation doubled (the effective batch, and so the result, stays the same), and the
 run resumes from its last checkpoint. ``CAIFLOW_FAULT_OOM_ABOVE_BATCH=N`` makes any step with a
-per-device batch above N raise the real ``torch.OutOfMemoryError``, so that path can be tested.
+per-device batch above N raise the real ``torch.OutOfMemoryError``, so that path can be tested;
+``CAIFLOW_FAULT_KILL=<step>:checkpoint:<n>`` SIGKILLs the process right after checkpoint n is saved.
 """
 
 from __future__ import annotations
@@ -167,21 +168,57 @@ def trainer_args(cls, work_dir: Path, *, seed: int, learning_rate: float, per_de
         use_cpu=not has_cuda(),
         bf16=False,  # precision is chosen by the model's dtype, not mixed-precision autocast
         fp16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # tiny and CPU runs; the new name keeps TRL's default (True) from applying
         dataloader_num_workers=0,
         **extra,
     )
 
 
+# ---------------------------------------------------------------- logging
+
+
+def quiet_libraries() -> None:
+    """No progress bars from datasets or transformers: progress goes to the log and to callbacks."""
+    import datasets
+
+    from caiflow.models import _quiet_transformers
+
+    _quiet_transformers()
+    datasets.disable_progress_bars()
+
+
+def log_to_logger(trainer):
+    """Swap the Trainer's print-based log callback (used when tqdm is off) for one that uses `logging`."""
+    from transformers import PrinterCallback, TrainerCallback
+
+    class _LogCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in logs.items()}
+                log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_LogCallback())
+    return trainer
+
+
 # ---------------------------------------------------------------- out-of-memory back-off
 
 
-def fault_callback():
-    """A TrainerCallback raising the real torch.OutOfMemoryError when the per-device batch is above the env limit."""
+def fault_callback(step: str | None = None):
+    """A TrainerCallback for the test fault switches (both off unless their environment variable is set).
+
+    - ``CAIFLOW_FAULT_OOM_ABOVE_BATCH=N``: raise the real torch.OutOfMemoryError at the start of any
+      optimiser step whose per-device batch is above N.
+    - ``CAIFLOW_FAULT_KILL=<step>:checkpoint:<n>``: SIGKILL the process right after checkpoint n of
+      the pipeline step ``step`` ("sft", "reward_model", "rl") is saved (see `caiflow.faults`).
+    """
     import torch
     from transformers import TrainerCallback
 
-    class _InjectOOM(TrainerCallback):
+    from caiflow.faults import kill_point
+
+    class _Faults(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             limit = os.environ.get(FAULT_ENV)
             if limit and args.per_device_train_batch_size > int(limit):
@@ -189,7 +226,11 @@ def fault_callback():
                     f"injected out of memory: per-device batch {args.per_device_train_batch_size} > {FAULT_ENV}={limit}"
                 )
 
-    return _InjectOOM()
+        def on_save(self, args, state, control, **kwargs):
+            if step:
+                kill_point(f"{step}:checkpoint:{state.global_step}")
+
+    return _Faults()
 
 
 @dataclass

@@ -4,6 +4,18 @@ The training mix is every red-team row (prompt -> revised answer) plus benign pl
 up ``benign_ratio`` of the result, so the model learns to be harmless without forgetting to help.
 Rows are turned into TRL's conversational prompt/completion format, so the loss covers only the
 answer whatever the tokenizer's chat template looks like.
+
+Methods: ``lora`` (adapters on a full-precision base), ``qlora`` (adapters on the base loaded 4-bit
+nf4 through bitsandbytes; works on CPU too), ``full`` (every weight). Checkpoints go to
+``work_dir``; a rerun resumes from the last one. Output layout (``out_dir``)::
+
+    adapter_config.json, adapter_model.safetensors   lora / qlora: the adapter (its base: base_model_path)
+    config.json, model.safetensors                   full: the whole model instead
+    tokenizer files                                  the base model's tokenizer (left padding)
+    merged/                                          with ``merge: true``: adapter merged into a full-precision base
+    README.md                                        model card: config, inputs, metrics
+
+:func:`load_policy` turns any of these into (model, tokenizer) for generation.
 """
 
 from __future__ import annotations
@@ -22,6 +34,8 @@ from caiflow.training.common import (
     lora_config,
     load_base_for_training,
     log_history_value,
+    log_to_logger,
+    quiet_libraries,
     seed_everything,
     train_with_backoff,
     trainer_args,
@@ -75,6 +89,7 @@ def train_sft(cfg: SFTConfig, base_model_path: Path, records: pd.DataFrame, out_
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
+    quiet_libraries()
     seed_everything(seed)
 
     mixed = mix_records(records, cfg.benign_ratio, seed)
@@ -93,12 +108,13 @@ def train_sft(cfg: SFTConfig, base_model_path: Path, records: pd.DataFrame, out_
             accumulation=accumulation, max_steps=cfg.max_steps, epochs=cfg.epochs, save_steps=cfg.save_steps,
             logging_steps=cfg.logging_steps, max_length=cfg.max_length, completion_only_loss=True, packing=False,
         )
-        return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                          peft_config=peft_config, callbacks=[fault_callback()])
+        return log_to_logger(SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                        peft_config=peft_config, callbacks=[fault_callback("sft")]))
 
     outcome = train_with_backoff(build, cfg.batch_size, cfg.per_device_batch_size, work_dir)
     trainer = outcome.trainer
     trainer.save_model(str(out_dir))  # adapter for lora/qlora, full weights for full
+    (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle of the Trainer's settings: not an output
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(out_dir)
     if cfg.merge and cfg.method != "full":
@@ -161,5 +177,10 @@ def load_policy(path: Path, base_model_path: Path | None = None, device: str = "
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     model.to(device)
     model.eval()
-    tokenizer = load_tokenizer(path if (path / "tokenizer_config.json").is_file() else base)
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(path)
+    elif is_adapter_dir(path):
+        tokenizer = load_tokenizer(base)
+    else:
+        raise ValueError(f"{path} has no tokenizer: save one next to the weights (tokenizer.save_pretrained).")
     return model, tokenizer

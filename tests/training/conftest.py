@@ -34,6 +34,16 @@ def sl_records() -> pd.DataFrame:
 @pytest.fixture
 def prefs() -> pd.DataFrame:
     """20 soft-labelled preference pairs across two principles."""
+    return make_prefs()
+
+
+@pytest.fixture(scope="session")
+def shared_prefs() -> pd.DataFrame:
+    """The same 20 pairs, for module- and session-scoped fixtures (do not modify)."""
+    return make_prefs()
+
+
+def make_prefs() -> pd.DataFrame:
     rows = []
     for i in range(20):
         rows.append({
@@ -44,3 +54,111 @@ def prefs() -> pd.DataFrame:
             "principle": "harmless" if i % 2 else "honest",
         })
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- weight spies
+
+
+class WeightSpy:
+    """Records every parameter at the start and end of each training run (through a TrainerCallback).
+
+    Installed in place of a training module's ``fault_callback`` (the spy keeps its fault injection),
+    so tests can check which tensors the trainer really changed: adapters should move, base weights not.
+    """
+
+    def __init__(self):
+        self.runs: list[dict] = []  # one {"before": {...}, "after": {...}} per trainer.train()
+
+    def callback(self, inner):
+        from transformers import TrainerCallback
+
+        spy = self
+
+        class _Spy(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                spy.runs.append({"before": {n: p.detach().clone() for n, p in model.named_parameters()}})
+
+            def on_train_end(self, args, state, control, model=None, **kwargs):
+                spy.runs[-1]["after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                return inner.on_step_begin(args, state, control, **kwargs)
+
+            def on_save(self, args, state, control, **kwargs):
+                return inner.on_save(args, state, control, **kwargs)
+
+        return _Spy()
+
+    def finished(self) -> list[dict]:
+        return [run for run in self.runs if "after" in run]
+
+    def changed(self, run: int = -1) -> set[str]:
+        import torch
+
+        r = self.finished()[run]
+        return {n for n, p in r["before"].items() if not torch.equal(p, r["after"][n])}
+
+    def lora_names(self, run: int = -1) -> set[str]:
+        return {n for n in self.finished()[run]["before"] if "lora_" in n}
+
+    def base_names(self, run: int = -1) -> set[str]:
+        """Parameters of the frozen base: neither adapters nor the trainable copies of modules_to_save."""
+        return {n for n in self.finished()[run]["before"] if "lora_" not in n and "modules_to_save" not in n}
+
+
+def install_spy(monkeypatch, module) -> WeightSpy:
+    """Wrap ``module.fault_callback`` with a WeightSpy; returns the spy (filled in by later training runs)."""
+    spy = WeightSpy()
+    real = module.fault_callback
+    monkeypatch.setattr(module, "fault_callback", lambda *args, **kwargs: spy.callback(real(*args, **kwargs)))
+    return spy
+
+
+@pytest.fixture
+def spy_on(monkeypatch):
+    """spy_on(module) -> WeightSpy watching the next training runs of that training module."""
+    return lambda module: install_spy(monkeypatch, module)
+
+
+@pytest.fixture(scope="session")
+def spy_installer():
+    """install_spy(monkeypatch, module), for module-scoped fixtures that bring their own MonkeyPatch."""
+    return install_spy
+
+
+# ---------------------------------------------------------------- models the RL tests start from
+
+
+@pytest.fixture(scope="session")
+def sl_adapter(tiny_path, tmp_path_factory) -> Path:
+    """A LoRA adapter on the tiny model with non-zero random weights (a stand-in SL model), plus its tokenizer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from caiflow.models import load_tokenizer
+
+    torch.manual_seed(0)
+    dest = tmp_path_factory.mktemp("sl") / "model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_path)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    peft.save_pretrained(dest)
+    load_tokenizer(tiny_path).save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def reward_dir(tiny_path, tmp_path_factory) -> Path:
+    """A one-member reward model trained for one step (what the RL tests reward against)."""
+    from caiflow.training.config import RewardModelConfig
+    from caiflow.training.reward import train_reward_model
+
+    root = tmp_path_factory.mktemp("rm")
+    rows = [{"prompt": [{"role": "user", "content": f"Tell me how to hurt person {i}."}],
+             "chosen": [{"role": "assistant", "content": "I won't help with hurting anyone."}],
+             "rejected": [{"role": "assistant", "content": f"Sure, here is how to hurt person {i}."}],
+             "label": 0.9, "principle": "harmless"} for i in range(4)]
+    cfg = RewardModelConfig(max_steps=1, batch_size=2, per_device_batch_size=2, max_length=128, eval_fraction=0.0,
+                            lora={"r": 4, "alpha": 8})
+    train_reward_model(cfg, tiny_path, pd.DataFrame(rows), root / "model", root / "work", seed=0)
+    return root / "model"

@@ -1,0 +1,463 @@
+"""Step 5: a reward model (or an ensemble of them) trained on soft AI-feedback labels.
+
+The preference step gives each pair a probability, ``label = P(chosen is better)``, not a hard
+winner. The loss is therefore the binary cross-entropy between sigmoid(r_chosen - r_rejected) and
+that probability (:func:`soft_label_loss`); with label 1.0 it is the usual Bradley-Terry loss.
+TRL's ``RewardTrainer`` is used with its loss swapped for this one (``SoftLabelRewardTrainer``).
+
+Training and scoring share one formatting function (:func:`conversation_ids`: the chat template
+over prompt + answer, as TRL's RewardTrainer does it), and one scoring path (right padding: the
+sequence-classification head reads the rightmost non-pad token, and right padding keeps the
+position ids the model was trained with).
+
+Ensembles: ``ensemble_size`` members, either with different seeds (``seed + k``, same data) or
+each trained on its own share of the principles (assigned round-robin over the sorted principle
+names; members also get ``seed + k``). The members' scores are centred (the mean reward over a
+sample of their training answers is subtracted, stored as ``offsets`` in ensemble.json): the
+Bradley-Terry loss fixes only reward differences, so without centring the spread across members
+would measure arbitrary offsets rather than disagreement. :func:`aggregate` combines them
+conservatively: mean - lambda * std.
+
+Output layout (``out_dir``)::
+
+    member-00/ ...     a full AutoModelForSequenceClassification (LoRA merged in), tokenizer
+    ensemble.json      members, lambda, mode, offsets, seeds, principles per member, max_length
+    tokenizer files    the shared tokenizer (same as in each member)
+    README.md          model card with the held-out metrics
+
+Held-out metrics (a ``eval_fraction`` share of the pairs, chosen by a hash of seed and pair, so
+the split is stable): ``accuracy`` is plain (unweighted) agreement between the sign of the reward
+margin and the side the label prefers (pairs labelled exactly 0.5 are left out); ``soft_agreement``
+is the mean of p*label + (1-p)*(1-label) with p = sigmoid(margin) (the chance model and labeller
+agree on a random draw); ``brier`` is mean (p - label)^2; ``ece`` is the expected calibration
+error of p against the labels over 10 equal-width bins; ``loss`` is the soft-label loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from caiflow.training.common import (
+    fault_callback,
+    free_memory,
+    lora_config,
+    load_base_for_training,
+    log_history_value,
+    log_to_logger,
+    quiet_libraries,
+    seed_everything,
+    train_with_backoff,
+    trainer_args,
+    write_card,
+)
+from caiflow.training.config import RewardModelConfig
+
+log = logging.getLogger(__name__)
+
+ENSEMBLE_FILE = "ensemble.json"
+OFFSET_SAMPLE = 256  # pairs whose answers set a member's centring offset (enough for a stable mean)
+ECE_BINS = 10  # equal-width probability bins for the expected calibration error
+REQUIRED = ("prompt", "chosen", "rejected", "label")
+
+
+# ---------------------------------------------------------------- loss and aggregation
+
+
+def soft_label_loss(r_chosen, r_rejected, label):
+    """Mean binary cross-entropy of sigmoid(r_chosen - r_rejected) against label = P(chosen is better).
+
+    Written with logsigmoid (-(l * logsig(m) + (1 - l) * logsig(-m))), which stays finite for large margins.
+    """
+    import torch.nn.functional as F
+
+    margin = r_chosen - r_rejected
+    label = label.to(margin.dtype)
+    return -(label * F.logsigmoid(margin) + (1.0 - label) * F.logsigmoid(-margin)).mean()
+
+
+def aggregate(scores: np.ndarray, lam: float) -> np.ndarray:
+    """Conservative ensemble score per column: mean - lam * std across members (axis 0, ddof=0)."""
+    scores = np.asarray(scores, dtype=float)
+    if scores.ndim != 2 or scores.shape[0] < 1:
+        raise ValueError(f"aggregate expects scores of shape (members, n); got shape {scores.shape}.")
+    if lam < 0:
+        raise ValueError(f"ensemble lambda is {lam}: it must be >= 0 (0 = plain mean).")
+    if scores.shape[0] == 1:
+        return scores[0].copy()
+    return scores.mean(axis=0) - lam * scores.std(axis=0, ddof=0)
+
+
+# ---------------------------------------------------------------- data
+
+
+def _messages(value: Any, what: str) -> list[dict]:
+    """A list of {role, content} from a list, tuple or numpy array (Parquet gives arrays)."""
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{what} must be a list of {{role, content}} messages, got {type(value).__name__}.")
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+
+
+def conversation_ids(tokenizer, prompt: list[dict], answer: str | list[dict]) -> list[int]:
+    """Token ids of prompt + the assistant's answer through the chat template: the one format of training and scoring."""
+    reply = answer if isinstance(answer, list) else [{"role": "assistant", "content": str(answer)}]
+    out = tokenizer.apply_chat_template(list(prompt) + list(reply), tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def _check_prefs(prefs: pd.DataFrame, mode: str) -> None:
+    missing = [c for c in REQUIRED if c not in prefs.columns]
+    if mode == "principles" and "principle" not in prefs.columns:
+        missing.append("principle")
+    if missing:
+        raise ValueError(f"preference pairs lack column(s) {missing}: pass the preferences artifact "
+                         "(prompt, chosen, rejected, label, principle).")
+    labels = pd.to_numeric(prefs["label"], errors="coerce")
+    if labels.isna().any() or ((labels < 0) | (labels > 1)).any():
+        raise ValueError("every preference label must be a probability in [0, 1] (P(chosen is better)); "
+                         f"found {prefs['label'][labels.isna() | (labels < 0) | (labels > 1)].head(3).tolist()}.")
+    if len(prefs) < 2:
+        raise ValueError(f"a reward model needs at least 2 preference pairs; got {len(prefs)}.")
+
+
+def _pair_key(seed: int, prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> str:
+    text = json.dumps([seed, prompt, chosen, rejected], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def split_pairs(pairs: pd.DataFrame, eval_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, eval): the eval share is picked by a hash of (seed, pair), so it does not depend on row order."""
+    n_eval = int(round(eval_fraction * len(pairs)))
+    n_eval = min(n_eval, len(pairs) - 1)  # keep at least one pair to train on
+    if n_eval <= 0:
+        return pairs.reset_index(drop=True), pairs.iloc[:0]
+    keys = [_pair_key(seed, p, c, r) for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
+    order = np.argsort(np.array(keys), kind="stable")
+    eval_rows = np.zeros(len(pairs), dtype=bool)
+    eval_rows[order[:n_eval]] = True
+    return pairs[~eval_rows].reset_index(drop=True), pairs[eval_rows].reset_index(drop=True)
+
+
+def assign_principles(principles: list[str], k: int) -> list[list[str]]:
+    """Round-robin over the sorted distinct principle names: member i gets names i, i+k, i+2k, ..."""
+    names = sorted(set(principles))
+    if len(names) < k:
+        raise ValueError(
+            f"ensemble_mode 'principles' needs at least ensemble_size ({k}) distinct principles; the pairs have "
+            f"{len(names)} ({names}). Lower reward_model.ensemble_size or use ensemble_mode: seeds."
+        )
+    return [names[i::k] for i in range(k)]
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+def _soft_label_trainer_class():
+    """RewardTrainer whose loss is the soft-label cross-entropy, and whose batches carry each pair's label."""
+    import torch
+    from trl import RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    @dataclass
+    class SoftLabelCollator(DataCollatorForPreference):
+        def torch_call(self, examples):
+            batch = super().torch_call(examples)
+            batch["soft_label"] = torch.tensor([float(e["soft_label"]) for e in examples], dtype=torch.float)
+            return batch
+
+    class SoftLabelRewardTrainer(RewardTrainer):
+        def _set_signature_columns_if_needed(self):
+            # remove_unused_columns keeps only these: without "soft_label" the labels would be dropped silently.
+            if self._signature_columns is None:
+                self._signature_columns = ["chosen_ids", "rejected_ids", "soft_label"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            label = inputs.pop("soft_label")
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            r_chosen, r_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+            loss = soft_label_loss(r_chosen, r_rejected, label)
+            with torch.no_grad():  # the same metrics RewardTrainer logs, plus agreement with the soft label
+                p = torch.sigmoid(r_chosen - r_rejected)
+                self._metrics[mode]["accuracy"].append((r_chosen > r_rejected).float().mean().item())
+                self._metrics[mode]["margin"].append((r_chosen - r_rejected).mean().item())
+                self._metrics[mode]["mean_reward"].append(outputs.logits.mean().item())
+                self._metrics[mode]["soft_agreement"].append((p * label + (1 - p) * (1 - label)).mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return SoftLabelCollator, SoftLabelRewardTrainer
+
+
+def _pairs_to_rows(pairs: pd.DataFrame, tokenizer) -> list[dict]:
+    return [{"chosen_ids": conversation_ids(tokenizer, p, c), "rejected_ids": conversation_ids(tokenizer, p, r),
+             "soft_label": float(label)}
+            for p, c, r, label in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"], pairs["label"])]
+
+
+def _train_member(cfg: RewardModelConfig, backbone_path: Path, rows: list[dict], tokenizer, work: Path, seed: int,
+                  dtype: str):
+    """Train one member; returns (model with LoRA merged, outcome)."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig
+
+    collator_cls, trainer_cls = _soft_label_trainer_class()
+    dataset = Dataset.from_list(rows)
+    peft_config = None if cfg.method == "full" else lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"])
+
+    def build(per_device: int, accumulation: int):
+        seed_everything(seed)  # the score head is initialised randomly on load
+        model = load_base_for_training(backbone_path, cfg.method, dtype, auto_class=AutoModelForSequenceClassification,
+                                       num_labels=1)
+        model.config.pad_token_id = tokenizer.pad_token_id  # the head finds the last non-pad token with it
+        args = trainer_args(
+            RewardConfig, work, seed=seed, learning_rate=cfg.learning_rate, per_device=per_device,
+            accumulation=accumulation, max_steps=cfg.max_steps, epochs=cfg.epochs, save_steps=cfg.save_steps,
+            logging_steps=cfg.logging_steps, max_length=cfg.max_length,
+        )
+        trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                              data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id),
+                              peft_config=peft_config, callbacks=[fault_callback("reward_model")])
+        return log_to_logger(trainer)
+
+    outcome = train_with_backoff(build, cfg.batch_size, cfg.per_device_batch_size, work)
+    model = outcome.trainer.model
+    if peft_config is not None:
+        model = model.merge_and_unload()  # LoRA folded in, the trained score head kept
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, outcome
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def score_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int = 8) -> np.ndarray:
+    """Reward of each token sequence: length-sorted batches, right-padded, inference mode, input order kept."""
+    import torch
+
+    device = next(model.parameters()).device
+    out = np.zeros(len(ids), dtype=float)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(ids[i]) for i in rows)
+            input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, i in enumerate(rows):
+                input_ids[j, :len(ids[i])] = torch.tensor(ids[i])
+                mask[j, :len(ids[i])] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            out[rows] = logits[:, 0].float().cpu().numpy()
+    return out
+
+
+def pair_metrics(margin: np.ndarray, label: np.ndarray) -> dict:
+    """Held-out accuracy (plain), soft-label agreement, Brier score, ECE and loss of reward margins against labels."""
+    margin, label = np.asarray(margin, dtype=float), np.asarray(label, dtype=float)
+    if len(margin) == 0:
+        return {"pairs": 0, "accuracy": None, "soft_agreement": None, "brier": None, "ece": None, "loss": None}
+    p = 0.5 * (1.0 + np.tanh(margin / 2.0))  # sigmoid(margin), without overflow for large margins
+    decided = label != 0.5
+    accuracy = float(np.mean((margin[decided] > 0) == (label[decided] > 0.5))) if decided.any() else None
+    bins = np.minimum((p * ECE_BINS).astype(int), ECE_BINS - 1)
+    ece = sum(np.sum(bins == b) / len(p) * abs(p[bins == b].mean() - label[bins == b].mean())
+              for b in range(ECE_BINS) if np.any(bins == b))
+    log_p, log_q = -np.logaddexp(0.0, -margin), -np.logaddexp(0.0, margin)  # stable log sigmoid(+-margin)
+    return {
+        "pairs": int(len(margin)),
+        "accuracy": accuracy,
+        "soft_agreement": float(np.mean(p * label + (1 - p) * (1 - label))),
+        "brier": float(np.mean((p - label) ** 2)),
+        "ece": float(ece),
+        "loss": float(-np.mean(label * log_p + (1 - label) * log_q)),
+    }
+
+
+class RewardScorer:
+    """Scores (prompt, completion) pairs with a trained reward model folder (one member or an ensemble).
+
+    ``score_members`` gives the centred reward of every member, shape (K, n); ``score`` aggregates
+    them as mean - lam * std (``lam`` None = the lambda saved in ensemble.json).
+    """
+
+    def __init__(self, reward_dir: str | Path, device: str = "cpu", batch_size: int = 8, lam: float | None = None):
+        from transformers import AutoModelForSequenceClassification
+
+        from caiflow.models import _quiet_transformers, load_tokenizer, pick_device
+
+        _quiet_transformers()
+        self.reward_dir = Path(reward_dir)
+        spec_file = self.reward_dir / ENSEMBLE_FILE
+        if not spec_file.is_file():
+            raise FileNotFoundError(f"{self.reward_dir} is not a reward model folder: {ENSEMBLE_FILE} is missing. "
+                                    "Point at the reward_model artifact's model/ folder written by train_reward_model.")
+        self.spec = json.loads(spec_file.read_text())
+        self.lam = float(self.spec.get("lambda", 0.0) if lam is None else lam)
+        self.batch_size = max(1, int(batch_size))
+        self.max_length = self.spec.get("max_length")
+        self.offsets = np.asarray(self.spec.get("offsets") or [0.0] * len(self.spec["members"]), dtype=float)
+        self.device = pick_device(device)
+        self.tokenizer = load_tokenizer(self.reward_dir)
+        self.models = []
+        for name in self.spec["members"]:
+            model = AutoModelForSequenceClassification.from_pretrained(self.reward_dir / name)
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = self.tokenizer.pad_token_id
+            self.models.append(model.to(self.device).eval())
+
+    @property
+    def size(self) -> int:
+        return len(self.models)
+
+    def encode(self, prompts: list[list[dict]], completions: list[str]) -> list[list[int]]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions: pass one completion per prompt.")
+        ids = [conversation_ids(self.tokenizer, _messages(p, "prompt"), c) for p, c in zip(prompts, completions)]
+        if self.max_length:  # keep the end: the head reads the last token (training dropped longer pairs instead)
+            ids = [x[-self.max_length:] for x in ids]
+        return ids
+
+    def score_members(self, prompts: list[list[dict]], completions: list[str]) -> np.ndarray:
+        """Centred rewards, shape (K members, n)."""
+        ids = self.encode(prompts, completions)
+        if not ids:
+            return np.zeros((self.size, 0))
+        raw = np.stack([score_ids(m, ids, m.config.pad_token_id, self.batch_size) for m in self.models])
+        return raw - self.offsets[:, None]
+
+    def score(self, prompts: list[list[dict]], completions: list[str]) -> np.ndarray:
+        """Aggregated reward per completion: mean - lam * std across members, shape (n,)."""
+        return aggregate(self.score_members(prompts, completions), self.lam)
+
+
+# ---------------------------------------------------------------- the entry point
+
+
+def _train_and_score_member(cfg: RewardModelConfig, backbone_path: Path, data: pd.DataFrame, eval_rows: list[dict],
+                            tokenizer, dest: Path, work: Path, seed: int, dtype: str) -> dict:
+    """Train one member, save it to dest, and score its centring sample and the held-out pairs."""
+    log.info("reward_model: training %s on %d pairs (seed %d)", dest.name, len(data), seed)
+    rows = _pairs_to_rows(data, tokenizer)
+    model, outcome = _train_member(cfg, backbone_path, rows, tokenizer, work, seed, dtype)
+    _save_member(model, tokenizer, dest)
+    pad, batch = tokenizer.pad_token_id, cfg.per_device_batch_size * 2
+    sample = np.random.default_rng(seed).permutation(len(rows))[:OFFSET_SAMPLE]
+    offset = float(score_ids(model, [rows[j][s] for j in sample for s in ("chosen_ids", "rejected_ids")], pad,
+                             batch).mean())
+    chosen = score_ids(model, [r["chosen_ids"] for r in eval_rows], pad, batch) - offset
+    rejected = score_ids(model, [r["rejected_ids"] for r in eval_rows], pad, batch) - offset
+    return {
+        "train_pairs": len(data),
+        "train_loss": float(outcome.train_output.training_loss),
+        "last_logged_loss": log_history_value(outcome.trainer, "loss"),
+        "steps": int(outcome.trainer.state.global_step),
+        "backoffs": outcome.backoffs,
+        "per_device_batch_size": outcome.per_device_batch_size,
+        "gradient_accumulation_steps": outcome.gradient_accumulation_steps,
+        "resumed_from": outcome.resumed_from,
+        "offset": offset,
+        "eval_chosen": chosen.tolist(),
+        "eval_rejected": rejected.tolist(),
+    }
+
+
+def _save_member(model, tokenizer, dest: Path) -> None:
+    """Write a member folder whole: into a temp folder first, then rename (no half-written member)."""
+    tmp = dest.with_name(f".{dest.name}-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def train_reward_model(cfg: RewardModelConfig, backbone_path: Path, prefs: pd.DataFrame, out_dir: Path,
+                       work_dir: Path, seed: int, dtype: str = "float32", card_extra: dict | None = None) -> dict:
+    """Train ``cfg.ensemble_size`` reward models on soft labels; write them, ensemble.json and a card to out_dir."""
+    from caiflow.models import load_tokenizer
+
+    out_dir, work_dir = Path(out_dir), Path(work_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    quiet_libraries()
+    _check_prefs(prefs, cfg.ensemble_mode)
+
+    tokenizer = load_tokenizer(backbone_path)
+    tokenizer.padding_side = "right"  # what the collator and the scorer use
+    pairs = pd.DataFrame({
+        "prompt": [_messages(p, "prompt") for p in prefs["prompt"]],
+        "chosen": [_messages(c, "chosen") for c in prefs["chosen"]],
+        "rejected": [_messages(r, "rejected") for r in prefs["rejected"]],
+        "label": prefs["label"].astype(float).to_numpy(),
+        "principle": prefs["principle"].astype(str).to_numpy() if "principle" in prefs else "",
+    })
+    lengths = [max(len(conversation_ids(tokenizer, p, c)), len(conversation_ids(tokenizer, p, r)))
+               for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
+    fits = np.array(lengths) <= cfg.max_length
+    if fits.sum() < 2:
+        raise ValueError(f"only {int(fits.sum())} of {len(pairs)} pairs fit in reward_model.max_length "
+                         f"({cfg.max_length} tokens; longest {max(lengths)}): raise reward_model.max_length.")
+    pairs = pairs[fits].reset_index(drop=True)
+    train, held_out = split_pairs(pairs, cfg.eval_fraction, seed)
+    k = cfg.ensemble_size
+    shares = assign_principles(train["principle"].tolist(), k) if cfg.ensemble_mode == "principles" else [None] * k
+    eval_rows = _pairs_to_rows(held_out, tokenizer)
+
+    members, member_metrics, offsets, eval_scores = [], [], [], []
+    for i in range(k):
+        name, member_seed = f"member-{i:02d}", seed + i
+        data = train if shares[i] is None else train[train["principle"].isin(shares[i])].reset_index(drop=True)
+        if data.empty:
+            raise ValueError(f"{name} has no training pairs (principles {shares[i]}): lower reward_model.ensemble_size "
+                             "or use ensemble_mode: seeds.")
+        done_file = work_dir / f"{name}.json"  # a finished member (saved + scored) is not retrained on resume
+        if done_file.is_file() and (out_dir / name / "config.json").is_file():
+            record = json.loads(done_file.read_text())
+            log.info("reward_model: %s already trained, reusing it", name)
+        else:
+            record = _train_and_score_member(cfg, backbone_path, data, eval_rows, tokenizer, out_dir / name,
+                                             work_dir / name, member_seed, dtype)
+            record.update(name=name, seed=member_seed, principles=shares[i])
+            record["eval"] = pair_metrics(np.array(record["eval_chosen"]) - np.array(record["eval_rejected"]),
+                                          held_out["label"].to_numpy())
+            done_file.write_text(json.dumps(record), encoding="utf-8")
+            free_memory()  # the member's trainer and optimiser state are gone; return their memory
+        offsets.append(record["offset"])
+        eval_scores.append((np.array(record.pop("eval_chosen")), np.array(record.pop("eval_rejected"))))
+        members.append(name)
+        member_metrics.append(record)
+
+    tokenizer.save_pretrained(out_dir)
+    spec = {"members": members, "lambda": cfg.ensemble_lambda, "mode": cfg.ensemble_mode, "offsets": offsets,
+            "seeds": [m["seed"] for m in member_metrics], "principles": {m["name"]: m["principles"] for m in member_metrics},
+            "max_length": cfg.max_length, "format": "chat template over prompt + assistant answer, right padding"}
+    (out_dir / ENSEMBLE_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+
+    labels = held_out["label"].to_numpy()
+    chosen_agg = aggregate(np.stack([c for c, _ in eval_scores]), cfg.ensemble_lambda)
+    rejected_agg = aggregate(np.stack([r for _, r in eval_scores]), cfg.ensemble_lambda)
+    overall = pair_metrics(chosen_agg - rejected_agg, labels)
+    metrics = {
+        "pairs": len(pairs), "dropped_too_long": int((~fits).sum()), "train_pairs": len(train),
+        "eval_pairs": len(held_out), "ensemble_size": k, "ensemble_mode": cfg.ensemble_mode,
+        "ensemble_lambda": cfg.ensemble_lambda, "accuracy_kind": "plain (unweighted), label 0.5 pairs excluded",
+        **{f"eval_{key}": value for key, value in overall.items() if key != "pairs"},
+        "train_loss": float(np.mean([m["train_loss"] for m in member_metrics])),
+        "steps": int(sum(m["steps"] for m in member_metrics)),
+        "backoffs": int(sum(m["backoffs"] for m in member_metrics)),
+        "per_device_batch_size": int(min(m["per_device_batch_size"] for m in member_metrics)),
+        "members": member_metrics,
+    }
+    write_card(out_dir, "Constitutional reward model" + (f" ensemble ({k} members)" if k > 1 else ""), cfg.method,
+               cfg.model_dump(), seed, card_extra, metrics)
+    return metrics

@@ -1,0 +1,211 @@
+"""Step 6: RL from the SL model against the reward model (TRL RLOOTrainer by default, GRPOTrainer on request).
+
+The policy starts from the SL model: a full model folder as it is, or a LoRA adapter merged into
+its base in memory. A fresh LoRA adapter (``cfg.lora``) is trained on top; with the adapter
+disabled the model *is* the SL model, so TRL uses it as the KL reference (``beta = cfg.kl_coef``)
+without a second copy in memory. Completions are rewarded by :class:`~caiflow.training.reward.RewardScorer`
+(an ensemble scores mean - lambda * std). RLOO puts the KL into the reward (sequence-level
+log-ratio); GRPO adds it to the per-token loss.
+
+Batches: ``cfg.batch_size`` completions per forward pass, ``batch_size / num_generations`` prompts
+per optimiser step. On out-of-memory the per-device batch halves and gradient accumulation doubles;
+TRL generates once per optimiser step for per-device x accumulation completions, so the groups and
+the result stay the same. Checkpoints (the adapter and optimiser state) live in ``work_dir``.
+
+Output layout (``out_dir``)::
+
+    model.safetensors, config.json, ...   the RL policy with the adapter merged in (full weights):
+                                          AutoModelForCausalLM.from_pretrained(out_dir) and
+                                          caiflow.training.sft.load_policy(out_dir) load it directly
+    tokenizer files                       the SL model's tokenizer
+    adapter/                              the RL LoRA adapter alone; its base is the SL policy
+                                          (PeftModel.from_pretrained(load_policy(sl_model_path)[0], out_dir/"adapter"))
+    README.md                             model card with the reward history summary
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from caiflow.training.common import (
+    fault_callback,
+    has_cuda,
+    log_history_value,
+    log_to_logger,
+    lora_config,
+    quiet_libraries,
+    seed_everything,
+    train_with_backoff,
+    trainer_args,
+    write_card,
+)
+from caiflow.training.config import RLConfig
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+# What TRL 1.16 (RLOO and GRPO) logs -> the names in our history.
+LOGGED = {"reward": "reward", "kl": "kl", "completions/mean_length": "completion_length",
+          "reward_std": "reward_std", "loss": "loss", "entropy": "entropy", "learning_rate": "learning_rate"}
+
+OnLog = Callable[[int, int, dict], None]
+
+
+def check_prompts(prompts: list[list[dict]]) -> list[list[dict]]:
+    """Plain lists of {role, content} ending with a user turn (what the policy answers)."""
+    if len(prompts) == 0:
+        raise ValueError("no prompts to train on: RL needs at least one conversation ending with a user turn.")
+    out = []
+    for i, conv in enumerate(prompts):
+        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in conv]
+        if not msgs or msgs[-1]["role"] != "user":
+            raise ValueError(f"RL prompt {i} must be a conversation ending with a user turn; got roles "
+                             f"{[m['role'] for m in msgs]}. Drop the trailing assistant answer.")
+        out.append(msgs)
+    return out
+
+
+def reward_function(scorer) -> Callable[..., list[float]]:
+    """A TRL reward function (prompts, completions, **kw) -> one float per completion, from a RewardScorer."""
+
+    def reward_model(prompts, completions, **kwargs) -> list[float]:
+        # Conversational datasets give completions as [{"role": "assistant", "content": ...}].
+        texts = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
+        return [float(x) for x in scorer.score(prompts, texts)]
+
+    return reward_model
+
+
+def history_from_logs(log_history: list[dict]) -> list[dict]:
+    """Per logged step: reward, kl, completion_length (and loss, reward_std, entropy, learning_rate when logged)."""
+    rows = []
+    for entry in log_history:
+        if "reward" not in entry:
+            continue  # the end-of-training summary and eval entries
+        row = {"step": int(entry.get("step", 0))}
+        row.update({ours: (float(entry[theirs]) if entry.get(theirs) is not None else None)
+                    for theirs, ours in LOGGED.items()})
+        rows.append(row)
+    return rows
+
+
+def _progress_callback(on_log: OnLog | None):
+    from transformers import TrainerCallback
+
+    class _Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if on_log is None or not logs or not state.is_world_process_zero:
+                return
+            mapped = {ours: logs[theirs] for theirs, ours in LOGGED.items() if theirs in logs}
+            mapped.update({k: v for k, v in logs.items() if k not in LOGGED})
+            try:
+                on_log(int(state.global_step), int(state.max_steps), mapped)
+            except Exception as exc:  # noqa: BLE001 - progress reporting must not stop training
+                log.warning("rl: the on_log callback failed (%s: %s); training goes on", type(exc).__name__, exc)
+
+    return _Progress()
+
+
+def _trainer_classes(algorithm: str):
+    if algorithm == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        return GRPOConfig, GRPOTrainer
+    from trl import RLOOConfig, RLOOTrainer
+
+    return RLOOConfig, RLOOTrainer
+
+
+def train_rl(cfg: RLConfig, sl_model_path: Path, base_model_path: Path, reward_dir: Path,
+             prompts: list[list[dict]], out_dir: Path, work_dir: Path, seed: int, dtype: str = "float32",
+             card_extra: dict | None = None, on_log: OnLog | None = None) -> dict:
+    """Train a LoRA adapter on the SL policy with RLOO (or GRPO) against the reward model; write out_dir (see above)."""
+    from datasets import Dataset
+
+    from caiflow.models import load_tokenizer
+    from caiflow.training.reward import RewardScorer
+    from caiflow.training.sft import load_policy
+
+    out_dir, work_dir, sl_model_path = Path(out_dir), Path(work_dir), Path(sl_model_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    quiet_libraries()
+    seed_everything(seed)
+    prompts = check_prompts(prompts)
+    dataset = Dataset.from_list([{"prompt": p} for p in prompts])
+    device = "cuda" if has_cuda() else "cpu"
+    scorer = RewardScorer(reward_dir, device=device, batch_size=cfg.batch_size)
+    reward_fn = reward_function(scorer)
+    tokenizer = load_tokenizer(sl_model_path if (sl_model_path / "tokenizer_config.json").is_file()
+                               else base_model_path)
+    config_cls, trainer_cls = _trainer_classes(cfg.algorithm)
+    peft_config = lora_config(cfg.lora)
+
+    def build(per_device: int, accumulation: int):
+        seed_everything(seed)
+        # The SL policy, with an SL adapter merged in memory; loaded afresh because the trainer wraps it in place.
+        model, _ = load_policy(sl_model_path, base_model_path, device="cpu", dtype=dtype)
+        args = trainer_args(
+            config_cls, work_dir, seed=seed, learning_rate=cfg.learning_rate, per_device=per_device,
+            accumulation=accumulation, max_steps=cfg.max_steps, save_steps=cfg.save_steps,
+            logging_steps=cfg.logging_steps,
+            beta=cfg.kl_coef,  # KL to the SL model (the adapter-disabled policy)
+            num_generations=cfg.num_generations,
+            max_completion_length=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            remove_unused_columns=False,  # the reward function only needs prompts and completions; keep the rest
+            log_completions=False,  # no rich tables on stdout; the history goes into the metrics instead
+        )
+        trainer = trainer_cls(model=model, reward_funcs=reward_fn, args=args, train_dataset=dataset,
+                              processing_class=tokenizer, peft_config=peft_config,
+                              callbacks=[fault_callback("rl"), _progress_callback(on_log)])
+        return log_to_logger(trainer)
+
+    # cfg.batch_size is both the per-device batch and the generation batch: accumulation starts at 1.
+    outcome = train_with_backoff(build, cfg.batch_size, cfg.batch_size, work_dir)
+    trainer = outcome.trainer
+    history = history_from_logs(trainer.state.log_history)
+    _save_policy(trainer, tokenizer, out_dir, sl_model_path)
+
+    rewards = [h["reward"] for h in history if h["reward"] is not None]
+    metrics = {
+        "algorithm": cfg.algorithm,
+        "prompts": len(prompts),
+        "steps": int(trainer.state.global_step),
+        "train_loss": float(outcome.train_output.training_loss),
+        "last_logged_loss": log_history_value(trainer, "loss"),
+        "first_mean_reward": rewards[0] if rewards else None,
+        "last_mean_reward": rewards[-1] if rewards else None,
+        "reward_gain": (rewards[-1] - rewards[0]) if rewards else None,
+        "last_kl": next((h["kl"] for h in reversed(history) if h["kl"] is not None), None),
+        "reward_members": scorer.size,
+        "backoffs": outcome.backoffs,
+        "per_device_batch_size": outcome.per_device_batch_size,
+        "gradient_accumulation_steps": outcome.gradient_accumulation_steps,
+        "resumed_from": outcome.resumed_from,
+        "history": history,
+    }
+    write_card(out_dir, f"Constitutional RL policy ({cfg.algorithm.upper()})", "lora on the SL policy, merged",
+               cfg.model_dump(), seed, {**(card_extra or {}), "layout": "merged weights here; RL adapter in adapter/ "
+                                        "(its base is the SL policy)"}, metrics)
+    del trainer, outcome
+    return metrics
+
+
+def _save_policy(trainer, tokenizer, out_dir: Path, sl_model_path: Path) -> None:
+    """The adapter to out_dir/adapter, then the merged policy and tokenizer to out_dir."""
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    adapter = out_dir / ADAPTER_DIR
+    shutil.rmtree(adapter, ignore_errors=True)
+    peft_model.save_pretrained(adapter)
+    spec_file = adapter / "adapter_config.json"
+    spec: dict[str, Any] = json.loads(spec_file.read_text())
+    spec["base_model_name_or_path"] = str(sl_model_path)  # the SL policy, not the raw base model
+    spec_file.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,199 @@
+"""Reward model: the soft-label loss, ensemble aggregation, training on the tiny model, saved members and scoring."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import caiflow.training.reward as reward
+from caiflow.training.common import FAULT_ENV
+from caiflow.training.config import RewardModelConfig
+from caiflow.training.reward import (
+    RewardScorer,
+    aggregate,
+    assign_principles,
+    conversation_ids,
+    pair_metrics,
+    soft_label_loss,
+    train_reward_model,
+)
+
+FAST = dict(max_steps=2, batch_size=4, per_device_batch_size=2, max_length=128, learning_rate=1e-2, save_steps=1,
+            logging_steps=1, eval_fraction=0.25, lora={"r": 4, "alpha": 8})
+
+
+# ---------------------------------------------------------------- loss, aggregation, metrics
+
+
+def test_soft_label_loss_matches_a_hand_computed_value():
+    r_chosen, r_rejected = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    label = torch.tensor([0.8, 0.3])
+    # margins 1 and -2; log sigmoid(1) = -0.31326169, log sigmoid(-1) = -1.31326169,
+    # log sigmoid(-2) = -2.12692801, log sigmoid(2) = -0.12692801
+    first = -(0.8 * -0.31326169 + 0.2 * -1.31326169)  # 0.51326169
+    second = -(0.3 * -2.12692801 + 0.7 * -0.12692801)  # 0.72692801
+    assert soft_label_loss(r_chosen, r_rejected, label).item() == pytest.approx((first + second) / 2, abs=1e-6)
+    assert (first + second) / 2 == pytest.approx(0.62009485, abs=1e-7)
+
+
+def test_label_one_is_the_usual_bradley_terry_loss_and_large_margins_stay_finite():
+    r_chosen, r_rejected = torch.tensor([0.3, -1.2, 4.0]), torch.tensor([0.1, 0.5, -2.0])
+    hard = -torch.nn.functional.logsigmoid(r_chosen - r_rejected).mean()
+    assert torch.allclose(soft_label_loss(r_chosen, r_rejected, torch.ones(3)), hard)
+    big = soft_label_loss(torch.tensor([1000.0]), torch.tensor([0.0]), torch.tensor([0.0]))
+    assert math.isfinite(big.item()) and big.item() == pytest.approx(1000.0)
+
+
+def test_aggregate_is_mean_minus_lambda_std():
+    scores = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])  # mean 2, 2, 2; std (ddof 0) 1, 0, 1
+    assert aggregate(scores, 0.5) == pytest.approx([1.5, 2.0, 1.5])
+    assert aggregate(scores, 0.0) == pytest.approx([2.0, 2.0, 2.0])
+    assert aggregate(np.array([[0.1, -0.4]]), 3.0) == pytest.approx([0.1, -0.4])  # one member: its scores
+    with pytest.raises(ValueError, match="shape"):
+        aggregate(np.array([1.0, 2.0]), 0.5)
+
+
+def test_pair_metrics_by_hand():
+    m = pair_metrics(np.array([0.0, 0.0]), np.array([1.0, 0.0]))  # p = 0.5 for both
+    assert m["brier"] == pytest.approx(0.25) and m["soft_agreement"] == pytest.approx(0.5)
+    assert m["ece"] == pytest.approx(0.0)  # one bin: mean p 0.5, mean label 0.5
+    assert m["accuracy"] == pytest.approx(0.5)  # margin 0 is never "> 0": right on the second pair only
+    assert m["loss"] == pytest.approx(math.log(2))
+    assert pair_metrics(np.array([]), np.array([]))["accuracy"] is None
+
+
+def test_principles_are_assigned_round_robin():
+    assert assign_principles(["b", "a", "c", "a"], 2) == [["a", "c"], ["b"]]
+    with pytest.raises(ValueError, match="ensemble_mode: seeds"):
+        assign_principles(["a", "b"], 3)
+
+
+# ---------------------------------------------------------------- training an ensemble of two
+
+
+@pytest.fixture(scope="module")
+def ensemble(tiny_path, shared_prefs, spy_installer, tmp_path_factory):
+    """Two members (seeds mode) trained for two steps, watched by a weight spy."""
+    root = tmp_path_factory.mktemp("ensemble")
+    with pytest.MonkeyPatch.context() as mp:
+        spy = spy_installer(mp, reward)
+        metrics = train_reward_model(RewardModelConfig(ensemble_size=2, **FAST), tiny_path, shared_prefs,
+                                     root / "model", root / "work", seed=0, card_extra={"preferences": "test"})
+    return root / "model", metrics, spy, shared_prefs
+
+
+def test_members_move_adapters_and_head_not_base(ensemble):
+    _, _, spy, _ = ensemble
+    assert len(spy.finished()) == 2
+    for run in (0, 1):
+        changed = spy.changed(run)
+        assert spy.lora_names(run) <= changed
+        assert any("score" in n and "modules_to_save" in n for n in changed), "the score head must train"
+        assert not (spy.base_names(run) & changed), "base weights (and the original head) must stay frozen"
+
+
+def test_ensemble_layout_metrics_and_loading(ensemble, tiny_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out, metrics, _, _ = ensemble
+    spec = json.loads((out / "ensemble.json").read_text())
+    assert spec["members"] == ["member-00", "member-01"] and spec["lambda"] == 0.5 and spec["mode"] == "seeds"
+    assert spec["seeds"] == [0, 1] and len(spec["offsets"]) == 2
+    assert (out / "README.md").is_file() and (out / "tokenizer_config.json").is_file()
+
+    assert metrics["pairs"] == 20 and metrics["eval_pairs"] == 5 and metrics["train_pairs"] == 15
+    json.dumps(metrics)  # goes into the artifact manifest as it is
+    for key in ("eval_accuracy", "eval_soft_agreement", "eval_brier", "eval_ece", "eval_loss"):
+        assert 0.0 <= metrics[key] <= 1.0 or key == "eval_loss"
+    assert [m["name"] for m in metrics["members"]] == ["member-00", "member-01"]
+    assert all(m["steps"] == 2 and "eval" in m for m in metrics["members"])
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_path, num_labels=1)
+    for name in spec["members"]:
+        model = AutoModelForSequenceClassification.from_pretrained(out / name)  # LoRA merged: loads directly
+        assert model.config.num_labels == 1 and model.config.pad_token_id is not None
+        assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_scorer_gives_member_and_aggregated_scores(ensemble):
+    out, _, _, prefs = ensemble
+    prompts = list(prefs["prompt"][:5])
+    answers = ["No.", "I won't help with hurting anyone, but I can talk about staying safe.", "Sure", "Here:", "?"]
+    scorer = RewardScorer(out, batch_size=2)
+    members = scorer.score_members(prompts, answers)
+    assert members.shape == (2, 5)
+    assert scorer.score(prompts, answers) == pytest.approx(aggregate(members, 0.5))
+    assert RewardScorer(out, lam=0.0).score(prompts, answers) == pytest.approx(members.mean(axis=0), abs=1e-6)
+
+    # Padding must not change a score: batched (mixed lengths) equals one at a time, equals an unpadded forward.
+    one_by_one = RewardScorer(out, batch_size=1).score_members(prompts, answers)
+    assert members == pytest.approx(one_by_one, abs=1e-5)
+    ids = conversation_ids(scorer.tokenizer, prompts[1], answers[1])
+    with torch.inference_mode():
+        raw = scorer.models[0](input_ids=torch.tensor([ids])).logits[0, 0].item()
+    assert members[0, 1] == pytest.approx(raw - scorer.offsets[0], abs=1e-5)
+    with pytest.raises(ValueError, match="one completion per prompt"):
+        scorer.score(prompts, answers[:2])
+
+
+def test_scorer_formats_like_trl_reward_trainer(ensemble):
+    """Our token ids for prompt + answer are the ones TRL's RewardTrainer would build from the same pair."""
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    out, _, _, prefs = ensemble
+    scorer = RewardScorer(out)
+    row = {"prompt": list(prefs["prompt"][0]), "chosen": list(prefs["chosen"][0]),
+           "rejected": list(prefs["rejected"][0])}
+    args = RewardConfig(output_dir=str(out.parent / "trl"), report_to="none", use_cpu=True, bf16=False,
+                        activation_checkpointing=False)
+    trl_ids = RewardTrainer._prepare_dataset(None, Dataset.from_list([row]), scorer.tokenizer, args, "x")[0]
+    assert trl_ids["chosen_ids"] == conversation_ids(scorer.tokenizer, row["prompt"], row["chosen"][0]["content"])
+
+
+def test_principles_ensemble_and_out_of_memory_back_off(tiny_path, prefs, tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "1")  # per-device batches above 1 run out of memory
+    cfg = RewardModelConfig(ensemble_size=2, ensemble_mode="principles", **{**FAST, "max_steps": 1})
+    metrics = train_reward_model(cfg, tiny_path, prefs, tmp_path / "model", tmp_path / "work", seed=3)
+    spec = json.loads((tmp_path / "model" / "ensemble.json").read_text())
+    assert spec["principles"] == {"member-00": ["harmless"], "member-01": ["honest"]}
+    assert sum(m["train_pairs"] for m in metrics["members"]) == metrics["train_pairs"]
+    assert all(m["backoffs"] == 1 and m["per_device_batch_size"] == 1 and m["gradient_accumulation_steps"] == 4
+               for m in metrics["members"])
+    assert metrics["backoffs"] == 2 and metrics["per_device_batch_size"] == 1
+
+    # A rerun reuses finished members instead of training them again.
+    again = train_reward_model(cfg, tiny_path, prefs, tmp_path / "model", tmp_path / "work", seed=3)
+    assert [m["offset"] for m in again["members"]] == [m["offset"] for m in metrics["members"]]
+
+
+def test_full_method_trains_every_weight(tiny_path, prefs, tmp_path, spy_on):
+    from transformers import AutoModelForSequenceClassification
+
+    spy = spy_on(reward)
+    cfg = RewardModelConfig(method="full", **{**FAST, "max_steps": 1, "eval_fraction": 0.0, "learning_rate": 1e-3})
+    metrics = train_reward_model(cfg, tiny_path, prefs, tmp_path / "model", tmp_path / "work", seed=0)
+    assert metrics["eval_accuracy"] is None and metrics["eval_pairs"] == 0  # nothing held out
+    assert not spy.lora_names() and spy.base_names() <= spy.changed()
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model" / "member-00")
+    assert RewardScorer(tmp_path / "model").score(list(prefs["prompt"][:2]), ["a", "b"]).shape == (2,)
+    assert model.config.pad_token_id is not None
+
+
+def test_bad_preferences_say_what_to_fix(tiny_path, prefs, tmp_path):
+    cfg = RewardModelConfig(**FAST)
+    with pytest.raises(ValueError, match="lack column"):
+        train_reward_model(cfg, tiny_path, prefs.drop(columns=["label"]), tmp_path / "m", tmp_path / "w", seed=0)
+    bad = prefs.assign(label=[1.5] + [0.9] * (len(prefs) - 1))
+    with pytest.raises(ValueError, match=r"probability in \[0, 1\]"):
+        train_reward_model(cfg, tiny_path, bad, tmp_path / "m", tmp_path / "w", seed=0)
+    with pytest.raises(ValueError, match="max_length"):
+        train_reward_model(RewardModelConfig(**{**FAST, "max_length": 8}), tiny_path, prefs, tmp_path / "m",
+                           tmp_path / "w", seed=0)
+    with pytest.raises(ValueError, match="ensemble_mode: seeds"):
+        train_reward_model(RewardModelConfig(ensemble_size=3, ensemble_mode="principles", **FAST), tiny_path,
+                           prefs, tmp_path / "m", tmp_path / "w", seed=0)
