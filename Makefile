@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test clean-storage
+.PHONY: install demo test ui clean-storage
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# A local Prefect server + the `gpu` work pool + the deployments + a worker (deployments/README.md).
+# Optional: STORAGE=dir PORT=4200 TIMEZONE=Europe/Berlin PRESET=configs/tiny.yaml GPUS=n MAX_RESCHEDULES=2
+UI_ARGS = $(if $(STORAGE),--storage $(STORAGE)) $(if $(PORT),--port $(PORT)) \
+	$(if $(TIMEZONE),--timezone $(TIMEZONE)) $(if $(PRESET),--preset $(PRESET)) \
+	$(if $(GPUS),--gpus $(GPUS)) $(if $(MAX_RESCHEDULES),--max-reschedules $(MAX_RESCHEDULES))
+ui: install
+	$(BIN)/python -m flows.ui $(UI_ARGS)
 
 clean-storage:
 	rm -rf storage/artifacts storage/runs storage/models

@@ -1,0 +1,431 @@
+"""`make ui`: caiflow on Prefect's own server, locally, in one command.
+
+    python -m flows.ui [--storage DIR] [--port 4200] [--timezone Europe/Berlin]
+                       [--max-reschedules 2] [--gpus N] [--preset configs/tiny.yaml]
+
+It starts, in order, and stops in reverse order on Ctrl-C:
+
+1. `prefect server start` on 127.0.0.1 (SQLite at <storage>/prefect/prefect.db unless
+   PREFECT_SERVER_DATABASE_CONNECTION_URL names another database, e.g. PostgreSQL);
+2. the `gpu` process work pool, its concurrency limit = the number of GPUs (1 without one),
+   and the `gpu` tag concurrency limit (the same number), so two runs never share a GPU;
+3. the automation that reschedules a crashed caiflow run (at most --max-reschedules times);
+4. the deployments of deployments/prefect.yaml (`prefect deploy --all`);
+5. a process worker on the `gpu` pool, which runs each flow run as a subprocess in the project
+   folder, with this environment (storage root, Prefect result storage, offline Hugging Face).
+
+The same pieces start the Prefect server of the test suite (tests/prefect_server.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger("caiflow.ui")
+
+PROJECT = Path(__file__).resolve().parents[1]
+PREFECT_FILE = "deployments/prefect.yaml"
+POOL = "gpu"          # the work pool, and the task tag of every model step
+PROJECT_TAG = "caiflow"   # on every deployment of deployments/prefect.yaml
+AUTOMATION = "caiflow-reschedule-crashed-runs"
+# flow name / deployment name of each deployment in deployments/prefect.yaml
+DEPLOYMENTS = ["constitutional-ai/constitutional-ai", "regenerate/regenerate", "evaluate/evaluate"]
+
+
+@dataclass
+class Options:
+    storage: Path = PROJECT / "storage"   # artifact root; the SQLite database lives under it too
+    host: str = "127.0.0.1"
+    port: int = 4200
+    timezone: str = "UTC"         # of the nightly regeneration schedule
+    max_reschedules: int = 2      # crashed-run reschedules per run; 0 turns the automation off
+    gpus: int | None = None       # None: count them (1 on a CPU-only machine)
+    preset: str | None = None     # make this preset the deployments' default `config`
+    env: dict[str, str] = field(default_factory=dict)   # extra environment for server and worker
+    worker_query_seconds: float | None = None  # how often the worker polls (Prefect's default: 10 s)
+    api: str | None = None        # an existing server's API URL: use it instead of starting one
+
+    @property
+    def api_url(self) -> str:
+        return self.api.rstrip("/") if self.api else f"http://{self.host}:{self.port}/api"
+
+    @property
+    def ui_url(self) -> str:
+        return self.api_url.removesuffix("/api")
+
+
+def count_gpus() -> int:
+    """CUDA devices here; the pool and tag limits use max(1, this) so a CPU box still runs one at a time."""
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:  # noqa: BLE001 - no torch or no driver: no GPU
+        return 0
+
+
+def environment(opts: Options) -> dict[str, str]:
+    """The environment of the server, `prefect deploy` and the worker (and so of every flow run)."""
+    storage = opts.storage.resolve()
+    env = dict(os.environ)
+    env.setdefault("PREFECT_SERVER_DATABASE_CONNECTION_URL",
+                   f"sqlite+aiosqlite:///{storage / 'prefect' / 'prefect.db'}")
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's cache records live beside the artifacts they point at, as for `caiflow run`.
+    env.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(storage / "prefect-results"))
+    env.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")   # nothing is downloaded at run time
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env.update({
+        "PREFECT_API_URL": opts.api_url,
+        "CAIFLOW_STORAGE": str(storage),        # the deployments' default storage root
+        "CAIFLOW_PROJECT_DIR": str(PROJECT),    # read by the pull step of deployments/prefect.yaml
+        "CAIFLOW_TIMEZONE": opts.timezone,      # read by the nightly schedule
+    })
+    if opts.worker_query_seconds is not None:
+        env["PREFECT_WORKER_QUERY_SECONDS"] = str(opts.worker_query_seconds)
+    env.update(opts.env)
+    return env
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) != 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float, log_file: Path | None = None) -> None:
+    """Wait until `<api>/health` answers; fail early if the server process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log_file.read_text(errors="replace")[-3000:] if log_file and log_file.exists() else ""
+            raise RuntimeError(f"the Prefect server exited with code {proc.returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the Prefect server did not answer at {url} within {timeout:.0f} s")
+
+
+# How long the automation waits after a crash before rescheduling. Prefect 3.8's process worker
+# reports a killed run as Crashed twice, a few seconds apart; rescheduling at once lets the late
+# report land on the rescheduled run (seen here: two processes ran one flow run). After this wait
+# the run is still Crashed when the late report comes, so the server refuses it.
+RESCHEDULE_AFTER = timedelta(seconds=30)
+
+
+def crash_automation(max_reschedules: int) -> Any:
+    """Reschedule a crashed caiflow run, at most `max_reschedules` times.
+
+    The trigger starts on `prefect.flow-run.Crashed` (a worker reports that when a flow run's
+    process dies: killed, out of memory, the machine rebooted) for runs tagged `caiflow` whose
+    run count is 1..max_reschedules; the run count goes up each time a run starts, so the cap
+    needs no bookkeeping. If nothing else happens to that run within RESCHEDULE_AFTER (nobody
+    retried or cancelled it by hand), the action moves the same flow run back to Scheduled: the
+    worker picks it up again and, since every finished step's artifact is in the store, it
+    resumes after the last good step (a generation step also keeps its finished shards). A run
+    that never started (run count 0: bad code or environment) is left Crashed.
+    """
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    return AutomationCore(
+        name=AUTOMATION,
+        description=(f"Reschedule a crashed caiflow run (at most {max_reschedules} times, "
+                     f"{RESCHEDULE_AFTER.seconds} s after the crash); it resumes from the last good step. "
+                     "Created by `make ui` (flows/ui.py)."),
+        enabled=True,
+        trigger=EventTrigger(
+            after={"prefect.flow-run.Crashed"},
+            expect={"prefect.flow-run.*"},   # any later state change of that run: someone else handled it
+            for_each={"prefect.resource.id"},   # each flow run on its own
+            match={"prefect.resource.id": "prefect.flow-run.*",
+                   "prefect.run-count": [str(n) for n in range(1, max_reschedules + 1)]},
+            match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{PROJECT_TAG}"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=RESCHEDULE_AFTER,
+        ),
+        actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="Rescheduled",
+                                    message="Rescheduled after a crash by the caiflow automation")],
+    )
+
+
+async def configure(opts: Options, slots: int) -> None:
+    """Work pool, tag concurrency limit and crash automation; idempotent (updates what exists)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    async with get_client() as client:
+        try:
+            await client.read_work_pool(POOL)
+            await client.update_work_pool(POOL, WorkPoolUpdate(concurrency_limit=slots))
+        except ObjectNotFound:
+            await client.create_work_pool(WorkPoolCreate(
+                name=POOL, type="process", concurrency_limit=slots,
+                base_job_template=ProcessWorker.get_default_base_job_template(),
+                description="caiflow runs, one per GPU (one at a time on a CPU-only machine)."))
+        # Task-level: every model step is tagged `gpu`; this many may run at once across all runs.
+        await client.create_concurrency_limit(tag=POOL, concurrency_limit=slots)
+        for old in await client.read_automations_by_name(AUTOMATION):
+            await client.delete_automation(old.id)
+        if opts.max_reschedules > 0:
+            await client.create_automation(crash_automation(opts.max_reschedules))
+
+
+async def set_default_preset(preset: str) -> None:
+    """Make `preset` the default `config` of every deployment (what a Quick run uses)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    async with get_client() as client:
+        for name in DEPLOYMENTS:
+            dep = await client.read_deployment_by_name(name)
+            await client.update_deployment(dep.id, DeploymentUpdate(parameters={**dep.parameters, "config": preset}))
+
+
+def _with_api(opts: Options, coro_fn, *args) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: opts.api_url}):
+        asyncio.run(coro_fn(*args))
+
+
+async def worker_online(pool: str = POOL) -> bool:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        workers = await client.read_workers_for_work_pool(pool)
+        return any(str(getattr(w.status, "value", w.status)).upper() == "ONLINE" for w in workers)
+
+
+def _stop(proc: subprocess.Popen | None, name: str, timeout: float = 20) -> None:
+    """Stop a process we started and everything it started (its own process group)."""
+    if proc is None or proc.poll() is not None:
+        return
+    log.info("stopping %s (pid %d)", name, proc.pid)
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class Stack:
+    """Server + pool + limits + automation + deployments + worker; `with Stack(opts):` or start()/stop()."""
+
+    def __init__(self, opts: Options, log_dir: Path | None = None, worker_output: IO | None = None):
+        self.opts = opts
+        self.log_dir = (log_dir or opts.storage / "prefect" / "logs").resolve()
+        self.worker_output = worker_output   # None: a log file in log_dir
+        self.env = environment(opts)
+        self.server: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+        self.slots = max(1, opts.gpus if opts.gpus is not None else count_gpus())
+        self._files: list[IO] = []
+
+    def _log(self, name: str) -> IO:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        self._files.append(f)
+        return f
+
+    def _prefect(self, *args: str, out: IO | int | None) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "prefect", *args], cwd=PROJECT, env=self.env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start_server(self, timeout: float = 180) -> None:
+        o = self.opts
+        if not port_free(o.host, o.port):
+            raise RuntimeError(f"port {o.port} on {o.host} is in use: stop what uses it or pick another "
+                               f"(make ui PORT=4300)")
+        (o.storage / "prefect").mkdir(parents=True, exist_ok=True)
+        self.server = self._prefect("server", "start", "--host", o.host, "--port", str(o.port), "--analytics-off",
+                                    out=self._log("server"))
+        wait_healthy(o.api_url, self.server, timeout, self.log_dir / "server.log")
+
+    def configure(self) -> None:
+        _with_api(self.opts, configure, self.opts, self.slots)
+
+    def deploy(self) -> str:
+        done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
+                               "--prefect-file", PREFECT_FILE], cwd=PROJECT, env=self.env,
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"prefect deploy failed ({done.returncode}):\n{done.stdout[-4000:]}{done.stderr[-4000:]}")
+        if self.opts.preset:
+            _with_api(self.opts, set_default_preset, self.opts.preset)
+        return done.stdout
+
+    def start_worker(self, timeout: float = 120) -> None:
+        out = self.worker_output if self.worker_output is not None else self._log("worker")
+        self.worker = self._prefect("worker", "start", "--pool", POOL, "--type", "process",
+                                    "--name", f"caiflow-{socket.gethostname()}", "--install-policy", "never",
+                                    out=out)
+        deadline = time.monotonic() + timeout
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: self.opts.api_url}):
+            while time.monotonic() < deadline:
+                if self.worker.poll() is not None:
+                    raise RuntimeError(f"the worker exited with code {self.worker.returncode}")
+                if asyncio.run(worker_online()):
+                    return
+                time.sleep(1)
+        raise TimeoutError(f"the worker did not come online within {timeout:.0f} s")
+
+    def start(self) -> "Stack":
+        try:
+            t0 = time.monotonic()
+            if self.opts.api:
+                wait_healthy(self.opts.api_url, None, timeout=10)
+            else:
+                self.start_server()
+            log.info("Prefect server up at %s in %.0f s", self.opts.ui_url, time.monotonic() - t0)
+            self.configure()
+            log.info("work pool '%s' (process, %d at a time), tag limit '%s' = %d, automation '%s'",
+                     POOL, self.slots, POOL, self.slots,
+                     AUTOMATION if self.opts.max_reschedules else "off")
+            self.deploy()
+            log.info("deployments applied from %s", PREFECT_FILE)
+            self.start_worker()
+            log.info("worker online on pool '%s'", POOL)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        _stop(self.worker, "worker")
+        _stop(self.server, "server")
+        for f in self._files:
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def banner(stack: Stack) -> str:
+    o = stack.opts
+    db = stack.env["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
+    db = db if db.startswith("sqlite") else db.split("@")[-1]   # never print a password
+    db = f"that of the server at {o.api_url}" if o.api else db
+    lines = [
+        "",
+        f"caiflow on Prefect: open {o.ui_url}",
+        f"  deployments   {', '.join(d.split('/')[1] for d in DEPLOYMENTS)}   ({o.ui_url}/deployments)",
+        f"  work pool     {POOL} (process; {stack.slots} run(s) at a time; worker output below)",
+        f"  nightly       regenerate at 02:00 {o.timezone}",
+        f"  crashed runs  rescheduled up to {o.max_reschedules} time(s)" if o.max_reschedules else
+        "  crashed runs  left Crashed (automation off)",
+        f"  storage       {o.storage.resolve()}",
+        f"  database      {db}",
+        f"  logs          {stack.log_dir}",
+        "Ctrl-C stops the worker." if o.api else "Ctrl-C stops the worker and the server.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flows.ui", description=__doc__.split("\n\n")[0])
+    p.add_argument("--storage", default=os.environ.get("CAIFLOW_STORAGE") or str(PROJECT / "storage"),
+                   help="artifact root; the SQLite database goes to <storage>/prefect/ (default: storage/)")
+    p.add_argument("--host", default="127.0.0.1", help="address the server listens on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4200, help="server and UI port (default: 4200)")
+    p.add_argument("--timezone", default=os.environ.get("CAIFLOW_TIMEZONE") or "UTC",
+                   help="timezone of the 02:00 nightly regeneration, an IANA name (default: UTC)")
+    p.add_argument("--max-reschedules", type=int, default=2,
+                   help="times a crashed run is rescheduled; 0 turns the automation off (default: 2)")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="runs and model steps at once (default: the number of GPUs, 1 without one)")
+    p.add_argument("--api-url", default=None,
+                   help="use this running Prefect server (e.g. http://host:4200/api) instead of starting one")
+    p.add_argument("--preset", default=None,
+                   help="default `config` of the deployments, e.g. configs/tiny.yaml for quick tries "
+                        "(default: the flows' own, configs/demo.yaml)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s")
+    for noisy in ("httpx", "httpcore"):   # one line per API call otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    from zoneinfo import ZoneInfo
+
+    try:
+        ZoneInfo(args.timezone)
+    except Exception:  # noqa: BLE001 - ZoneInfoNotFoundError or a malformed name
+        print(f"caiflow ui: error: unknown timezone '{args.timezone}': use an IANA name such as UTC or "
+              "Europe/Berlin", file=sys.stderr)
+        return 2
+    opts = Options(storage=Path(args.storage), host=args.host, port=args.port, timezone=args.timezone,
+                   max_reschedules=args.max_reschedules, gpus=args.gpus, preset=args.preset, api=args.api_url)
+    stack = Stack(opts, worker_output=sys.stdout.buffer)
+    stopping = False
+
+    def on_signal(signum, _frame):
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack.start()
+        print(banner(stack), flush=True)
+        while True:
+            for proc, name in ((stack.server, "server"), (stack.worker, "worker")):
+                if proc is not None and proc.poll() is not None:
+                    log.error("the %s exited with code %s; stopping (logs in %s)", name, proc.returncode,
+                              stack.log_dir)
+                    return 1
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"caiflow ui: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

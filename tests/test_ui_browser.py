@@ -1,0 +1,97 @@
+"""A person's path through the Prefect UI, in Debian's Chromium driven headless by Playwright.
+
+Open the UI, find the `constitutional-ai` deployment, start a Quick run (the stack's default
+preset is the tiny one), follow it to Completed and open its artifacts. No browser is
+downloaded: Playwright drives /usr/bin/chromium (Debian's package `chromium`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+pytest_plugins = ["tests.prefect_server"]
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# As root, with no network: no sandbox, no GPU, and none of Chromium's background connections.
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    missing = []
+    if not os.path.exists(CHROMIUM):
+        missing.append("Debian's chromium (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing.append("playwright (pip install playwright; no browser download needed)")
+    if missing:
+        message = "the browser test needs " + " and ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(message)   # CI must run it
+        pytest.skip(message)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_quick_run_from_the_ui_completes_and_shows_artifacts(prefect_stack, browser, tmp_path):
+    from playwright.sync_api import expect
+
+    before = {fr.id for fr in prefect_stack.flow_runs_of("constitutional-ai")}
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(f"{prefect_stack.ui_url}/deployments", wait_until="networkidle")
+        page.get_by_role("link", name="constitutional-ai", exact=True).first.click()
+        page.wait_for_url("**/deployments/deployment/**")
+        expect(page.get_by_text("Work Pool")).to_be_visible()
+
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Quick run", exact=True).click()
+        # "View run" on the "scheduled to start now" toast (the UI mounts its toast layer twice; the
+        # last copy is the one on top)
+        page.get_by_role("button", name="View run").last.click()
+        page.wait_for_url("**/runs/flow-run/**")
+        flow_run_id = page.url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
+
+        # the page follows the run live; reload now and then in case an update is missed
+        deadline = time.monotonic() + 900
+        badge = page.get_by_text(re.compile(r"^(Completed|Failed|Crashed|Cancelled)$")).first
+        while not badge.is_visible():
+            assert time.monotonic() < deadline, f"run still not finished: {prefect_stack.state_names(flow_run_id)}"
+            page.wait_for_timeout(5000)
+            if not badge.is_visible():
+                page.reload(wait_until="networkidle")
+        page.screenshot(path=str(tmp_path / "flow-run.png"))
+        assert badge.inner_text() == "Completed", prefect_stack.state_names(flow_run_id)
+
+        page.get_by_text("Artifacts", exact=True).first.click()   # the tab under the run's timeline
+        for key in ("run-summary", "prompts-preview", "critique-revision-report", "critique-revision-progress"):
+            expect(page.get_by_text(key, exact=True).first).to_be_visible(timeout=30_000)
+        page.screenshot(path=str(tmp_path / "artifacts.png"), full_page=True)
+
+        # open the run summary: a table naming every step
+        page.get_by_text("run-summary", exact=True).first.click()
+        page.wait_for_url("**/artifacts/artifact/**")
+        expect(page.locator("table")).to_be_visible(timeout=30_000)
+        for step in ("prompts", "critique_revision", "sft", "evaluate"):
+            expect(page.get_by_role("cell", name=step, exact=True).first).to_be_visible(timeout=30_000)
+        expect(page.get_by_role("cell", name="computed", exact=True).first).to_be_visible()
+        page.screenshot(path=str(tmp_path / "run-summary.png"), full_page=True)
+    finally:
+        page.close()
+    new = [fr for fr in prefect_stack.flow_runs_of("constitutional-ai") if fr.id not in before]
+    assert [str(fr.id) for fr in new] == [flow_run_id]   # one click, one run, on the worker's pool
+    assert new[0].state.is_completed() and new[0].work_pool_name == "gpu"
+    assert new[0].parameters == {"config": "configs/tiny.yaml"}   # the Quick run took the deployment's defaults
