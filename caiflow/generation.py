@@ -91,12 +91,41 @@ def _injected_oom(rows: int) -> None:
 # ---------------------------------------------------------------- per-row sampling
 
 
-class PerRowSampler(LogitsProcessor):
-    """Samples each row's next token from its own seeded generator, then leaves only that token.
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
 
-    Run under greedy decoding (``do_sample=False``): the sampled token is the only one not masked
-    to -inf, so greedy picks it. Each row draws exactly once per step from its own generator,
-    so its tokens do not depend on the other rows of the batch.
+
+# splitmix64 constants, as signed 64-bit integers (torch has no uint64 arithmetic).
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _lsr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def row_uniforms(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """(rows, vocab) uniforms in (0, 1), a pure function of (row seed, step, token id).
+
+    A counter-based hash (splitmix64) instead of one RNG per row: the whole batch's noise comes
+    from a few vectorised integer operations, and a row's draws never depend on its batch.
+    """
+    idx = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    step_t = torch.tensor(step + 1, dtype=torch.int64, device=seeds.device)  # int64 math wraps, as a hash wants
+    x = seeds.unsqueeze(1) * _GOLDEN + step_t * _MIX2 + idx.unsqueeze(0) * _MIX1
+    x = (x ^ _lsr(x, 30)) * _MIX1
+    x = (x ^ _lsr(x, 27)) * _MIX2
+    x = x ^ _lsr(x, 31)
+    return (_lsr(x, 40).to(torch.float32) + 0.5) / float(1 << 24)
+
+
+class PerRowSampler(LogitsProcessor):
+    """Samples each row's next token with its own seeded noise, then leaves only that token.
+
+    Gumbel-max: argmax(log p + Gumbel noise) is a draw from p. The noise of row r at step t is
+    a hash of (seed_r, t, token), so a row's tokens do not depend on the other rows of the batch
+    and a resumed run draws exactly what an uninterrupted one drew. Run under greedy decoding
+    (``do_sample=False``): the sampled token is the only one not masked to -inf.
     """
 
     def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device | str):
@@ -104,13 +133,17 @@ class PerRowSampler(LogitsProcessor):
             raise ValueError("PerRowSampler needs temperature > 0; use greedy decoding for temperature 0.")
         self.temperature = temperature
         self.top_p = top_p
-        self.generators = [torch.Generator(device=device).manual_seed(int(s) % 2**64) for s in seeds]
+        self.seeds = torch.tensor([int(s) % (1 << 62) for s in seeds], dtype=torch.int64, device=device)
+        self.start: int | None = None  # prompt width: the step index is the number of tokens generated
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        logits = torch.log_softmax(scores.float() / self.temperature, dim=-1)
         if self.top_p < 1.0:
-            probs = _top_p_filter(probs, self.top_p)
-        picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+            logits = torch.log(_top_p_filter(logits.exp(), self.top_p))  # -inf outside the nucleus
+        u = row_uniforms(self.seeds, input_ids.shape[1] - self.start, scores.shape[-1])
+        picks = (logits - torch.log(-torch.log(u))).argmax(dim=-1)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, picks.unsqueeze(1), 0.0)
         return out

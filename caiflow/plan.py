@@ -17,8 +17,8 @@ from caiflow.models import folder_digest
 from caiflow.store import fingerprint
 
 # Bump a step's version when its code changes what it writes.
-STEP_VERSIONS = {"prompts": 2, "critique_revision": 1, "sft": 1, "preferences": 1, "reward_model": 1,
-                 "rl": 1, "evaluate": 1}
+STEP_VERSIONS = {"prompts": 2, "critique_revision": 2, "sft": 1, "preferences": 2, "reward_model": 1,
+                 "rl": 1, "evaluate": 2}
 # The steps in the order they run; each one's inputs are among the steps before it.
 STEPS = list(STEP_VERSIONS)
 
