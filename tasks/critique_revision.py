@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 from prefect import task
 
 from caiflow.config import Config, SamplingConfig
@@ -123,7 +124,8 @@ def reusable_rows(store: Store, context: str, records: list[dict]) -> dict[str, 
             continue
         if not store.is_complete(step, fp):
             continue
-        for row in store.read_table(store.artifact_dir(step, fp)).to_dict(orient="records"):
+        table = pa.Table.from_pandas(store.read_table(store.artifact_dir(step, fp)), preserve_index=False)
+        for row in table.to_pylist():  # plain Python values: nulls stay None, lists stay lists
             want = wanted.get(row["prompt_id"])
             if want and all(row[k] == want[k] for k in ("prompt", "kind", "category")):
                 found[row["prompt_id"]] = row
