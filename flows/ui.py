@@ -225,6 +225,10 @@ async def worker_online(pool: str = POOL) -> bool:
         return any(str(getattr(w.status, "value", w.status)).upper() == "ONLINE" for w in workers)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stop(proc: subprocess.Popen | None, name: str, timeout: float = 20) -> None:
     """Stop a process we started and everything it started (its own process group)."""
     if proc is None or proc.poll() is not None:
@@ -262,8 +266,12 @@ class Stack:
         return f
 
     def _prefect(self, *args: str, out: IO | int | None) -> subprocess.Popen:
+        # Its own session: a Ctrl-C reaches only this launcher, which stops the children in order.
+        # SIGINT back to its default: Prefect's worker stops itself with SIGINT, which a launcher
+        # started in the background (SIGINT ignored, and inherited) would otherwise block.
         return subprocess.Popen([sys.executable, "-m", "prefect", *args], cwd=PROJECT, env=self.env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_default_sigint)
 
     def start_server(self, timeout: float = 180) -> None:
         o = self.opts
@@ -350,6 +358,7 @@ def banner(stack: Stack) -> str:
         f"caiflow on Prefect: open {o.ui_url}",
         f"  deployments   {', '.join(d.split('/')[1] for d in DEPLOYMENTS)}   ({o.ui_url}/deployments)",
         f"  work pool     {POOL} (process; {stack.slots} run(s) at a time; worker output below)",
+        f"  quick run     {o.preset or 'configs/demo.yaml'} (the deployments' default preset)",
         f"  nightly       regenerate at 02:00 {o.timezone}",
         f"  crashed runs  rescheduled up to {o.max_reschedules} time(s)" if o.max_reschedules else
         "  crashed runs  left Crashed (automation off)",
@@ -407,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)   # also when started with SIGINT ignored (a background job)
     try:
         stack.start()
         print(banner(stack), flush=True)

@@ -8,6 +8,8 @@ the tag limit, the crash automation, the deployments of deployments/prefect.yaml
 preset set to configs/tiny.yaml) and a worker. Everything started is stopped at teardown.
 The tests' own clients reach the server through `PrefectStack.client()`; nothing changes
 os.environ, so the other test modules (and their `prefect_test_harness`) are unaffected.
+The tests that use the stack run one after another and the stack stops after the last of them,
+so it does not idle beside the rest of the suite on a two-core machine.
 """
 
 from __future__ import annotations
@@ -139,6 +141,29 @@ class PrefectStack:
         return json.loads(data) if isinstance(data, str) else data
 
 
+_running: list[Stack] = []
+
+
+def _uses_stack(item: pytest.Item) -> bool:
+    return "prefect_stack" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(session, config, items: list[pytest.Item]) -> None:
+    """Move the tests that use the stack together, where the first of them was."""
+    users = [i for i in items if _uses_stack(i)]
+    if users:
+        first = items.index(users[0])
+        others = [i for i in items if not _uses_stack(i)]
+        items[:] = others[:first] + users + others[first:]
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the stack after the last test that uses it (the session fixture's teardown comes later)."""
+    if _uses_stack(item) and (nextitem is None or not _uses_stack(nextitem)):
+        while _running:
+            _running.pop().stop()
+
+
 @pytest.fixture(scope="session")
 def prefect_stack(tmp_path_factory, model_store, tiny_model) -> Iterator[PrefectStack]:
     root = tmp_path_factory.mktemp("prefect-stack")
@@ -158,6 +183,7 @@ def prefect_stack(tmp_path_factory, model_store, tiny_model) -> Iterator[Prefect
     )
     stack = Stack(opts, log_dir=root / "logs")
     stack.start()
+    _running.append(stack)
     try:
         yield PrefectStack(stack, root, Path(model_store))
     finally:

@@ -15,11 +15,43 @@ from pathlib import Path
 import pytest
 
 pytest_plugins = ["tests.prefect_server"]
-pytestmark = pytest.mark.slow
 
 TINY = "configs/tiny.yaml"   # the stack's default preset (tests/prefect_server.py)
 STEPS = ["prompts", "critique_revision", "sft", "preferences", "reward_model", "rl", "evaluate"]
 MODEL_STEPS = {"critique_revision", "sft", "preferences", "reward_model", "rl", "evaluate"}
+
+
+# ---------------------------------------------------------------- the flows' parameters, no server
+
+
+def test_settings_form_maps_to_config_overrides_and_free_overrides_win(monkeypatch, tmp_path):
+    from flows.deployable import PROJECT, Settings, build_config, preset_path, settings_overrides
+
+    settings = Settings(max_red_team=5, critique_rounds=2, rl_algorithm="grpo", invert_constitution=True)
+    assert settings_overrides(settings) == ["prompts.max_red_team=5", "critique_revision.rounds=2",
+                                            "constitution.invert=true", 'rl.algorithm="grpo"']
+    assert settings_overrides(None) == settings_overrides(Settings()) == []
+    assert preset_path("tiny") == preset_path(TINY) == PROJECT / TINY
+
+    monkeypatch.setenv("CAIFLOW_STORAGE", str(tmp_path / "worker-root"))   # what `make ui` gives its worker
+    cfg = build_config("tiny", None, settings.model_dump(), ["rl.algorithm=rloo"])
+    assert (cfg.prompts.max_red_team, cfg.critique_revision.rounds, cfg.constitution.invert) == (5, 2, True)
+    assert cfg.rl.algorithm == "rloo"   # a free-form override wins over the form
+    assert cfg.run.storage == str(tmp_path / "worker-root")
+    assert build_config("tiny", str(tmp_path / "mine"), None, None).run.storage == str(tmp_path / "mine")
+
+
+def test_evaluate_stops_with_the_missing_steps_instead_of_training(model_store, tiny_model, tmp_path):
+    import shutil
+
+    from flows.deployable import evaluate
+
+    shutil.copytree(Path(model_store) / "models", tmp_path / "models")
+    with pytest.raises(RuntimeError, match="prompts, critique_revision, sft, preferences, reward_model, rl missing"):
+        evaluate.fn(config=TINY, storage=str(tmp_path))
+
+
+# ---------------------------------------------------------------- on the server, through the worker
 
 
 def run_record(storage: Path, flow_run_id) -> dict:
@@ -32,6 +64,7 @@ def step_of(task_run) -> str:
     return task_run.name.rsplit("-", 1)[0]
 
 
+@pytest.mark.slow
 def test_deployments_pool_limits_schedule_and_automation(prefect_stack):
     s = prefect_stack
     deps = {name: s.deployment(name) for name in ("constitutional-ai", "regenerate", "evaluate")}
@@ -73,6 +106,7 @@ def test_deployments_pool_limits_schedule_and_automation(prefect_stack):
     assert automation.actions[0].state.value == "SCHEDULED"
 
 
+@pytest.mark.slow
 def test_pipeline_run_from_the_api_completes_with_artifacts(prefect_stack):
     s = prefect_stack
     storage = s.new_storage("api-run")
@@ -104,6 +138,7 @@ def test_pipeline_run_from_the_api_completes_with_artifacts(prefect_stack):
     assert {k: v["fingerprint"] for k, v in record["steps"].items()} == {r["step"]: r["fingerprint"] for r in summary}
 
 
+@pytest.mark.slow
 def test_killed_run_is_rescheduled_by_the_automation_and_resumes(prefect_stack):
     s = prefect_stack
     storage = s.new_storage("killed-run")
@@ -133,6 +168,7 @@ def test_killed_run_is_rescheduled_by_the_automation_and_resumes(prefect_stack):
     assert not [t.name for t in s.task_runs(run_id) if t.state.is_running() or t.state.is_pending()]
 
 
+@pytest.mark.slow
 def test_regenerate_does_no_work_twice_and_generates_only_for_new_prompts(prefect_stack, tmp_path):
     s = prefect_stack
     storage = s.new_storage("regenerate")
