@@ -23,7 +23,13 @@ install: $(STAMP)
 demo: install
 	$(BIN)/caiflow run --config configs/demo.yaml
 
-test: install
+# Debian's chromium for the browser test (tests/test_ui_browser.py): Playwright drives it, no download.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+/usr/bin/chromium:
+	$(SUDO) apt-get install -y -q chromium >/dev/null || \
+	    ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null)
+
+test: install /usr/bin/chromium
 	$(BIN)/python -m pytest -q
 
 # A local Prefect server + the `gpu` work pool + the deployments + a worker (deployments/README.md).

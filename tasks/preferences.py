@@ -96,6 +96,10 @@ def run_preferences(cfg: Config, constitution: Constitution, model: ResolvedMode
 
     df = store.read_table(store.artifact_dir(STEP, fingerprint))
     metrics: dict[str, Any] = feedback_metrics(df)
+    # every pair depends on the SL model, so nothing is reused across runs; only shards that an
+    # interrupted attempt at this same artifact left finished are taken as they are
+    generated = sum(stop - start for _, start, stop in pending)
+    metrics.update(rows_generated=generated, rows_reused=len(records) - generated)
     if engine is not None:
         metrics.update(oom_backoffs=engine.backoffs, final_batch_size=engine.batch_size, task_attempt=attempt(),
                        start_batch_size=retry_scaled(cfg.generation.batch_size))

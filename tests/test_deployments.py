@@ -210,10 +210,7 @@ def test_regenerate_does_no_work_twice_and_generates_only_for_new_prompts(prefec
     cr = third["critique_revision"]
     assert (cr["rows_generated"], cr["rows_reused"]) == (new_train, len(train) - new_train)
 
-    # preferences: pairs for the new prompts are generated; pairs for the old ones may be reused only
-    # where the retrained SL model cannot change them, so only the accounting is checked here
+    # preferences: pairs depend on the SL model, which was retrained on the new data
+    # (the SL model was retrained, so every pair is generated again)
     prefs = third["preferences"]
-    if prefs["rows_generated"] == "":
-        pytest.skip("the preferences step reports no rows_generated/rows_reused metrics yet")
-    assert prefs["rows_generated"] >= new_train
-    assert prefs["rows_generated"] + prefs["rows_reused"] == len(train)
+    assert (prefs["rows_generated"], prefs["rows_reused"]) == (len(train), 0)
