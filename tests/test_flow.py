@@ -89,7 +89,9 @@ def test_changed_rl_setting_reruns_only_rl_and_evaluate(harness, storage):
     assert changed["steps"]["sft"]["fingerprint"] == base["steps"]["sft"]["fingerprint"]
 
 
-def test_added_prompts_generate_only_new_rows(harness, storage):
+def test_added_prompts_generate_only_new_rows(harness, model_store, tiny_model, tmp_path):
+    storage = tmp_path / "storage"   # its own: the module's storage may already hold either run
+    shutil.copytree(Path(model_store) / "models", storage / "models")
     small = run(storage, "prompts.max_red_team=6", until="critique_revision")
     large = run(storage, "prompts.max_red_team=10", until="critique_revision")
     store = Store(storage)
@@ -136,5 +138,6 @@ def test_cli_runs_tiny_preset_then_serves_cache(storage, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "run record" in proc.stdout
         outputs.append(proc.stdout)
-    rows = [line.split() for line in outputs[1].splitlines() if line.split()[:1] and line.split()[0] in STEPS]
+    table = outputs[1].split("\ntotal ")[0]   # the step table (the verdict table below has an "rl" row too)
+    rows = [line.split() for line in table.splitlines() if line.split()[:1] and line.split()[0] in STEPS]
     assert [r[0] for r in rows] == STEPS and all(r[1] == "cached" for r in rows), outputs[1]

@@ -123,7 +123,7 @@ def test_kill_between_steps_resumes_at_the_next_step(api_url, storage, reference
 
 def test_kill_mid_training_resumes_from_the_checkpoint(api_url, storage, reference):
     ref_root, ref_record = reference
-    killed = caiflow(api_url, storage, env={"CAIFLOW_FAULT_KILL": "checkpoint:1"}, until="sft")
+    killed = caiflow(api_url, storage, env={"CAIFLOW_FAULT_KILL": "sft:checkpoint:1"}, until="sft")
     assert killed.returncode == -signal.SIGKILL
     fp = ref_record["steps"]["sft"]["fingerprint"]
     store = Store(storage)
