@@ -299,3 +299,9 @@ def load_model_and_tokenizer(resolved: ResolvedModel, dtype: str = "float32", de
     tok = load_tokenizer(resolved.path, trust_remote_code)
     model = load_causal_lm(resolved.path, dtype, device, trust_remote_code, load_in_4bit)
     return model, tok
+
+
+def context_tokens(model_path: Path | str) -> int:
+    """A resolved model's context window in tokens (max_position_embeddings of its config.json)."""
+    conf = json.loads((Path(model_path) / "config.json").read_text())
+    return int(conf.get("max_position_embeddings", conf.get("n_positions", 2048)))

@@ -363,6 +363,34 @@ def load_prompts(sources: list[PromptSource], base_dir: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def token_counter(tokenizer) -> Callable[[list[str]], list[int]]:
+    """Token counts of texts under a tokenizer (no special tokens)."""
+    return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def check_fits_context(df: pd.DataFrame, context_tokens: int, count_tokens: Callable[[list[str]], list[int]]) -> None:
+    """Raise PromptSourceError for the first prompt longer than the model's whole context.
+
+    Such a prompt is a sign of a wrong column or format (a whole transcript, a document) rather
+    than a long question, so it stops the run instead of being dropped. Prompts that fit the
+    context but not ``prompts.max_chars`` / ``max_tokens`` are dropped with a reason instead.
+    Only texts with more UTF-8 bytes than the context can exceed it (a token covers >= 1 byte),
+    so a large source is not tokenised in full.
+    """
+    texts = [p if isinstance(p, str) else "" for p in df["prompt"]]
+    suspects = [i for i, t in enumerate(texts) if len(t.encode("utf-8")) > context_tokens]
+    if not suspects:
+        return
+    for i, n_tok in zip(suspects, count_tokens([texts[i] for i in suspects])):
+        if n_tok > context_tokens:
+            source = df["source"].iat[i] if "source" in df.columns else "prompts"
+            row = int((df["source"].iloc[:i] == source).sum()) + 1 if "source" in df.columns else i + 1
+            raise PromptSourceError(
+                f"prompt source '{source}': row {row} is {n_tok} tokens, longer than the model's context "
+                f"({context_tokens} tokens); shorten or remove it, or check text_column/format "
+                f"(a whole transcript or document in one field?).")
+
+
 # ---------------------------------------------------------------- cleaning
 
 

@@ -77,13 +77,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:  # validate the cheap things before starting Prefect
         cfg = load_config(args.config, args.set or [], args.storage)
         load_constitution(cfg.constitution_path(), cfg.constitution.invert, cfg.constitution.principles)
-        from caiflow.models import resolve_model
-        from caiflow.prompts import load_prompts
+        from caiflow.models import context_tokens, load_tokenizer, resolve_model
+        from caiflow.prompts import check_fits_context, load_prompts, token_counter
         from caiflow.store import Store
 
         Store(cfg.run.storage)
-        load_prompts(cfg.prompts.sources, Path(cfg.base_dir))  # readable, with the expected columns
-        resolve_model(cfg.model.name, cfg.run.storage, cfg.model.revision, cfg.model.tiny.model_dump())
+        prompts = load_prompts(cfg.prompts.sources, Path(cfg.base_dir))  # readable, with the expected columns
+        model = resolve_model(cfg.model.name, cfg.run.storage, cfg.model.revision, cfg.model.tiny.model_dump())
+        tokenizer = load_tokenizer(model.path, cfg.model.trust_remote_code)
+        check_fits_context(prompts, context_tokens(model.path), token_counter(tokenizer))
     except errors as exc:
         print(f"caiflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

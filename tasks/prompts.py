@@ -17,8 +17,8 @@ from caiflow.categorize import OTHER, categorize_local, categorize_openai
 from caiflow.config import Config
 from caiflow.constitution import Constitution
 from caiflow.generation import GenerationEngine
-from caiflow.models import ResolvedModel, load_causal_lm, load_tokenizer
-from caiflow.prompts import cap_prompts, clean_prompts, load_prompts, split_prompts
+from caiflow.models import ResolvedModel, context_tokens, load_causal_lm, load_tokenizer
+from caiflow.prompts import cap_prompts, check_fits_context, clean_prompts, load_prompts, split_prompts, token_counter
 from caiflow.store import ArtifactRef, Store
 from tasks.common import (
     locked,
@@ -52,10 +52,7 @@ def _max_tokens(cfg: Config, model: ResolvedModel) -> int:
     """Configured limit, else a quarter of the model's context (room for answers and critiques)."""
     if cfg.prompts.max_tokens:
         return cfg.prompts.max_tokens
-    import json
-
-    conf = json.loads((model.path / "config.json").read_text())
-    return max(64, int(conf.get("max_position_embeddings", 2048)) // 4)
+    return max(64, context_tokens(model.path) // 4)
 
 
 @locked(STEP)
@@ -72,7 +69,8 @@ def build_prompts(cfg: Config, constitution: Constitution, model: ResolvedModel,
     log.info("read %d prompts from %d source(s)", len(df), len(p.sources))
 
     tokenizer = load_tokenizer(model.path, cfg.model.trust_remote_code)
-    count = lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]  # noqa: E731
+    count = token_counter(tokenizer)
+    check_fits_context(df, context_tokens(model.path), count)
     df = clean_prompts(df, p.min_chars, p.max_chars, _max_tokens(cfg, model), count)
     df = cap_prompts(df, p.max_red_team, p.max_benign, cfg.run.seed)
     df = split_prompts(df, p.eval_fraction, cfg.run.seed)

@@ -1,6 +1,7 @@
 """Every kind of bad input through the real CLI: exit code 2, one line naming the problem and
 the fix, and nothing half-written left looking complete. docs/errors.md lists these cases."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -61,6 +62,10 @@ CASES = [
     ("prompt-wrong-column", lambda t: _source(t, "csv", "p.csv", CSV_WRONG_COLUMN, ", text_column: prompt"),
      ["prompt", "question"]),
     ("prompt-not-utf8", lambda t: _source(t, "jsonl", "latin.jsonl", LATIN1_JSONL), ["UTF-8"]),
+    ("prompt-longer-than-context",
+     lambda t: _source(t, "jsonl", "long.jsonl", (json.dumps({"prompt": "How do I bake bread?"}) + "\n"
+                                                 + json.dumps({"prompt": "word " * 3000}) + "\n").encode()),
+     ["long.jsonl", "row 2", "longer than the model's context (2048 tokens)"]),
     ("model-path-missing", lambda t: ["--set", "model.name=/no/such/model"], ["/no/such/model", "does not exist"]),
     ("model-id-not-local", lambda t: ["--set", "model.name=someorg/not-downloaded"],
      ["someorg/not-downloaded", "nothing is downloaded"]),

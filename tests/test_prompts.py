@@ -320,6 +320,20 @@ def test_clean_prompts_token_limit():
         clean_prompts(df, 1, 100, max_tokens=4)
 
 
+def test_prompt_longer_than_the_context_is_an_error_naming_source_and_row():
+    from caiflow.prompts import PromptSourceError, check_fits_context
+
+    df = pd.concat([_frame(["a short one", "x " * 40]).assign(source="jsonl:a.jsonl"),
+                    _frame(["fine", "y " * 40, "z " * 80]).assign(source="csv:b.csv")], ignore_index=True)
+    words = lambda texts: [len(t.split()) for t in texts]  # noqa: E731
+    check_fits_context(df, 80, words)   # the longest prompt, 80 tokens, just fits
+    with pytest.raises(PromptSourceError, match=r"'csv:b.csv': row 3 is 80 tokens, longer than the model's context \(79 tokens\)"):
+        check_fits_context(df, 79, words)
+    seen = []
+    check_fits_context(df, 1000, lambda t: seen.append(t) or words(t))
+    assert seen == []   # nothing longer than the context in bytes: nothing tokenised
+
+
 def test_split_is_stable_and_roughly_fractional():
     df = clean_prompts(_frame([f"prompt number {i}" for i in range(400)]), 1, 100)
     a = split_prompts(df, 0.25, seed=1)
