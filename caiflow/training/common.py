@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -185,6 +186,11 @@ def quiet_libraries() -> None:
 
     _quiet_transformers()
     datasets.disable_progress_bars()
+    # TRL still calls a transformers property that warns on every trainer; nothing to act on here
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # bitsandbytes looks for optional CPU kernels (the `kernels` package) and warns when absent;
+    # the 4-bit path works without them
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def log_to_logger(trainer):
@@ -194,7 +200,7 @@ def log_to_logger(trainer):
     class _LogCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
-                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in logs.items()}
+                shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in logs.items()}  # 4 significant digits: learning rates stay visible
                 log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
 
     trainer.remove_callback(PrinterCallback)
