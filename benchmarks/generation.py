@@ -1,6 +1,6 @@
 """Generation throughput: the batched engine against one-prompt-at-a-time ``model.generate``.
 
-    python benchmarks/generation.py [--storage DIR] [--prompts 64] [--new-tokens 64] [--batch-size 32]
+    python benchmarks/generation.py [--storage DIR] [--prompts 64] [--new-tokens 64] [--batch-size 64]
 
 Both sides load the default model, format the same chat prompts, sample with the same settings
 (temperature 0.7, top_p 1.0) and stop at EOS; throughput counts the new tokens actually
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--storage", default="storage", help="artifact root holding the cached default model")
     parser.add_argument("--prompts", type=int, default=64, help="number of prompts")
     parser.add_argument("--new-tokens", type=int, default=64, help="max new tokens per prompt")
-    parser.add_argument("--batch-size", type=int, default=32, help="engine batch size")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="engine batch size (default: all 64 prompts in one batch)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
