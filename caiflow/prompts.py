@@ -369,7 +369,7 @@ def token_counter(tokenizer) -> Callable[[list[str]], list[int]]:
 
 
 def check_fits_context(df: pd.DataFrame, context_tokens: int, count_tokens: Callable[[list[str]], list[int]]) -> None:
-    """Raise PromptSourceError for the first prompt longer than the model's whole context.
+    """Raise PromptSourceError for the first prompt (of `load_prompts` output) longer than the model's context.
 
     Such a prompt is a sign of a wrong column or format (a whole transcript, a document) rather
     than a long question, so it stops the run instead of being dropped. Prompts that fit the
@@ -383,8 +383,8 @@ def check_fits_context(df: pd.DataFrame, context_tokens: int, count_tokens: Call
         return
     for i, n_tok in zip(suspects, count_tokens([texts[i] for i in suspects])):
         if n_tok > context_tokens:
-            source = df["source"].iat[i] if "source" in df.columns else "prompts"
-            row = int((df["source"].iloc[:i] == source).sum()) + 1 if "source" in df.columns else i + 1
+            source = df["source"].iat[i]
+            row = int((df["source"].iloc[:i] == source).sum()) + 1   # its row within its own source
             raise PromptSourceError(
                 f"prompt source '{source}': row {row} is {n_tok} tokens, longer than the model's context "
                 f"({context_tokens} tokens); shorten or remove it, or check text_column/format "

@@ -200,7 +200,8 @@ def log_to_logger(trainer):
     class _LogCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
-                shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in logs.items()}  # 4 significant digits: learning rates stay visible
+                # 4 significant digits, not 4 decimals: a learning rate of 1e-5 stays visible
+                shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in logs.items()}
                 log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
 
     trainer.remove_callback(PrinterCallback)
