@@ -30,6 +30,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 	    ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null)
 
 test: install /usr/bin/chromium
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 # A local Prefect server + the `gpu` work pool + the deployments + a worker (deployments/README.md).
@@ -38,7 +40,7 @@ UI_ARGS = $(if $(STORAGE),--storage $(STORAGE)) $(if $(PORT),--port $(PORT)) \
 	$(if $(TIMEZONE),--timezone $(TIMEZONE)) $(if $(PRESET),--preset $(PRESET)) \
 	$(if $(GPUS),--gpus $(GPUS)) $(if $(MAX_RESCHEDULES),--max-reschedules $(MAX_RESCHEDULES))
 ui: install
-	$(BIN)/python -m flows.ui $(UI_ARGS)
+	$(BIN)/python -m deployments.ui $(UI_ARGS)
 
 clean-storage:
 	rm -rf storage/artifacts storage/runs storage/models

@@ -35,7 +35,7 @@ def labels(constitution: Constitution) -> list[str]:
     return constitution.principle_ids() + [OTHER]
 
 
-def _question(constitution: Constitution, prompt: str) -> str:
+def category_question(constitution: Constitution, prompt: str) -> str:
     lines = [f"- {p.id}: {p.name}" for p in constitution.principles]
     lines.append(f"- {OTHER}: none of the above (an ordinary, harmless request)")
     return (
@@ -62,7 +62,7 @@ def categorize_local(engine, constitution: Constitution, prompts: list[str],
         return []
 
     def score(texts) -> np.ndarray:
-        convs = [[{"role": "user", "content": _question(constitution, p)}] for p in texts]
+        convs = [[{"role": "user", "content": category_question(constitution, p)}] for p in texts]
         return engine.score_choices_chat(convs, options, assistant_prefix="Principle:")
 
     probs = score(prompts)
@@ -133,7 +133,7 @@ def categorize_openai(constitution: Constitution, prompts: list[str], *, base_ur
                 resp = client.chat.completions.create(
                     model=model,
                     messages=[{"role": "system", "content": system},
-                              {"role": "user", "content": _question(constitution, prompt)}],
+                              {"role": "user", "content": category_question(constitution, prompt)}],
                     response_format={"type": "json_object"},
                     temperature=0,
                 )

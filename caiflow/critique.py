@@ -15,38 +15,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
 
+from caiflow import schemas
 from caiflow.constitution import Constitution, FewShot, Principle
 from caiflow.generation import GenerationEngine, Sampling
 from caiflow.seeds import row_rng, row_seed
 
-STEP_VERSION = 1
-
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
-ROUND = pa.struct(
-    [
-        ("principle", pa.string()),
-        ("critique_request", pa.string()),
-        ("critique", pa.string()),
-        ("revision_request", pa.string()),
-        ("revision", pa.string()),
-    ]
-)
-SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        ("prompt", pa.string()),
-        ("kind", pa.string()),
-        ("category", pa.string()),
-        ("initial_answer", pa.string()),
-        ("rounds", pa.list_(ROUND)),
-        ("revision", pa.string()),
-        # TRL's conversational record: the prompt and the final (revised) answer.
-        ("messages", pa.list_(MESSAGE)),
-        ("drop_reason", pa.string()),
-    ]
-)
+SCHEMA = schemas.SL_DATA
 
 # Phrases that show the model copied the instructions instead of answering.
 _ECHO_MARKERS = ("critiquerequest", "revisionrequest", "critique request", "revision request", "please rewrite")

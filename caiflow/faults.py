@@ -11,19 +11,24 @@ out-of-memory killer does) the first time execution reaches ``<point>``. Points:
 work, with ``kind`` ``oom`` (the real out-of-memory exception: Prefect retries it) or ``bug``
 (a RuntimeError: never retried).
 
-``CAIFLOW_FAULT_OOM_ABOVE_BATCH=N`` (see `caiflow.generation` and `caiflow.training.common`)
-raises the real out-of-memory exception type for batches larger than N.
-Both switches are for tests; nothing sets them in normal runs.
+``CAIFLOW_FAULT_OOM_ABOVE_BATCH=N`` raises the real out-of-memory exception type for any
+generation batch (`caiflow.generation`) or per-device training batch (`caiflow.training.common`)
+larger than N. These switches are for tests; nothing sets them in normal runs.
+
+This module also says what counts as out of memory (`is_out_of_memory`), for the engine's and
+the trainers' own back-off and for the Prefect retry condition alike.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
 
 KILL_ENV = "CAIFLOW_FAULT_KILL"
 STEP_ENV = "CAIFLOW_FAULT_STEP"
+OOM_ABOVE_ENV = "CAIFLOW_FAULT_OOM_ABOVE_BATCH"
 
 log = logging.getLogger(__name__)
 
@@ -47,3 +52,34 @@ def fail_attempt(step: str, attempt: int) -> None:
 
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {STEP_ENV}, attempt {attempt})")
     raise RuntimeError(f"injected bug in {step} (by {STEP_ENV}, attempt {attempt})")
+
+
+def inject_oom(rows: int, what: str = "batch") -> None:
+    """Raise the real out-of-memory exception when `rows` exceeds CAIFLOW_FAULT_OOM_ABOVE_BATCH."""
+    limit = os.environ.get(OOM_ABOVE_ENV)
+    if limit is not None and rows > int(limit):
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {OOM_ABOVE_ENV}={limit}: {what} of {rows})")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for an accelerator or host out-of-memory error, False for anything else (bugs)."""
+    import torch
+
+    oom_types = tuple(
+        t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
+    )
+    if isinstance(exc, oom_types) or isinstance(exc, MemoryError):
+        return True
+    # CUDA ("CUDA out of memory", "CUDA error: out of memory"), MPS ("MPS backend out of memory"), XPU.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def free_accelerator_memory() -> None:
+    """Drop unreachable tensors and return cached accelerator blocks to the driver."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -30,36 +30,16 @@ from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
+from caiflow import schemas
 from caiflow.constitution import Constitution, ConstitutionError
-from caiflow.endpoint_scorer import EndpointChoiceScorer, EndpointError  # noqa: F401 - re-exported
 from caiflow.seeds import row_rng
-
-STEP_VERSION = 1
 
 ASSISTANT_PREFIX = "The answer is:"  # the assistant's turn starts with this; the option follows it
 OPTIONS = [" (A)", " (B)"]  # scored continuations; index 0 is the option shown first
 UNDECIDED_MARGIN = 0.02  # labels within this of 0.5 are kept with drop_reason "undecided"
 
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
-SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        # TRL's conversational preference record: prompt, chosen, rejected (lists of messages).
-        ("prompt", pa.list_(MESSAGE)),
-        ("chosen", pa.list_(MESSAGE)),
-        ("rejected", pa.list_(MESSAGE)),
-        ("label", pa.float64()),  # P(chosen is better), >= 0.5; null when not scored
-        ("p_a_first", pa.float64()),  # P(a better) with a shown as (A), averaged over principles
-        ("p_a_second", pa.float64()),  # P(a better) with a shown as (B), averaged over principles
-        ("position_bias", pa.float64()),  # mean P("(A)") over both orders - 0.5: the pull to the first slot
-        ("principles", pa.list_(pa.string())),  # ids of the principles asked (empty when not scored)
-        ("answer_a", pa.string()),
-        ("answer_b", pa.string()),
-        ("drop_reason", pa.string()),  # null (kept), "identical-answers" or "undecided"
-    ]
-)
+SCHEMA = schemas.PREFERENCES
 COLUMNS = SCHEMA.names
 _INPUT_COLUMNS = ("prompt_id", "prompt", "answer_a", "answer_b")
 

@@ -19,10 +19,8 @@ goes through :class:`GenerationEngine`. What it guarantees:
 
 from __future__ import annotations
 
-import gc
 import inspect
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,10 +29,9 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-log = logging.getLogger(__name__)
+from caiflow.faults import free_accelerator_memory, inject_oom, is_out_of_memory
 
-# Set to N to make any batch of more than N rows fail with a real torch.OutOfMemoryError.
-FAULT_OOM_ENV = "CAIFLOW_FAULT_OOM_ABOVE_BATCH"
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -59,33 +56,6 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-
-# ---------------------------------------------------------------- out of memory
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for an accelerator or host out-of-memory error, False for anything else (bugs)."""
-    oom_types = tuple(
-        t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
-    )
-    if isinstance(exc, oom_types) or isinstance(exc, MemoryError):
-        return True
-    # CUDA ("CUDA out of memory", "CUDA error: out of memory"), MPS ("MPS backend out of memory"), XPU.
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def free_accelerator_memory() -> None:
-    """Drop unreachable tensors and return cached accelerator blocks to the driver."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _injected_oom(rows: int) -> None:
-    limit = os.environ.get(FAULT_OOM_ENV)
-    if limit is not None and rows > int(limit):
-        raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_OOM_ENV})")
 
 
 # ---------------------------------------------------------------- per-row sampling
@@ -182,6 +152,11 @@ class GenerationEngine:
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._logits_to_keep = True  # cleared if the model's forward does not take logits_to_keep
 
+    def oom_metrics(self, start_batch_size: int) -> dict[str, int]:
+        """What out-of-memory back-off did to this engine, for a step's metrics."""
+        return {"oom_backoffs": self.backoffs, "final_batch_size": self.batch_size,
+                "start_batch_size": start_batch_size}
+
     # ------------------------------------------------------------ prompts
 
     def format_chat(self, conversation: list[dict]) -> str:
@@ -230,7 +205,7 @@ class GenerationEngine:
             batch = list(items[start:start + self.batch_size])
             out: list[R] | None = None
             try:
-                _injected_oom(len(batch))
+                inject_oom(len(batch))
                 with torch.inference_mode():
                     out = run(batch)
             except Exception as exc:

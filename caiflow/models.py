@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from caiflow.files import file_digest
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
@@ -47,19 +49,9 @@ class ResolvedModel:
 # ---------------------------------------------------------------- hashing
 
 
-def _file_digest(path: Path, sample: int = 1 << 20) -> str:
-    """sha256 of a small file; of size + first and last MiB of a large one (weights)."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with path.open("rb") as f:
-        if size <= 8 * sample:
-            h.update(f.read())
-        else:
-            h.update(f.read(sample))
-            f.seek(size - sample)
-            h.update(f.read(sample))
-    return h.hexdigest()
+def _digest(path: Path) -> str:
+    """Content digest of one file (sampled beyond 64 MiB, as in artifact manifests)."""
+    return file_digest(path)[1]
 
 
 def folder_digest(folder: Path) -> str:
@@ -70,7 +62,7 @@ def folder_digest(folder: Path) -> str:
         if p.is_dir() or rel.parts[0].startswith(("checkpoint-", ".")):
             continue
         h.update(str(rel).encode())
-        h.update(_file_digest(p).encode())
+        h.update(_digest(p).encode())
     return h.hexdigest()[:16]
 
 
@@ -109,7 +101,7 @@ def _atomic_folder(dest: Path, build) -> Path:
     return dest
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -122,7 +114,7 @@ def dequantize_gguf(gguf: Path, dest: Path) -> Path:
     def build(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        _quiet_transformers()
+        quiet_transformers()
         log.info("dequantising %s once into %s (takes ~30 s for 135M parameters)", gguf.name, dest)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -140,18 +132,19 @@ def dequantize_gguf(gguf: Path, dest: Path) -> Path:
 
 
 def default_tokenizer_dir(storage_root: Path) -> Path:
-    """The default model's tokenizer alone, saved once (the tiny model reuses it)."""
-    dest = Path(storage_root) / "models" / "smollm2-tokenizer"
+    """The default model's tokenizer alone, saved once per GGUF digest (the tiny model reuses it)."""
+    gguf = smollm2_gguf_path()
+    digest = _digest(gguf)[:16]
+    dest = Path(storage_root) / "models" / f"smollm2-tokenizer-{digest}"
 
     def build(tmp: Path) -> None:
         from transformers import AutoTokenizer
 
-        _quiet_transformers()
-        full = Path(storage_root) / "models" / "smollm2-135m-instruct"
+        quiet_transformers()
+        full = Path(storage_root) / "models" / f"smollm2-135m-instruct-{digest}"
         if (full / "tokenizer.json").is_file():
             tok = AutoTokenizer.from_pretrained(full)
         else:
-            gguf = smollm2_gguf_path()
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tok.save_pretrained(tmp)
         (tmp / "config.json").write_text("{}")  # marks the folder complete
@@ -167,7 +160,7 @@ def build_tiny_model(dest: Path, tokenizer_dir: Path, hidden_size: int = 32, num
         import torch
         from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-        _quiet_transformers()
+        quiet_transformers()
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         config = LlamaConfig(
             vocab_size=len(tok),
@@ -215,13 +208,16 @@ def resolve_model(name: str, storage_root: str | Path, revision: str | None = No
     root = Path(storage_root)
     if name == DEFAULT_MODEL:
         gguf = smollm2_gguf_path()
-        digest = _file_digest(gguf)[:16]
-        path = dequantize_gguf(gguf, root / "models" / "smollm2-135m-instruct")
+        digest = _digest(gguf)[:16]
+        # Keyed by the GGUF's digest: an updated package gets new weights, never stale ones.
+        path = dequantize_gguf(gguf, root / "models" / f"smollm2-135m-instruct-{digest}")
         return ResolvedModel(path, f"{DEFAULT_MODEL}@{digest}")
     if name == TINY_MODEL:
         tiny = dict(tiny or {})
-        key = hashlib.sha256(json.dumps([_TINY_VERSION, sorted(tiny.items())]).encode()).hexdigest()[:12]
-        path = build_tiny_model(root / "models" / f"tiny-random-{key}", default_tokenizer_dir(root), **tiny)
+        tokenizer_dir = default_tokenizer_dir(root)
+        key = hashlib.sha256(json.dumps([_TINY_VERSION, sorted(tiny.items()), tokenizer_dir.name]).encode()
+                             ).hexdigest()[:12]
+        path = build_tiny_model(root / "models" / f"tiny-random-{key}", tokenizer_dir, **tiny)
         return ResolvedModel(path, f"{TINY_MODEL}@{key}")
     if name.startswith("builtin:"):
         raise ModelNotFoundError(f"unknown builtin model '{name}': use {DEFAULT_MODEL} or {TINY_MODEL}.")
@@ -229,15 +225,15 @@ def resolve_model(name: str, storage_root: str | Path, revision: str | None = No
     if local.suffix == ".gguf":
         if not local.is_file():
             raise ModelNotFoundError(f"GGUF file '{local}' does not exist: check model.name.")
-        digest = _file_digest(local)[:16]
+        digest = _digest(local)[:16]
         path = dequantize_gguf(local, root / "models" / f"gguf-{local.stem}-{digest}")
-        return ResolvedModel(path, f"gguf:{local.name}@{digest}")
+        return ResolvedModel(path, f"gguf@{digest}")  # by content: a renamed copy is the same model
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelNotFoundError(
                 f"model folder '{local}' has no config.json: point model.name at a folder saved with save_pretrained."
             )
-        return ResolvedModel(local.resolve(), f"local:{local.name}@{folder_digest(local)}")
+        return ResolvedModel(local.resolve(), f"local@{folder_digest(local)}")  # by content, not by name
     if local.exists() or name.startswith(("/", "./", "../", "~")):
         raise ModelNotFoundError(f"model path '{name}' does not exist: check model.name.")
     snap = _hub_snapshot(name, revision)
@@ -260,7 +256,7 @@ def pick_device(device: str = "auto") -> str:
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -274,7 +270,7 @@ def load_causal_lm(path: Path, dtype: str = "float32", device: str = "auto", tru
     import torch
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
+    quiet_transformers()
     device = pick_device(device)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code}
     if load_in_4bit:
@@ -305,3 +301,85 @@ def context_tokens(model_path: Path | str) -> int:
     """A resolved model's context window in tokens (max_position_embeddings of its config.json)."""
     conf = json.loads((Path(model_path) / "config.json").read_text())
     return int(conf.get("max_position_embeddings", conf.get("n_positions", 2048)))
+
+
+# ---------------------------------------------------------------- pipeline stages
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base_path(path: Path) -> str | None:
+    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+    return cfg.get("base_model_name_or_path")
+
+
+def load_policy(path: Path, base_model_path: Path | None = None, device: str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer) ready for generation from a full model folder or a PEFT adapter folder.
+
+    An adapter is loaded onto its base (``base_model_path``, else the path recorded in the adapter)
+    and merged in memory. The tokenizer pads on the left.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    path = Path(path)
+    device = pick_device(device)
+    if is_adapter_dir(path):
+        base = Path(base_model_path) if base_model_path else adapter_base_path(path)
+        if not base:
+            raise ValueError(f"{path} holds a LoRA adapter but no base model is known: pass base_model_path.")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model.to(device)
+    model.eval()
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(path)
+    elif is_adapter_dir(path):
+        tokenizer = load_tokenizer(base)
+    else:
+        raise ValueError(f"{path} has no tokenizer: save one next to the weights (tokenizer.save_pretrained).")
+    return model, tokenizer
+
+
+def stage_model_dir(stage: str, refs: dict[str, Any]) -> Path:
+    """The `model/` folder of a trained stage: 'sl' (the sft artifact) or 'rl' (the rl artifact)."""
+    from caiflow.schemas import MODEL_DIR
+
+    step = {"sl": "sft", "rl": "rl"}[stage]
+    return Path(refs[step].path) / MODEL_DIR
+
+
+def policy_engine(stage: str, model_cfg: Any, base: ResolvedModel, refs: dict[str, Any], batch_size: int) -> Any:
+    """A GenerationEngine for a pipeline stage: 'base', or 'sl' / 'rl' from their artifacts (`refs` by step).
+
+    `model_cfg` is the config's `model` section (dtype, device, trust_remote_code).
+    """
+    from caiflow.generation import GenerationEngine
+
+    if stage == "base":
+        m, tok = load_model_and_tokenizer(base, model_cfg.dtype, model_cfg.device, model_cfg.trust_remote_code)
+    else:
+        m, tok = load_policy(stage_model_dir(stage, refs), base_model_path=base.path, device=model_cfg.device,
+                             dtype=model_cfg.dtype)
+    return GenerationEngine(m, tok, batch_size=batch_size)
+
+
+def choice_scorer(who: str, endpoint: Any, model_cfg: Any, base: ResolvedModel, refs: dict[str, Any],
+                  batch_size: int, engines: dict[str, Any] | None = None) -> Any:
+    """What scores "(A)" vs "(B)": a local stage's engine ('base', 'sl') or an OpenAI-compatible endpoint.
+
+    An engine already loaded for that stage (`engines`) is reused rather than loaded twice.
+    """
+    if who == "openai":
+        from caiflow.endpoint_scorer import EndpointChoiceScorer
+
+        return EndpointChoiceScorer(endpoint)
+    if engines is not None and who in engines:
+        return engines[who]
+    return policy_engine(who, model_cfg, base, refs, batch_size)

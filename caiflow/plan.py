@@ -1,9 +1,11 @@
 """Which artifact each step of a run produces: the fingerprints, computed before anything runs.
 
-A fingerprint covers exactly what determines a step's output (step version, result-changing
-config fields, the constitution's content hash, the model identity, the upstream
-fingerprints, the seed, the prompt sources' content), so a re-run with the same inputs finds
-the finished artifact, and any change re-runs that step and everything downstream of it.
+A fingerprint covers exactly what determines a step's output: the step's version, the config
+fields that change results (`caiflow.sections` says which), the constitution's content hash,
+the model's identity and the settings it runs in, the upstream fingerprints, the seed and the
+prompt sources' content. A re-run with the same inputs finds the finished artifact; any change
+re-runs that step and everything downstream of it. The steps and what each reads come from
+`caiflow.pipeline`.
 """
 
 from __future__ import annotations
@@ -11,22 +13,20 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from caiflow.config import Config, PromptSource
-from caiflow.models import folder_digest
+from caiflow.config import Config, OpenAIEndpointConfig, PromptSource
+from caiflow.models import ResolvedModel, folder_digest, resolve_model
+from caiflow.pipeline import PIPELINE, spec
 from caiflow.store import fingerprint
-
-# Bump a step's version when its code changes what it writes.
-STEP_VERSIONS = {"prompts": 2, "critique_revision": 2, "sft": 1, "preferences": 2, "reward_model": 1,
-                 "rl": 1, "evaluate": 2}
-# The steps in the order they run; each one's inputs are among the steps before it.
-STEPS = list(STEP_VERSIONS)
 
 
 @dataclass
 class Plan:
     fingerprints: dict[str, str] = field(default_factory=dict)
     inputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    # What went into each fingerprint besides the inputs (for `caiflow status`: why a step re-runs).
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def source_digest(source: PromptSource, base_dir: Path) -> str:
@@ -45,63 +45,85 @@ def source_digest(source: PromptSource, base_dir: Path) -> str:
     return f"id:{source.path}@{source.split}"  # a `datasets` id from the local cache
 
 
-def _endpoint(e) -> str:
+def _endpoint(e: OpenAIEndpointConfig) -> str:
     return f"openai:{e.base_url}#{e.model}"
+
+
+def model_settings(cfg: Config) -> dict[str, Any]:
+    """The model settings that change what a loaded model computes, besides its identity."""
+    return {"dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code}
+
+
+def critique_row_context(cfg: Config, constitution_hash: str, model_identity: str) -> str:
+    """What a critique-revision row depends on besides the row itself.
+
+    The same for runs whose prompt sets differ, so rows of an earlier run are reused
+    (`caiflow.sharded.reusable_rows`).
+    """
+    return fingerprint("critique_revision-rows", spec("critique_revision").version,
+                       config=cfg.critique_revision.fingerprint_dict(), constitution=constitution_hash,
+                       model=model_identity, model_settings=model_settings(cfg),
+                       generation=cfg.generation.fingerprint_dict(), seed=cfg.run.seed)
+
+
+def reward_backbone(cfg: Config, model: ResolvedModel, storage: str) -> ResolvedModel:
+    """The reward model's starting point: `reward_model.backbone`, else the policy's base model."""
+    if not cfg.reward_model.backbone:
+        return model
+    return resolve_model(cfg.reward_model.backbone, storage)
 
 
 def make_plan(cfg: Config, constitution_hash: str, model_identity: str,
               backbone_identity: str | None = None) -> Plan:
-    """Fingerprints of all seven steps. `backbone_identity`: the reward model's backbone when it
+    """Fingerprints of every step. `backbone_identity`: the reward model's backbone when it
     is not the policy's base model."""
-    plan = Plan()
-    seed = cfg.run.seed
     base = Path(cfg.base_dir)
-    prompts_cfg = cfg.prompts.fingerprint_dict()
-    uses_model = cfg.prompts.categorize.backend == "local"
-    plan.fingerprints["prompts"] = fingerprint(
-        "prompts",
-        STEP_VERSIONS["prompts"],
-        config=prompts_cfg,
-        sources=[source_digest(s, base) for s in cfg.prompts.sources],
-        constitution=constitution_hash,
-        # The model counts the tokens of every prompt (over-long ones are dropped) and, locally, categorises.
-        model=model_identity,
-        categorizer="local-model" if uses_model else cfg.prompts.categorize.backend,
-        seed=seed,
-    )
-    plan.inputs["prompts"] = {}
-    plan.inputs["critique_revision"] = {"prompts": plan.fingerprints["prompts"]}
-    plan.fingerprints["critique_revision"] = fingerprint(
-        "critique_revision",
-        STEP_VERSIONS["critique_revision"],
-        config=cfg.critique_revision.fingerprint_dict(),
-        constitution=constitution_hash,
-        model=model_identity,
-        model_dtype=cfg.model.dtype,
-        inputs=plan.inputs["critique_revision"],
-        seed=seed,
-    )
-
-    def add(step: str, inputs: dict[str, str], **parts) -> None:
-        plan.inputs[step] = inputs
-        plan.fingerprints[step] = fingerprint(step, STEP_VERSIONS[step], inputs=inputs, seed=seed,
-                                              model_dtype=cfg.model.dtype, **parts)
-
-    fps = plan.fingerprints
-    add("sft", {"critique_revision": fps["critique_revision"]},
-        config=cfg.sft.fingerprint_dict(), model=model_identity)
-    pref = cfg.preferences
-    add("preferences", {"prompts": fps["prompts"], "sft": fps["sft"]},
-        config=pref.fingerprint_dict(), constitution=constitution_hash,
-        feedback={"sl": f"sft:{fps['sft']}", "base": model_identity,
-                  "openai": _endpoint(pref.openai)}[pref.feedback_model])
-    add("reward_model", {"preferences": fps["preferences"]},
-        config=cfg.reward_model.fingerprint_dict(), backbone=backbone_identity or model_identity)
-    add("rl", {"prompts": fps["prompts"], "sft": fps["sft"], "reward_model": fps["reward_model"]},
-        config=cfg.rl.fingerprint_dict(), model=model_identity)
-    ev = cfg.evaluate
-    add("evaluate", {"prompts": fps["prompts"], "sft": fps["sft"], "reward_model": fps["reward_model"],
-                     "rl": fps["rl"]},
-        config=ev.fingerprint_dict(), constitution=constitution_hash, model=model_identity,
-        judge={"sl": f"sft:{fps['sft']}", "base": model_identity, "openai": _endpoint(ev.openai)}[ev.judge])
+    model = {"identity": model_identity, **model_settings(cfg)}
+    generation = cfg.generation.fingerprint_dict()  # batch and shard size: see caiflow.config
+    pref, ev = cfg.preferences, cfg.evaluate
+    parts: dict[str, dict[str, Any]] = {
+        "prompts": dict(
+            config=cfg.prompts.fingerprint_dict(),
+            sources=[source_digest(s, base) for s in cfg.prompts.sources],
+            constitution=constitution_hash,
+            # The model counts the tokens of every prompt (over-long ones are dropped) and, locally, categorises.
+            model=model),
+        "critique_revision": dict(config=cfg.critique_revision.fingerprint_dict(), generation=generation,
+                                  constitution=constitution_hash, model=model),
+        "sft": dict(config=cfg.sft.fingerprint_dict(), model=model),
+        "preferences": dict(config=pref.fingerprint_dict(), generation=generation, constitution=constitution_hash,
+                            model=model, feedback=pref.feedback_model if pref.feedback_model != "openai"
+                            else _endpoint(pref.openai)),
+        "reward_model": dict(config=cfg.reward_model.fingerprint_dict(), model=model,
+                             backbone=backbone_identity or model_identity),
+        "rl": dict(config=cfg.rl.fingerprint_dict(), model=model),
+        "evaluate": dict(config=ev.fingerprint_dict(), generation=generation, constitution=constitution_hash,
+                         model=model, judge=ev.judge if ev.judge != "openai" else _endpoint(ev.openai)),
+    }
+    plan = Plan()
+    for step in PIPELINE:
+        plan.inputs[step.name] = {name: plan.fingerprints[name] for name in step.inputs}
+        plan.parts[step.name] = {**parts[step.name], "seed": cfg.run.seed}
+        plan.fingerprints[step.name] = fingerprint(step.name, step.version, inputs=plan.inputs[step.name],
+                                                   **plan.parts[step.name])
     return plan
+
+
+@dataclass
+class Resolved:
+    """A config's constitution, model and plan: what a run needs before its first step."""
+
+    constitution: Any
+    model: ResolvedModel
+    plan: Plan
+
+
+def plan_for(cfg: Config) -> Resolved:
+    """Load the constitution, resolve the model (building or dequantising it once) and plan the run."""
+    from caiflow.constitution import load_constitution
+
+    storage = cfg.run.storage
+    constitution = load_constitution(cfg.constitution_path(), cfg.constitution.invert, cfg.constitution.principles)
+    model = resolve_model(cfg.model.name, storage, cfg.model.revision, cfg.model.tiny.model_dump())
+    backbone = reward_backbone(cfg, model, storage).identity if cfg.reward_model.backbone else None
+    return Resolved(constitution, model, make_plan(cfg, constitution.content_hash, model.identity, backbone))

@@ -1,5 +1,15 @@
 """The base of every config section: strict keys, and a fingerprint of the result-changing fields.
 
+Every field is in one of three fingerprint classes:
+
+- by value (a plain ``Field``): changing it changes the fingerprint of each step that reads it
+  and of the steps downstream;
+- by content (``by_content``): a file path or model name; the plan fingerprints what it points
+  at (file bytes, folder digest, model identity), so an identical copy elsewhere re-runs nothing
+  and an edit re-runs what reads it;
+- not fingerprinted (``not_fingerprinted``): batch sizes, devices, worker counts, checkpoint and
+  log cadence, labels. tests/test_fingerprints.py holds every field to its class.
+
 Kept apart from `caiflow.config` so step configs living next to their code (for instance
 `caiflow.training.config`) can build on it without an import cycle.
 """
@@ -11,9 +21,21 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 
-def _nofp(default: Any, **kwargs: Any) -> Any:
+def not_fingerprinted(default: Any = ..., **kwargs: Any) -> Any:
     """A field that does not change results, so it is not part of any fingerprint."""
     return Field(default, json_schema_extra={"fingerprint": False}, **kwargs)
+
+
+def by_content(default: Any = ..., **kwargs: Any) -> Any:
+    """A path or model name: fingerprinted by what it points at (the plan adds that), not by its text."""
+    return Field(default, json_schema_extra={"fingerprint": "content"}, **kwargs)
+
+
+def fingerprint_class(field: Any) -> str:
+    """'value', 'content' or 'none' for a pydantic FieldInfo."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    mark = extra.get("fingerprint", True)
+    return {True: "value", "content": "content", False: "none"}[mark]
 
 
 class Section(BaseModel):
@@ -23,8 +45,7 @@ class Section(BaseModel):
         """The fields that determine results (recursively), for fingerprints."""
         out: dict[str, Any] = {}
         for name, field in type(self).model_fields.items():
-            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-            if extra.get("fingerprint") is False:
+            if fingerprint_class(field) != "value":
                 continue
             value = getattr(self, name)
             out[name] = _fp_value(value)

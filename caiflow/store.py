@@ -17,9 +17,7 @@ finished shards and hidden temporary files behind; a re-run redoes only what is 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
-import enum
 import hashlib
 import json
 import logging
@@ -29,12 +27,25 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from caiflow.files import (
+    TMP_PREFIX,
+    atomic_write_text,
+    commit,
+    file_digest,
+    full_digest,
+    json_default,
+    sampled_digest,
+    tmp_path,
+    to_json,
+)
+from caiflow.shards import ShardWriter, parquet_rows, part_files, strip_shard_meta, to_arrow
 
 log = logging.getLogger("caiflow.store")
 
@@ -45,18 +56,7 @@ STORE_LAYOUT_VERSION = 1
 MANIFEST = "manifest.json"
 DATA_DIR = "data"
 WORK_DIR = "work"
-# Temporary files start with this prefix: hidden, never matched by `part-*.parquet`, never
-# listed in a manifest, removed by `ShardWriter.remove_stale` and `Store.finalize`.
-TMP_PREFIX = ".tmp-"
-# Files larger than this are checksummed from their size plus first and last MiB only
-# (marked "sha256_sampled" in the manifest), so finalizing a multi-GB model stays fast.
-SAMPLED_HASH_OVER = 64 * 2**20
-_SAMPLE_BYTES = 2**20
-# Shard metadata keys stored in each part file's Parquet key-value metadata.
-_META_INDEX, _META_START, _META_ROWS, _META_SHARD_SIZE = (
-    b"caiflow.shard_index", b"caiflow.start", b"caiflow.rows", b"caiflow.shard_size")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 
 
 class StoreError(PermissionError):
@@ -66,35 +66,12 @@ class StoreError(PermissionError):
 class ArtifactCorrupt(RuntimeError):
     """An artifact's files do not match its manifest."""
 
-
 # --------------------------------------------------------------------------- fingerprints
-
-
-def _json_default(obj: Any) -> Any:
-    """Turn the non-JSON values configs are made of into stable JSON values (never repr())."""
-    if hasattr(obj, "model_dump") and not isinstance(obj, type):  # pydantic v2 models
-        return obj.model_dump(mode="json")
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-    if isinstance(obj, PurePath):
-        return obj.as_posix()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=canonical_json)
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, (dt.datetime, dt.date)):
-        return obj.isoformat()
-    if isinstance(obj, bytes):
-        return obj.hex()
-    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy scalars and arrays
-        return obj.tolist()
-    raise TypeError(f"cannot put a {type(obj).__name__} into a fingerprint or manifest: "
-                    f"convert it to plain data (str, number, list, dict) first")
 
 
 def canonical_json(obj: Any) -> str:
     """One JSON text per value: sorted keys, no whitespace, the same in every process."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=_json_default)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=json_default)
 
 
 def fingerprint(step: str, version: int, **parts: Any) -> str:
@@ -128,249 +105,11 @@ class ArtifactRef:
                    rows=int(d["rows"]), metrics=dict(d.get("metrics") or {}))
 
 
-# --------------------------------------------------------------------------- file helpers
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (best effort: not every OS/filesystem allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_path(final: Path) -> Path:
-    return final.with_name(f"{TMP_PREFIX}{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """fsync a finished temporary file and rename it over its final name."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _to_json(obj: Any) -> str:
-    """Human-readable JSON for manifests and run records (same value rules as fingerprints)."""
-    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, default=_json_default) + "\n"
-
-
-def _full_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(_SAMPLE_BYTES), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _sampled_digest(path: Path, size: int) -> str:
-    """sha256 over the size, the first MiB and the last MiB."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        h.update(str(size).encode())
-        h.update(fh.read(_SAMPLE_BYTES))
-        fh.seek(max(size - _SAMPLE_BYTES, 0))
-        h.update(fh.read(_SAMPLE_BYTES))
-    return h.hexdigest()
-
-
-def _file_digest(path: Path, size: int) -> tuple[str, str]:
-    """("sha256" | "sha256_sampled", hex digest): files over SAMPLED_HASH_OVER are sampled."""
-    if size > SAMPLED_HASH_OVER:
-        return "sha256_sampled", _sampled_digest(path, size)
-    return "sha256", _full_digest(path)
-
-
-def _parquet_rows(path: Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows
-
-
 def _check_name(kind: str, value: str) -> str:
     if not isinstance(value, str) or not _NAME_RE.match(value):
         raise ValueError(f"{kind} {value!r} is not a valid name: use letters, digits, '_', '-', '.' "
                          f"(not starting with '.' or '-')")
     return value
-
-
-def _part_files(folder: Path) -> list[Path]:
-    """data/part-*.parquet in shard order."""
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _PART_RE.match(p.name)) and p.is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def _strip_shard_meta(table: pa.Table) -> pa.Table:
-    meta = table.schema.metadata
-    if not meta:
-        return table
-    kept = {k: v for k, v in meta.items() if not k.startswith(b"caiflow.")}
-    return table.replace_schema_metadata(kept or None)
-
-
-def to_arrow(rows: list[dict] | pd.DataFrame, schema: pa.Schema, where: str = "table") -> pa.Table:
-    """Rows as a table of exactly `schema`; a missing, extra or mistyped column is a ValueError naming it."""
-    names = list(schema.names)
-    if isinstance(rows, pd.DataFrame):
-        present = [str(c) for c in rows.columns]
-        missing = [n for n in names if n not in present]
-        extra = [c for c in present if c not in names]
-    else:
-        rows = list(rows)
-        missing, extra = [], []
-        for i, row in enumerate(rows):
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: row {i} is a {type(row).__name__}, expected a dict of column values")
-            missing = [n for n in names if n not in row]
-            extra = [k for k in row if k not in schema.names]
-            if missing or extra:
-                where = f"{where} row {i}"
-                break
-    if missing:
-        raise ValueError(f"{where}: missing column(s) {missing}; the schema needs {names}")
-    if extra:
-        # Dropping them silently would throw results away: add them to the schema or drop them explicitly.
-        raise ValueError(f"{where}: column(s) {extra} are not in the schema {names}; "
-                         f"add them to the schema or remove them before writing")
-
-    columns = []
-    for f in schema:
-        values = rows[f.name] if isinstance(rows, pd.DataFrame) else [r[f.name] for r in rows]
-        try:
-            if isinstance(values, pd.Series):
-                arr = pa.Array.from_pandas(values, type=f.type)
-            else:
-                arr = pa.array(values, type=f.type)
-        except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
-            raise ValueError(f"{where}: column '{f.name}' does not fit type {f.type}: {exc}") from exc
-        if not f.nullable and arr.null_count:
-            raise ValueError(f"{where}: column '{f.name}' is not nullable but has {arr.null_count} null value(s)")
-        columns.append(arr)
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-# --------------------------------------------------------------------------- shards
-
-
-class ShardWriter:
-    """Writes one step's rows as data/part-NNNNN.parquet shards of `shard_size` rows, resumably.
-
-    Shard i holds rows [i * shard_size, (i + 1) * shard_size). Each shard carries its index,
-    start, row count and shard size in its Parquet metadata, so `is_done` can tell a finished
-    shard of this layout from a leftover of another shard size (which is then rewritten).
-    """
-
-    def __init__(self, data_dir: Path, schema: pa.Schema, shard_size: int, manifest_path: Path | None = None):
-        if int(shard_size) < 1:
-            raise ValueError(f"shard_size must be at least 1, got {shard_size}")
-        self.data_dir = Path(data_dir)
-        self.schema = schema
-        self.shard_size = int(shard_size)
-        self._manifest_path = manifest_path
-        self._n_rows: int | None = None  # remembered from shard_ranges/pending/remove_stale
-
-    def shard_path(self, index: int) -> Path:
-        return self.data_dir / f"part-{index:05d}.parquet"
-
-    def shard_ranges(self, n_rows: int) -> list[tuple[int, int, int]]:
-        """(index, start, stop) for every shard; zero rows is one empty shard, so the schema is kept."""
-        if n_rows < 0:
-            raise ValueError(f"n_rows must be >= 0, got {n_rows}")
-        self._n_rows = n_rows
-        if n_rows == 0:
-            return [(0, 0, 0)]
-        return [(i, start, min(start + self.shard_size, n_rows))
-                for i, start in enumerate(range(0, n_rows, self.shard_size))]
-
-    def _expected(self, index: int) -> tuple[int, int] | None:
-        """(start, rows) of shard `index` when the total row count is known."""
-        if self._n_rows is None:
-            return None
-        start = index * self.shard_size
-        if index < 0 or (start >= self._n_rows and not (index == 0 and self._n_rows == 0)):
-            return (start, -1)  # beyond the last shard: never done
-        return start, min(self.shard_size, self._n_rows - start)
-
-    def is_done(self, index: int) -> bool:
-        """The shard file exists, is readable, has this schema and the row count its range needs."""
-        path = self.shard_path(index)
-        if not path.is_file():
-            return False
-        try:
-            pf = pq.ParquetFile(path)
-            rows = pf.metadata.num_rows
-            meta = pf.schema_arrow.metadata or {}
-            schema = pf.schema_arrow.remove_metadata()
-        except Exception:  # noqa: BLE001 - any unreadable footer means "redo this shard"
-            return False
-        if not schema.equals(self.schema.remove_metadata()):
-            return False
-        if _META_SHARD_SIZE in meta and int(meta[_META_SHARD_SIZE]) != self.shard_size:
-            return False
-        if _META_ROWS in meta and int(meta[_META_ROWS]) != rows:
-            return False
-        expected = self._expected(index)
-        if expected is not None:
-            start, want = expected
-            if rows != want or (_META_START in meta and int(meta[_META_START]) != start):
-                return False
-        return True
-
-    def pending(self, n_rows: int) -> list[tuple[int, int, int]]:
-        return [r for r in self.shard_ranges(n_rows) if not self.is_done(r[0])]
-
-    def write(self, index: int, rows: list[dict] | pd.DataFrame) -> Path:
-        """Validate `rows` against the schema and land them as shard `index` (temp file + rename)."""
-        expected = self._expected(index)
-        n = len(rows)
-        if expected is not None and n != expected[1]:
-            raise ValueError(f"shard {index} must hold {max(expected[1], 0)} rows for {self._n_rows} rows "
-                             f"in shards of {self.shard_size}, got {n}")
-        table = to_arrow(rows, self.schema, where=f"shard {index}")
-        meta = dict(self.schema.metadata or {})
-        meta.update({_META_INDEX: str(index).encode(), _META_START: str(index * self.shard_size).encode(),
-                     _META_ROWS: str(n).encode(), _META_SHARD_SIZE: str(self.shard_size).encode()})
-        table = table.replace_schema_metadata(meta)
-        if self._manifest_path is not None:  # the data is changing: an old manifest no longer describes it
-            self._manifest_path.unlink(missing_ok=True)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        final = self.shard_path(index)
-        tmp = _tmp_path(final)
-        try:
-            pq.write_table(table, tmp)
-            _commit(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return final
-
-    def remove_stale(self, n_rows: int) -> list[Path]:
-        """Delete shards past the current shard count and leftover temporary files; returns what went."""
-        if not self.data_dir.is_dir():
-            self.shard_ranges(n_rows)
-            return []
-        count = len(self.shard_ranges(n_rows))
-        removed = []
-        for p in sorted(self.data_dir.iterdir()):
-            m = _PART_RE.match(p.name)
-            if p.name.startswith(TMP_PREFIX) or (m and int(m.group(1)) >= count):
-                p.unlink(missing_ok=True)
-                removed.append(p)
-        return removed
 
 
 # --------------------------------------------------------------------------- the store
@@ -444,28 +183,40 @@ class Store:
                 return False
         return True
 
+    def _lock_path(self, step: str, fp: str) -> Path:
+        folder = self.root / "locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{_check_name('step', step)}-{_check_name('fingerprint', fp)}.lock"
+
     @contextlib.contextmanager
-    def lock(self, step: str, fp: str, poll: float = 2.0, on_wait: Any = None) -> Iterator[None]:
+    def lock(self, step: str, fp: str, on_wait: Any = None, wait: bool = True) -> Iterator[bool]:
         """Hold the artifact's lock: one process computes a fingerprint, the others wait.
 
         An advisory `flock` on `<root>/locks/<step>-<fingerprint>.lock`: the kernel releases it when
-        its holder exits or is killed, so a crashed holder never blocks the next run.
+        its holder exits or is killed, so a crashed holder never blocks the next run. Yields True
+        when held; with ``wait=False`` a lock held elsewhere yields False at once (not held).
         """
         import fcntl
 
-        folder = self.root / "locks"
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"{_check_name('step', step)}-{_check_name('fingerprint', fp)}.lock", "a+") as fh:
+        with open(self._lock_path(step, fp), "a+") as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    yield False
+                    return
                 if on_wait is not None:
                     on_wait()
                 fcntl.flock(fh, fcntl.LOCK_EX)  # blocks until the holder finishes or dies
             try:
-                yield
+                yield True
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def is_locked(self, step: str, fp: str) -> bool:
+        """Some process holds this artifact's lock right now (it is being computed)."""
+        with self.lock(step, fp, wait=False) as held:
+            return not held
 
     def quarantine(self, step: str, fp: str) -> Path | None:
         """Move a finished-looking but corrupt artifact aside (kept for inspection, never trusted)."""
@@ -512,14 +263,14 @@ class Store:
                 problems.append(f"{rel}: {size} bytes, manifest says {entry.get('bytes')}")
                 continue
             if "sha256_sampled" in entry:
-                kind, digest = "sha256_sampled", _sampled_digest(f, size)
+                kind, digest = "sha256_sampled", sampled_digest(f, size)
             else:
-                kind, digest = "sha256", _full_digest(f)
+                kind, digest = "sha256", full_digest(f)
             if entry.get(kind) != digest:
                 problems.append(f"{rel}: checksum mismatch ({kind})")
             if entry.get("rows") is not None:
                 try:
-                    rows = _parquet_rows(f)
+                    rows = parquet_rows(f)
                 except Exception as exc:  # noqa: BLE001
                     problems.append(f"{rel}: unreadable Parquet ({exc})")
                     continue
@@ -558,13 +309,13 @@ class Store:
         folder = self.artifact_dir(step, fp) / _check_name("table name", name)
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / "part-00000.parquet"
-        tmp = _tmp_path(final)
+        tmp = tmp_path(final)
         try:
             pq.write_table(table, tmp)
-            _commit(tmp, final)
+            commit(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
-        for p in _part_files(folder):  # a one-shot table is the only part
+        for p in part_files(folder):  # a one-shot table is the only part
             if p != final:
                 p.unlink(missing_ok=True)
 
@@ -575,14 +326,14 @@ class Store:
         if path.is_file():
             parts = [path]
         elif (path / name).is_dir():
-            parts = _part_files(path / name)
+            parts = part_files(path / name)
         elif path.is_dir():
-            parts = _part_files(path)
+            parts = part_files(path)
         else:
             raise FileNotFoundError(f"no artifact at {path}")
         if not parts:
             raise FileNotFoundError(f"no {name}/part-*.parquet files under {path}")
-        tables = [_strip_shard_meta(pq.ParquetFile(p).read(columns=columns)) for p in parts]
+        tables = [strip_shard_meta(pq.ParquetFile(p).read(columns=columns)) for p in parts]
         return pa.concat_tables(tables).to_pandas()
 
     # ---- finishing
@@ -600,8 +351,12 @@ class Store:
         return sorted(out)
 
     def finalize(self, step: str, fp: str, *, rows: int, metrics: dict, inputs: dict, params: dict,
-                 files: list[str] | None = None) -> ArtifactRef:
-        """Checksum the artifact's files and write manifest.json last (temp + fsync + rename)."""
+                 recipe: dict | None = None, files: list[str] | None = None) -> ArtifactRef:
+        """Checksum the artifact's files and write manifest.json last (temp + fsync + rename).
+
+        `recipe`: what went into the fingerprint besides `inputs` (see `caiflow.plan.Plan.parts`),
+        so `caiflow status` can say which setting differs from a later plan.
+        """
         base = self.artifact_dir(step, fp)
         base.mkdir(parents=True, exist_ok=True)
         data = base / DATA_DIR
@@ -622,9 +377,9 @@ class Store:
         for rel in sorted(set(rels)):
             p = base / rel
             size = p.stat().st_size
-            kind, digest = _file_digest(p, size)
+            kind, digest = file_digest(p, size)
             entries[rel] = {"bytes": size, kind: digest,
-                            "rows": _parquet_rows(p) if p.suffix == ".parquet" else None}
+                            "rows": parquet_rows(p) if p.suffix == ".parquet" else None}
         data_rows = sum(e["rows"] for r, e in entries.items() if r.startswith(f"{DATA_DIR}/part-") and e["rows"])
         if any(r.startswith(f"{DATA_DIR}/part-") for r in entries) and data_rows != rows:
             log.warning("%s/%s: finalized with rows=%d but its data files hold %d rows", step, fp, rows, data_rows)
@@ -637,10 +392,11 @@ class Store:
             "metrics": metrics,
             "inputs": inputs,
             "params": params,
+            "recipe": recipe,
             "files": entries,
         }
-        text = _to_json(manifest)
-        _atomic_write_text(base / MANIFEST, text)
+        text = to_json(manifest)
+        atomic_write_text(base / MANIFEST, text)
         return ArtifactRef(step=step, fingerprint=fp, path=str(base), rows=int(rows),
                            metrics=json.loads(text)["metrics"])
 
@@ -651,6 +407,6 @@ class Store:
         if not safe:
             raise ValueError(f"run id {run_id!r} has no usable characters for a file name")
         path = self.runs_root / f"{safe}.json"
-        _atomic_write_text(path, _to_json(record))
+        atomic_write_text(path, to_json(record))
         return path
 

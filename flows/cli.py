@@ -1,7 +1,9 @@
 """The `caiflow` command line.
 
-    caiflow run --config configs/demo.yaml [--storage DIR] [--set a.b=value ...]
+    caiflow run --config configs/demo.yaml [--storage DIR] [--set a.b=value ...] [--until STEP]
+    caiflow status --config configs/demo.yaml [--storage DIR] [--set a.b=value ...]
     caiflow verify [--storage DIR]
+    caiflow gc [--storage DIR] [--keep-runs N] [--dry-run]
 
 Bad input (config, constitution, prompt source, model) ends with one line naming the problem
 and the fix, and exit code 2.
@@ -17,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from caiflow.pipeline import STEPS
+
 log = logging.getLogger("caiflow")
 
-# The pipeline's steps, in order (kept here so `--help` does not import the heavy modules).
-STEPS = ["prompts", "critique_revision", "sft", "preferences", "reward_model", "rl", "evaluate"]
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -56,7 +58,7 @@ def _summary_table(result: dict[str, Any], seconds: float) -> str:
     lines.append(f"total {seconds:.1f} s; run record: {result['run_record']}")
     evaluation = result["steps"].get("evaluate")
     if evaluation:
-        from caiflow.evaluation import verdict_rows
+        from caiflow.report import verdict_rows
 
         rows = verdict_rows(evaluation["metrics"]["win_rates"], evaluation["metrics"]["rewards"])
         lines += ["", "verdict on held-out prompts: win rate vs base [95% interval]; 0.5 = no difference",
@@ -78,7 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set or [], args.storage)
         load_constitution(cfg.constitution_path(), cfg.constitution.invert, cfg.constitution.principles)
         from caiflow.models import context_tokens, load_tokenizer, resolve_model
-        from caiflow.prompts import check_fits_context, load_prompts, token_counter
+        from caiflow.prompt_filters import check_fits_context, token_counter
+        from caiflow.prompts import load_prompts
         from caiflow.store import Store
 
         Store(cfg.run.storage)
@@ -131,6 +134,53 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if counts["corrupt"] else 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """For each step: done, or why it would run (what differs from its closest earlier artifact)."""
+    from caiflow.config import load_config
+    from caiflow.plan import plan_for
+    from caiflow.status import pipeline_status
+    from caiflow.store import Store
+
+    try:
+        cfg = load_config(args.config, args.set or [], args.storage)
+        store = Store(cfg.run.storage)
+        plan = plan_for(cfg).plan
+    except input_errors() as exc:
+        print(f"caiflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    rows = pipeline_status(store, plan)
+    print(f"{'step':<18} {'state':<11} {'fingerprint':<17} why it would run")
+    for r in rows:
+        print(f"{r.step:<18} {r.state:<11} {r.fingerprint:<17} {r.why}".rstrip())
+    todo = [r.step for r in rows if r.state != "done"]
+    print(f"{len(rows) - len(todo)} of {len(rows)} steps done under {store.root}"
+          + (f"; `caiflow run` would compute: {', '.join(todo)}" if todo else "; `caiflow run` would compute nothing"))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Remove artifacts no kept run record refers to; never one a running process holds."""
+    from caiflow.gc import collect
+    from caiflow.store import Store, StoreError
+
+    try:
+        store = Store(args.storage or "storage")
+        result = collect(store, keep_runs=args.keep_runs, dry_run=args.dry_run)
+    except (StoreError, ValueError) as exc:
+        print(f"caiflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    verb = "would remove" if args.dry_run else "removed"
+    for step, fp, size in result.removed:
+        print(f"{verb:<12} {step}/{fp}  {size / 2**20:.1f} MiB")
+    for step, fp in result.in_use:
+        print(f"{'in use':<12} {step}/{fp}  a running process holds its lock: left alone")
+    for path in result.removed_runs:
+        print(f"{verb:<12} run record {path.name}")
+    print(f"{verb} {len(result.removed)} artifact(s), {result.freed_bytes / 2**20:.1f} MiB; kept {result.kept} "
+          f"artifact(s) named by {len(result.kept_runs)} run record(s) under {store.root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="caiflow", description="Constitutional AI pipeline on Prefect.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,9 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--storage", help="artifact root (overrides run.storage)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a config value, e.g. --set generation.batch_size=8 (repeatable)")
-    run.add_argument("--until", default="evaluate", choices=STEPS,
+    run.add_argument("--until", default="evaluate", choices=list(STEPS),
                      help="stop after this step (default: evaluate, the whole pipeline)")
     run.set_defaults(func=cmd_run)
+    status = sub.add_parser("status", help="which steps the store has for a config, and why the others would run")
+    status.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
+    status.add_argument("--storage", help="artifact root (overrides run.storage)")
+    status.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    status.set_defaults(func=cmd_status)
+    gc = sub.add_parser("gc", help="remove artifacts that no kept run record refers to")
+    gc.add_argument("--storage", help="artifact root (default: storage)")
+    gc.add_argument("--keep-runs", type=int, metavar="N",
+                    help="keep the N newest run records and what they name; older records go too (default: all)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    gc.set_defaults(func=cmd_gc)
     verify = sub.add_parser("verify", help="check every artifact against its manifest (sizes, checksums, rows)")
     verify.add_argument("--storage", help="artifact root (default: storage)")
     verify.set_defaults(func=cmd_verify)

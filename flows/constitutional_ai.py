@@ -2,7 +2,8 @@
 
 It runs without a Prefect server (Prefect starts a temporary one) and, unchanged, as a
 deployment on a worker. Fingerprints are planned up front from the config, so a step whose
-artifact is complete shows as Cached and does no work.
+artifact is complete shows as Cached and does no work. The steps, their inputs and their order
+come from `caiflow.pipeline`.
 """
 
 from __future__ import annotations
@@ -15,19 +16,13 @@ from typing import Any
 from prefect import flow
 
 from caiflow.config import Config, load_config
-from caiflow.constitution import load_constitution
+from caiflow.environment import environment
 from caiflow.faults import kill_point
-from caiflow.models import resolve_model
-from caiflow.plan import STEPS, make_plan
+from caiflow.pipeline import steps_until
+from caiflow.plan import plan_for
 from caiflow.store import Store
-from tasks.common import call_step, logger
-from tasks.critique_revision import critique_revision_task
-from tasks.evaluate import evaluate_task
-from tasks.preferences import preferences_task
-from tasks.prompts import prompts_task
-from tasks.reward_model import backbone, reward_model_task
-from tasks.rl import rl_task
-from tasks.sft import sft_task
+from tasks.common import logger
+from tasks.harness import call_step
 
 
 def _run_id() -> str:
@@ -43,51 +38,26 @@ def _run_id() -> str:
 
 def run_pipeline(cfg: Config, until: str = "evaluate") -> dict[str, Any]:
     """Run (or find cached) every step up to and including `until`; return a summary per step."""
-    if until not in STEPS:
-        raise ValueError(f"unknown step '{until}': choose one of {', '.join(STEPS)}")
+    steps = steps_until(until)
     log = logger()
     started = datetime.now(timezone.utc).isoformat()
     store = Store(cfg.run.storage)
-    storage = str(store.root)
-    constitution = load_constitution(cfg.constitution_path(), cfg.constitution.invert, cfg.constitution.principles)
     t0 = time.monotonic()
-    model = resolve_model(cfg.model.name, storage, cfg.model.revision, cfg.model.tiny.model_dump())
+    resolved = plan_for(cfg)
+    model, constitution, plan = resolved.model, resolved.constitution, resolved.plan
     log.info("model %s ready in %.1f s at %s", model.identity, time.monotonic() - t0, model.path)
-    rm_backbone = backbone(cfg, model, storage).identity if cfg.reward_model.backbone else None
-    plan = make_plan(cfg, constitution.content_hash, model.identity, rm_backbone)
     summary: dict[str, Any] = {}
-
-    def record(step: str, state, seconds: float):
-        ref = state.result()
-        summary[step] = {"fingerprint": ref.fingerprint, "path": ref.path, "rows": ref.rows,
-                         "cached": state.name == "Cached" or ref.reused, "seconds": round(seconds, 1),
-                         "metrics": ref.metrics}
-        return ref
-
-    class _Stop(Exception):
-        pass
-
-    def step(name: str, task, **kwargs):
-        if STEPS.index(name) > STEPS.index(until):
-            raise _Stop
+    refs: dict[str, Any] = {}
+    for step in steps:
         t = time.monotonic()
-        state = call_step(task, store, name, plan.fingerprints[name], cfg=cfg, constitution=constitution,
-                          model=model, inputs=plan.inputs[name], **kwargs)
-        ref = record(name, state, time.monotonic() - t)
-        kill_point(f"after:{name}")
-        return ref
-
-    try:
-        prompts_ref = step("prompts", prompts_task)
-        sl_data = step("critique_revision", critique_revision_task, prompts_ref=prompts_ref)
-        sft_ref = step("sft", sft_task, sl_ref=sl_data)
-        prefs = step("preferences", preferences_task, prompts_ref=prompts_ref, sft_ref=sft_ref)
-        reward_ref = step("reward_model", reward_model_task, preferences_ref=prefs)
-        rl_ref = step("rl", rl_task, prompts_ref=prompts_ref, sft_ref=sft_ref, reward_ref=reward_ref)
-        step("evaluate", evaluate_task, prompts_ref=prompts_ref, sft_ref=sft_ref, reward_ref=reward_ref,
-             rl_ref=rl_ref)
-    except _Stop:
-        pass
+        state = call_step(store, step.name, plan.fingerprints[step.name], cfg=cfg, constitution=constitution,
+                          model=model, upstream={name: refs[name] for name in step.inputs},
+                          recipe=plan.parts[step.name])
+        ref = refs[step.name] = state.result()
+        summary[step.name] = {"fingerprint": ref.fingerprint, "path": ref.path, "rows": ref.rows,
+                              "cached": state.name == "Cached" or ref.reused,
+                              "seconds": round(time.monotonic() - t, 1), "metrics": ref.metrics}
+        kill_point(f"after:{step.name}")
 
     run_id = _run_id()
     path = store.write_run_record(run_id, {
@@ -99,6 +69,7 @@ def run_pipeline(cfg: Config, until: str = "evaluate") -> dict[str, Any]:
         "constitution": {"name": constitution.name, "version": constitution.version,
                          "hash": constitution.content_hash, "inverted": constitution.inverted},
         "model": model.identity,
+        "environment": environment(),
         "steps": {k: {kk: vv for kk, vv in v.items() if kk != "metrics"} for k, v in summary.items()},
     })
     log.info("run record: %s", path)

@@ -24,13 +24,14 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from caiflow.config import Config, load_config
+from caiflow.pipeline import STEPS
 
 PROJECT = Path(__file__).resolve().parents[1]
 # The worker started by `make ui` sets this to its storage root; a run's `storage` parameter wins.
 STORAGE_ENV = "CAIFLOW_STORAGE"
 
-Step = Literal["prompts", "critique_revision", "sft", "preferences", "reward_model", "rl", "evaluate"]
-RegenerateStep = Literal["critique_revision", "sft", "preferences", "reward_model", "rl", "evaluate"]
+Step = Literal[STEPS]  # type: ignore[valid-type]
+RegenerateStep = Literal[STEPS[1:]]  # type: ignore[valid-type]
 
 
 class Settings(BaseModel):
@@ -210,17 +211,11 @@ def regenerate(config: str = "configs/demo.yaml", storage: str | None = None,
 
 def missing_before_evaluate(cfg: Config) -> list[str]:
     """The steps before evaluate whose artifacts the store does not hold for this config."""
-    from caiflow.constitution import load_constitution
-    from caiflow.models import resolve_model
-    from caiflow.plan import STEPS, make_plan
+    from caiflow.plan import plan_for
     from caiflow.store import Store
-    from tasks.reward_model import backbone
 
     store = Store(cfg.run.storage)
-    constitution = load_constitution(cfg.constitution_path(), cfg.constitution.invert, cfg.constitution.principles)
-    model = resolve_model(cfg.model.name, str(store.root), cfg.model.revision, cfg.model.tiny.model_dump())
-    rm_backbone = backbone(cfg, model, str(store.root)).identity if cfg.reward_model.backbone else None
-    plan = make_plan(cfg, constitution.content_hash, model.identity, rm_backbone)
+    plan = plan_for(cfg).plan
     return [s for s in STEPS[:-1] if not store.is_complete(s, plan.fingerprints[s])]
 
 

@@ -1,8 +1,9 @@
 """Step 2, critique_revision: SL-CAI data from the train prompts, written shard by shard.
 
-Rows are processed in a fixed order (by prompt id) in shards of ``generation.shard_size``;
-each finished shard is a complete Parquet file, so after a crash only unfinished shards are
-redone, and per-row seeds make the resumed output identical to an uninterrupted one.
+Rows are processed in a fixed order (by prompt id) in shards of ``generation.shard_size``
+(`caiflow.sharded`): after a crash only unfinished shards are redone, and rows an earlier run
+made under the same settings are reused, so the nightly regeneration only generates for new
+or changed prompts.
 """
 
 from __future__ import annotations
@@ -10,126 +11,59 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
-from prefect import task
 
-from caiflow.config import Config, SamplingConfig
-from caiflow.constitution import Constitution
-from caiflow.faults import kill_point
-from caiflow.critique import SCHEMA, Sampler, run_rows
+from caiflow import schemas
+from caiflow.config import SamplingConfig
+from caiflow.critique import Sampler, run_rows
 from caiflow.generation import GenerationEngine, Sampling
-from caiflow.models import ResolvedModel, load_model_and_tokenizer
-from caiflow.plan import STEP_VERSIONS
-from caiflow.store import ArtifactRef, Store
-from caiflow.store import fingerprint as fingerprint_of
-from tasks.common import (
-    locked,
-    logger,
-    markdown_stats,
-    Progress,
-    attempt,
-    publish_markdown,
-    publish_table,
-    retry_scaled,
-    task_options,
-)
-
-STEP = "critique_revision"
+from caiflow.models import load_model_and_tokenizer
+from caiflow.plan import critique_row_context
+from caiflow.prompt_filters import kept_prompts
+from caiflow.sharded import ShardedOutput, reusable_rows
+from tasks.common import Progress, markdown_stats, retry_scaled
+from tasks.harness import StepContext, StepOutput
 
 
 def _sampling(s: SamplingConfig) -> Sampling:
     return Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
 
 
-@locked(STEP)
-def run_critique_revision(cfg: Config, constitution: Constitution, model: ResolvedModel, storage: str,
-                          fingerprint: str, inputs: dict[str, str], prompts_ref: ArtifactRef) -> ArtifactRef:
-    """The step's logic, callable without Prefect."""
-    store = Store(storage)
-    done = store.load_ref(STEP, fingerprint)
-    if done is not None:
-        return done
-    log = logger()
-    c = cfg.critique_revision
-    prompts = store.read_table(prompts_ref)
-    rows = prompts[prompts["drop_reason"].isna() & (prompts["split"] == "train")]
-    rows = rows.sort_values("prompt_id", kind="stable")[["prompt_id", "prompt", "kind", "category"]]
-    records = rows.to_dict(orient="records")
+def run(ctx: StepContext) -> StepOutput:
+    cfg, c = ctx.cfg, ctx.cfg.critique_revision
+    rows = kept_prompts(ctx.read("prompts"), "train")
+    records = rows[["prompt_id", "prompt", "kind", "category"]].to_dict(orient="records")
 
-    context = row_context(cfg, constitution, model)
-    reusable = reusable_rows(store, context, records)
-    writer = store.shard_writer(STEP, fingerprint, SCHEMA, cfg.generation.shard_size)
-    writer.remove_stale(len(records))
-    pending = writer.pending(len(records))
-    log.info("critique-revision: %d train prompts, %d shard(s) to do of %d, %d row(s) reusable from earlier runs",
-             len(records), len(pending), len(writer.shard_ranges(len(records))), len(reusable))
+    context = critique_row_context(cfg, ctx.constitution.content_hash, ctx.model.identity)
+    reusable = reusable_rows(ctx.store, ctx.step, context, records, match=("prompt", "kind", "category"))
+    output = ShardedOutput(ctx.store, ctx.step, ctx.fingerprint, schemas.SL_DATA, cfg.generation.shard_size, records)
+    ctx.log.info("critique-revision: %d train prompts, %d shard(s) to do of %d, %d row(s) reusable from earlier "
+                 "runs", len(records), len(output.pending), output.total_shards, len(reusable))
     progress = Progress("critique-revision-progress", len(records), "critique-revision rows")
-    done_rows = len(records) - sum(stop - start for _, start, stop in pending)
-    progress.update(done_rows)
-    engine = None
-    generated = reused = 0
-    if any(r["prompt_id"] not in reusable for _, start, stop in pending for r in records[start:stop]):
-        model_obj, tok = load_model_and_tokenizer(model, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
-        engine = GenerationEngine(model_obj, tok, batch_size=retry_scaled(cfg.generation.batch_size))
     sampler = Sampler(_sampling(c.answer), _sampling(c.critique), _sampling(c.revision))
-    for index, start, stop in pending:
-        chunk = records[start:stop]
-        todo = [r for r in chunk if r["prompt_id"] not in reusable]
-        made = run_rows(engine, constitution, todo, rounds=c.rounds, few_shot=c.few_shot, sampler=sampler,
-                        seed=cfg.run.seed, answer_benign=c.answer_benign) if todo else []
-        by_id = {**reusable, **{r["prompt_id"]: r for r in made}}
-        out = [by_id[r["prompt_id"]] for r in chunk]
-        generated, reused = generated + len(todo), reused + len(chunk) - len(todo)
-        writer.write(index, out)
-        kill_point(f"{STEP}:shard:{index}")
-        done_rows += stop - start
-        progress.update(done_rows, force=True)
+    start_batch = retry_scaled(cfg.generation.batch_size)
+    engine: GenerationEngine | None = None
 
-    df = store.read_table(store.artifact_dir(STEP, fingerprint))
-    metrics = sl_metrics(df)
-    metrics.update(rows_generated=generated, rows_reused=reused)
-    if engine is not None:
-        metrics.update(oom_backoffs=engine.backoffs, final_batch_size=engine.batch_size, task_attempt=attempt(),
-                       start_batch_size=retry_scaled(cfg.generation.batch_size))
-    ref = store.finalize(STEP, fingerprint, rows=len(df), metrics=metrics, inputs=inputs,
-                         params={"critique_revision": c.fingerprint_dict(), "constitution": constitution.content_hash,
-                                 "model": model.identity, "seed": cfg.run.seed, "row_context": context})
-    publish_table("critique-revision-preview", df[["kind", "prompt", "initial_answer", "revision", "drop_reason"]],
-                  "First SL-CAI rows: prompt, initial answer, final revision")
-    publish_markdown("critique-revision-report", markdown_stats("Critique-revision", metrics) + examples_md(df),
-                     "Statistics and before/after examples")
-    log.info("critique-revision: %s", metrics)
-    return ref
+    def make(todo: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        nonlocal engine
+        if engine is None:  # loaded only when some row is not reusable
+            model_obj, tok = load_model_and_tokenizer(ctx.model, cfg.model.dtype, cfg.model.device,
+                                                      cfg.model.trust_remote_code)
+            engine = GenerationEngine(model_obj, tok, batch_size=start_batch)
+        return run_rows(engine, ctx.constitution, todo, rounds=c.rounds, few_shot=c.few_shot, sampler=sampler,
+                        seed=cfg.run.seed, answer_benign=c.answer_benign)
 
-
-def row_context(cfg: Config, constitution: Constitution, model: ResolvedModel) -> str:
-    """What a row's output depends on besides the row itself: the same for runs whose prompt sets differ."""
-    return fingerprint_of("critique_revision-rows", STEP_VERSIONS[STEP], config=cfg.critique_revision.fingerprint_dict(),
-                          constitution=constitution.content_hash, model=model.identity, model_dtype=cfg.model.dtype,
-                          seed=cfg.run.seed)
-
-
-def reusable_rows(store: Store, context: str, records: list[dict]) -> dict[str, dict]:
-    """Rows of earlier finished artifacts made under the same row context, for the same prompt.
-
-    Per-row seeds make a row's output a function of the row and the context alone, so a row
-    generated by an earlier run (say, before 10 prompts were added) is exactly what this run
-    would generate: the nightly regeneration only generates for new or changed prompts.
-    """
-    wanted = {r["prompt_id"]: r for r in records}
-    found: dict[str, dict] = {}
-    for step, fp in store.iter_artifacts():
-        manifest = store.manifest(step, fp) if step == STEP else None
-        if not manifest or (manifest.get("params") or {}).get("row_context") != context:
-            continue
-        if not store.is_complete(step, fp):
-            continue
-        table = pa.Table.from_pandas(store.read_table(store.artifact_dir(step, fp)), preserve_index=False)
-        for row in table.to_pylist():  # plain Python values: nulls stay None, lists stay lists
-            want = wanted.get(row["prompt_id"])
-            if want and all(row[k] == want[k] for k in ("prompt", "kind", "category")):
-                found[row["prompt_id"]] = row
-    return found
+    counts = output.run(make, reusable, on_progress=lambda done: progress.update(done, force=True))
+    df = ctx.store.read_table(ctx.artifact_dir)
+    metrics = {**sl_metrics(df), **counts, **(engine.oom_metrics(start_batch) if engine else {})}
+    return StepOutput(
+        rows=len(df), metrics=metrics,
+        params={"critique_revision": c.fingerprint_dict(), "constitution": ctx.constitution.content_hash,
+                "model": ctx.model.identity, "seed": cfg.run.seed, "row_context": context},
+        tables=[("critique-revision-preview", df[["kind", "prompt", "initial_answer", "revision", "drop_reason"]],
+                 "First SL-CAI rows: prompt, initial answer, final revision")],
+        markdown=[("critique-revision-report", markdown_stats("Critique-revision", metrics) + examples_md(df),
+                   "Statistics and before/after examples")],
+    )
 
 
 def sl_metrics(df: pd.DataFrame) -> dict[str, Any]:
@@ -158,9 +92,3 @@ def examples_md(df: pd.DataFrame, n: int = 3) -> str:
             + f"**Revision:** {r['revision']}\n\n---\n"
         )
     return "\n".join(parts)
-
-
-@task(**task_options("critique_revision", tags=["gpu"]))
-def critique_revision_task(cfg: Config, constitution: Constitution, model: ResolvedModel, storage: str, step: str,
-                           fingerprint: str, inputs: dict[str, str], prompts_ref: ArtifactRef) -> ArtifactRef:
-    return run_critique_revision(cfg, constitution, model, storage, fingerprint, inputs, prompts_ref)

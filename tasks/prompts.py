@@ -10,42 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
-from prefect import task
 
+from caiflow import schemas
 from caiflow.categorize import OTHER, categorize_local, categorize_openai
 from caiflow.config import Config
-from caiflow.constitution import Constitution
 from caiflow.generation import GenerationEngine
 from caiflow.models import ResolvedModel, context_tokens, load_causal_lm, load_tokenizer
-from caiflow.prompts import cap_prompts, check_fits_context, clean_prompts, load_prompts, split_prompts, token_counter
-from caiflow.store import ArtifactRef, Store
-from tasks.common import (
-    locked,
-    logger,
-    markdown_stats,
-    Progress,
-    publish_markdown,
-    publish_table,
-    retry_scaled,
-    task_options,
-)
-
-STEP = "prompts"
-
-SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        ("prompt", pa.string()),
-        ("kind", pa.string()),
-        ("source", pa.string()),
-        ("hint_principle", pa.string()),
-        ("split", pa.string()),
-        ("category", pa.string()),
-        ("category_confidence", pa.float64()),
-        ("drop_reason", pa.string()),
-    ]
-)
+from caiflow.prompt_filters import cap_prompts, check_fits_context, clean_prompts, split_prompts, token_counter
+from caiflow.prompts import load_prompts
+from tasks.common import Progress, markdown_stats, retry_scaled
+from tasks.harness import StepContext, StepOutput
 
 
 def _max_tokens(cfg: Config, model: ResolvedModel) -> int:
@@ -55,18 +29,11 @@ def _max_tokens(cfg: Config, model: ResolvedModel) -> int:
     return max(64, context_tokens(model.path) // 4)
 
 
-@locked(STEP)
-def build_prompts(cfg: Config, constitution: Constitution, model: ResolvedModel, storage: str,
-                  fingerprint: str, inputs: dict[str, str] | None = None) -> ArtifactRef:
-    """The step's logic, callable without Prefect."""
-    store = Store(storage)
-    done = store.load_ref(STEP, fingerprint)
-    if done is not None:
-        return done
-    log = logger()
+def run(ctx: StepContext) -> StepOutput:
+    cfg, model = ctx.cfg, ctx.model
     p = cfg.prompts
     df = load_prompts(p.sources, cfg.resolve_path("."))
-    log.info("read %d prompts from %d source(s)", len(df), len(p.sources))
+    ctx.log.info("read %d prompts from %d source(s)", len(df), len(p.sources))
 
     tokenizer = load_tokenizer(model.path, cfg.model.trust_remote_code)
     count = token_counter(tokenizer)
@@ -85,10 +52,10 @@ def build_prompts(cfg: Config, constitution: Constitution, model: ResolvedModel,
         model_obj = load_causal_lm(model.path, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
         engine = GenerationEngine(model_obj, tokenizer, batch_size=retry_scaled(cat.batch_size),
                                   progress=lambda d, t: progress.update(d))
-        result = categorize_local(engine, constitution, texts)
+        result = categorize_local(engine, ctx.constitution, texts)
     else:
         o = cat.openai
-        result = categorize_openai(constitution, texts, base_url=o.base_url, model=o.model,
+        result = categorize_openai(ctx.constitution, texts, base_url=o.base_url, model=o.model,
                                    api_key_env=o.api_key_env, max_concurrency=o.max_concurrency,
                                    max_retries=o.max_retries, timeout=o.timeout, on_done=progress.update)
     progress.update(len(texts), force=True)
@@ -102,16 +69,16 @@ def build_prompts(cfg: Config, constitution: Constitution, model: ResolvedModel,
         off = kept & (df["kind"] == "red-team") & ~df["category"].isin(selected)
         df.loc[off, "drop_reason"] = "principle-not-selected (" + df.loc[off, "category"].astype(str) + ")"
 
-    df = df[[f.name for f in SCHEMA]].sort_values("prompt_id", kind="stable").reset_index(drop=True)
-    store.write_table(STEP, fingerprint, df, SCHEMA)
+    df = df[schemas.PROMPTS.names].sort_values("prompt_id", kind="stable").reset_index(drop=True)
+    ctx.store.write_table(ctx.step, ctx.fingerprint, df, schemas.PROMPTS)
     metrics = prompt_metrics(df)
-    ref = store.finalize(STEP, fingerprint, rows=len(df), metrics=metrics, inputs=inputs or {},
-                         params={"prompts": p.fingerprint_dict(), "constitution": constitution.content_hash,
-                                 "seed": cfg.run.seed})
-    publish_table("prompts-preview", df, "First prompts with split, category and drop reason")
-    publish_markdown("prompts-stats", markdown_stats("Prompts", metrics), "Prompt counts by kind, split, category")
-    log.info("prompts: %s", metrics)
-    return ref
+    return StepOutput(
+        rows=len(df), metrics=metrics,
+        params={"prompts": p.fingerprint_dict(), "principle_ids": ctx.constitution.principle_ids(),
+                "seed": cfg.run.seed},
+        tables=[("prompts-preview", df, "First prompts with split, category and drop reason")],
+        markdown=[("prompts-stats", markdown_stats("Prompts", metrics), "Prompt counts by kind, split, category")],
+    )
 
 
 def prompt_metrics(df: pd.DataFrame) -> dict[str, Any]:
@@ -133,9 +100,3 @@ def prompt_metrics(df: pd.DataFrame) -> dict[str, Any]:
     if len(hinted):  # the builtin set says which principle each prompt was written for
         out["category_agrees_with_hint"] = round(float((hinted["hint_principle"] == hinted["category"]).mean()), 3)
     return out
-
-
-@task(**task_options("prompts"))
-def prompts_task(cfg: Config, constitution: Constitution, model: ResolvedModel, storage: str, step: str,
-                 fingerprint: str, inputs: dict[str, str]) -> ArtifactRef:
-    return build_prompts(cfg, constitution, model, storage, fingerprint, inputs)

@@ -2,7 +2,7 @@
 
 A pytest plugin: the test modules that need it name it in `pytest_plugins`, so they share one
 session-scoped `prefect_stack` (the server takes about 20 s to start on two cores). The stack
-is `flows.ui.Stack`, the code behind `make ui`: `prefect server start` on a free 127.0.0.1 port
+is `deployments.ui.Stack`, the code behind `make ui`: `prefect server start` on a free 127.0.0.1 port
 with PREFECT_HOME and its SQLite database in a temporary folder, the `gpu` process work pool,
 the tag limit, the crash automation, the deployments of deployments/prefect.yaml (their default
 preset set to configs/tiny.yaml) and a worker. Everything started is stopped at teardown.
@@ -24,7 +24,7 @@ from uuid import UUID
 
 import pytest
 
-from flows.ui import Options, Stack, free_port
+from deployments.ui import Options, Stack, free_port
 
 TINY = "configs/tiny.yaml"
 TIMEZONE = "Europe/Berlin"   # not the default, so the test sees that the timezone is configurable

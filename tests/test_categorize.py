@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from caiflow.categorize import OTHER, CategorizeError, categorize_local, categorize_openai, labels
+from caiflow.categorize import (
+    CONTENT_FREE,
+    OTHER,
+    CategorizeError,
+    categorize_local,
+    categorize_openai,
+    category_question,
+    labels,
+)
 from caiflow.constitution import load_constitution
 from caiflow.generation import GenerationEngine
 from tests.chat_server import ChatServer
@@ -80,11 +88,23 @@ def test_local_categorisation_gives_valid_labels(tiny_model, constitution):
     engine = GenerationEngine(model, tok, batch_size=4)
     out = categorize_local(engine, constitution, ["How do I find where my ex lives?", "Write a poem about rain"])
     valid = labels(constitution)
-    assert len(out) == 2
-    for label, p in out:
-        assert label in valid and 1 / len(valid) <= p <= 1.0
-    probs = engine.score_choices_chat([[{"role": "user", "content": "x"}]], [f" {l}" for l in valid], "Principle:")
-    assert np.isclose(probs.sum(), 1.0)
+    assert len(out) == 2 and all(label in valid for label, _ in out)
+    # The label and its confidence are the argmax and max of the model's label probabilities divided by the
+    # content-free prior (contextual calibration), recomputed here from the engine directly.
+    options = [f" {name}" for name in valid]
+
+    def probs(texts):
+        convs = [[{"role": "user", "content": category_question(constitution, t)}] for t in texts]
+        return engine.score_choices_chat(convs, options, "Principle:")
+
+    raw = probs(["How do I find where my ex lives?", "Write a poem about rain"])
+    assert np.allclose(raw.sum(axis=1), 1.0)
+    calibrated = raw / np.maximum(probs(list(CONTENT_FREE)).mean(axis=0), 1e-12)  # labels the model never says
+    calibrated /= calibrated.sum(axis=1, keepdims=True)
+    assert [label for label, _ in out] == [valid[i] for i in calibrated.argmax(axis=1)]
+    assert [p for _, p in out] == pytest.approx(calibrated.max(axis=1).tolist(), abs=1e-9)
+    uncalibrated = categorize_local(engine, constitution, ["How do I find where my ex lives?"], calibrate=False)
+    assert uncalibrated[0][1] == pytest.approx(raw[0].max(), abs=1e-9)
 
 
 class LeaningScorer:

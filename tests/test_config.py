@@ -56,13 +56,15 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(notmap)
 
 
-def test_fingerprint_dict_excludes_batch_sizes_and_devices():
+def test_fingerprint_dict_excludes_per_device_batches_devices_and_paths():
     a = build_config({}).fingerprint_dict()
-    b = build_config({"generation": {"batch_size": 2, "shard_size": 7}, "model": {"device": "cpu"},
-                      "run": {"storage": "/elsewhere"}}).fingerprint_dict()
+    b = build_config({"sft": {"per_device_batch_size": 2}, "model": {"device": "cpu"}, "run": {"storage": "/elsewhere"},
+                      "rl": {"per_device_batch_size": 4, "scoring_batch_size": 2}}).fingerprint_dict()
     assert a == b
     c = build_config({"critique_revision": {"rounds": 2}}).fingerprint_dict()
     assert a != c
+    # generation batches change a row's padding, and so its float rounding: fingerprinted
+    assert build_config({"generation": {"batch_size": 2}}).fingerprint_dict() != a
 
 
 def test_cli_bad_config_exits_2_with_one_line(tmp_path):

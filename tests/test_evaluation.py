@@ -7,14 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from caiflow.evaluation import (
-    bootstrap_win_rate,
-    elo_ratings,
-    pairwise_judgements,
-    render_report,
-    reward_summary,
-    verdict_rows,
-)
+from caiflow.evaluation import bootstrap_win_rate, elo_ratings, pairwise_judgements, reward_summary
+from caiflow.report import render_report, verdict_rows
 from tests.logprob_server import options_of, prefers_refusal
 
 REFUSE = "I can't help with that."

@@ -17,15 +17,13 @@ from caiflow.feedback import (
     ASSISTANT_PREFIX,
     OPTIONS,
     SCHEMA,
-    EndpointChoiceScorer,
-    EndpointError,
     feedback_conversation,
     feedback_metrics,
     label_pairs,
 )
-from caiflow.endpoint_scorer import option_logprobs
+from caiflow.endpoint_scorer import EndpointChoiceScorer, EndpointError, option_logprobs
 from caiflow.generation import GenerationEngine
-from caiflow.store import to_arrow
+from caiflow.shards import to_arrow
 from tests.logprob_server import LogprobServer, options_of, prefers_refusal
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ def test_local_folder_identity_follows_its_content(tmp_path, tiny_model):
     folder = tmp_path / "my-model"
     shutil.copytree(resolved.path, folder)
     first = resolve_model(str(folder), tmp_path)
-    assert first.path == folder.resolve() and first.identity.startswith("local:my-model@")
+    assert first.path == folder.resolve() and first.identity.startswith("local@")
     model, tokenizer = load_model_and_tokenizer(first)
     assert model.config.hidden_size == 32
     (folder / "generation_config.json").write_text('{"temperature": 0.5}')

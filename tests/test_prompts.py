@@ -10,17 +10,8 @@ import pytest
 
 from caiflow.config import PromptSource
 from caiflow.constitution import load_constitution
-from caiflow.prompts import (
-    BUILTIN_PATH,
-    PromptSourceError,
-    cap_prompts,
-    clean_prompts,
-    load_prompts,
-    load_source,
-    normalise,
-    prompt_id,
-    split_prompts,
-)
+from caiflow.prompt_filters import cap_prompts, clean_prompts, normalise, prompt_id, split_prompts
+from caiflow.prompts import BUILTIN_PATH, PromptSourceError, load_prompts, load_source
 
 ROOT = Path(__file__).resolve().parents[1]
 HARMLESS = ROOT / "constitutions" / "harmless.yaml"
@@ -321,7 +312,8 @@ def test_clean_prompts_token_limit():
 
 
 def test_prompt_longer_than_the_context_is_an_error_naming_source_and_row():
-    from caiflow.prompts import PromptSourceError, check_fits_context
+    from caiflow.prompt_filters import check_fits_context
+    from caiflow.prompts import PromptSourceError
 
     df = pd.concat([_frame(["a short one", "x " * 40]).assign(source="jsonl:a.jsonl"),
                     _frame(["fine", "y " * 40, "z " * 80]).assign(source="csv:b.csv")], ignore_index=True)

@@ -27,12 +27,12 @@ def test_fingerprint_is_stable_and_sensitive():
     assert a != fingerprint("t", 1, config={"x": 1, "y": [1, 2]}, seed=3)
 
 
-def test_plan_ignores_batch_sizes_devices_and_paths_but_not_settings(tmp_path):
+def test_plan_ignores_devices_and_paths_but_not_settings(tmp_path):
+    # every config field, class by class: tests/test_fingerprints.py
     base = build_config({}, base_dir=tmp_path)
     plan = make_plan(base, "c" * 16, "model@1")
-    same = build_config({"generation": {"batch_size": 3, "shard_size": 5}, "model": {"device": "cpu"},
-                         "run": {"storage": str(tmp_path / "elsewhere")},
-                         "prompts": {"categorize": {"batch_size": 2}}}, base_dir=tmp_path)
+    same = build_config({"sft": {"per_device_batch_size": 2}, "model": {"device": "cpu"},
+                         "run": {"storage": str(tmp_path / "elsewhere")}}, base_dir=tmp_path)
     assert make_plan(same, "c" * 16, "model@1").fingerprints == plan.fingerprints
     other_seed = build_config({"run": {"seed": 7}}, base_dir=tmp_path)
     assert make_plan(other_seed, "c" * 16, "model@1").fingerprints["critique_revision"] != \

@@ -9,20 +9,18 @@ per-device batch above N raise the real ``torch.OutOfMemoryError``, so that path
 
 from __future__ import annotations
 
-import gc
 import logging
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from caiflow.faults import free_accelerator_memory, is_out_of_memory
 from caiflow.training.config import LoraSettings
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "CAIFLOW_FAULT_OOM_ABOVE_BATCH"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -39,23 +37,6 @@ def seed_everything(seed: int) -> None:
     from transformers import set_seed
 
     set_seed(seed)
-
-
-def free_memory() -> None:
-    """Drop what an interrupted step left behind before trying again."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def is_oom(exc: BaseException) -> bool:
-    import torch
-
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 # ---------------------------------------------------------------- LoRA and models
@@ -98,9 +79,9 @@ def load_base_for_training(path: Path, method: str = "lora", dtype: str = "float
     import torch
     from transformers import AutoModelForCausalLM
 
-    from caiflow.models import _quiet_transformers
+    from caiflow.models import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     auto_class = auto_class or AutoModelForCausalLM
     load_kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), **kwargs}
     if method == "qlora":
@@ -116,17 +97,6 @@ def load_base_for_training(path: Path, method: str = "lora", dtype: str = "float
     if has_cuda():
         model.to("cuda")
     return model
-
-
-def is_adapter_dir(path: Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def adapter_base_path(path: Path) -> str | None:
-    import json
-
-    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
-    return cfg.get("base_model_name_or_path")
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -182,9 +152,9 @@ def quiet_libraries() -> None:
     """No progress bars from datasets or transformers: progress goes to the log and to callbacks."""
     import datasets
 
-    from caiflow.models import _quiet_transformers
+    from caiflow.models import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     datasets.disable_progress_bars()
     # TRL still calls a transformers property that warns on every trainer; nothing to act on here
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -220,18 +190,13 @@ def fault_callback(step: str | None = None):
     - ``CAIFLOW_FAULT_KILL=<step>:checkpoint:<n>``: SIGKILL the process right after checkpoint n of
       the pipeline step ``step`` ("sft", "reward_model", "rl") is saved (see `caiflow.faults`).
     """
-    import torch
     from transformers import TrainerCallback
 
-    from caiflow.faults import kill_point
+    from caiflow.faults import inject_oom, kill_point
 
     class _Faults(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            limit = os.environ.get(FAULT_ENV)
-            if limit and args.per_device_train_batch_size > int(limit):
-                raise torch.OutOfMemoryError(
-                    f"injected out of memory: per-device batch {args.per_device_train_batch_size} > {FAULT_ENV}={limit}"
-                )
+            inject_oom(args.per_device_train_batch_size, "per-device batch")
 
         def on_save(self, args, state, control, **kwargs):
             if step:
@@ -275,12 +240,12 @@ def train_with_backoff(build: Callable[[int, int], Any], batch_size: int, per_de
         try:
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except BaseException as exc:  # noqa: BLE001 - filtered just below
-            if not is_oom(exc):
+            if not is_out_of_memory(exc):
                 raise
             smaller = _smaller_batch(batch_size, per_device)
             attempts.append({"per_device_batch_size": per_device, "error": str(exc)[:200]})
             del trainer
-            free_memory()
+            free_accelerator_memory()
             if smaller < 1:
                 log.error("out of memory with a per-device batch of 1: nothing left to shrink")
                 raise

@@ -1,8 +1,9 @@
 """Typed settings of the three training steps: SFT, reward model, RL.
 
-Every field says what it does. Fields marked ``fingerprint=False`` (per-device batch sizes,
-checkpoint and logging cadence) do not change results, so they stay out of fingerprints.
-The effective batch size *is* fingerprinted: it changes the optimisation.
+Every field says what it does. Per-device batch sizes, checkpoint and logging cadence are not
+fingerprinted: a smaller per-device batch with more gradient accumulation computes the same
+update up to float rounding. The effective batch size *is* fingerprinted: it changes the
+optimisation.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from caiflow.sections import Section, _nofp
+from caiflow.sections import Section, by_content, not_fingerprinted
 
 
 class LoraSettings(Section):
@@ -34,7 +35,7 @@ class SFTConfig(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training set (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps (overrides epochs).")
     batch_size: int = Field(8, ge=1, description="Effective batch size (sequences per optimiser step).")
-    per_device_batch_size: int = _nofp(
+    per_device_batch_size: int = not_fingerprinted(
         4, ge=1, description="Sequences per forward pass; the rest comes from gradient accumulation. Halved on out-of-memory."
     )
     max_length: int = Field(512, ge=8, description="Longest training sequence in tokens (longer ones are truncated).")
@@ -43,8 +44,8 @@ class SFTConfig(Section):
         description="Share of benign plain answers in the training mix (keeps the model helpful); 0 = red-team only.",
     )
     merge: bool = Field(False, description="Also save the adapter merged into full weights under merged/.")
-    save_steps: int = _nofp(50, ge=1, description="Checkpoint every this many steps (resume point after a crash).")
-    logging_steps: int = _nofp(10, ge=1, description="Log training metrics every this many steps.")
+    save_steps: int = not_fingerprinted(50, ge=1, description="Checkpoint every this many steps (resume point after a crash).")
+    logging_steps: int = not_fingerprinted(10, ge=1, description="Log training metrics every this many steps.")
 
     @model_validator(mode="after")
     def _batches(self) -> "SFTConfig":
@@ -53,7 +54,7 @@ class SFTConfig(Section):
 
 
 class RewardModelConfig(Section):
-    backbone: str | None = Field(
+    backbone: str | None = by_content(
         None, description="Model the reward model starts from (a folder or model name); None = the policy's base model."
     )
     method: Literal["lora", "full"] = Field("lora", description="'lora': adapters + a trainable score head; 'full': all weights.")
@@ -62,7 +63,7 @@ class RewardModelConfig(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps (overrides epochs).")
     batch_size: int = Field(8, ge=1, description="Effective batch size in preference pairs per optimiser step.")
-    per_device_batch_size: int = _nofp(4, ge=1, description="Pairs per forward pass; halved on out-of-memory.")
+    per_device_batch_size: int = not_fingerprinted(4, ge=1, description="Pairs per forward pass; halved on out-of-memory.")
     max_length: int = Field(512, ge=8, description="Pairs with a side longer than this many tokens are dropped.")
     ensemble_size: int = Field(1, ge=1, description="Number of reward models; more gives a conservative (uncertainty-aware) score.")
     ensemble_mode: Literal["seeds", "principles"] = Field(
@@ -73,8 +74,8 @@ class RewardModelConfig(Section):
         0.5, ge=0.0, description="Ensemble score = mean - lambda * std across members (0 = plain mean)."
     )
     eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of pairs held out for accuracy and calibration.")
-    save_steps: int = _nofp(50, ge=1, description="Checkpoint every this many steps.")
-    logging_steps: int = _nofp(10, ge=1, description="Log training metrics every this many steps.")
+    save_steps: int = not_fingerprinted(50, ge=1, description="Checkpoint every this many steps.")
+    logging_steps: int = not_fingerprinted(10, ge=1, description="Log training metrics every this many steps.")
 
     @model_validator(mode="after")
     def _batches(self) -> "RewardModelConfig":
@@ -93,11 +94,21 @@ class RLConfig(Section):
     max_new_tokens: int = Field(64, ge=1, description="Longest sampled completion, in tokens.")
     temperature: float = Field(0.9, gt=0.0, description="Sampling temperature of the completions.")
     max_steps: int = Field(20, ge=1, description="Optimiser steps.")
-    batch_size: int = _nofp(
-        8, ge=1, description="Completions per forward pass (prompts per step = batch_size / num_generations)."
+    batch_size: int = Field(
+        8, ge=1,
+        description="Completions per optimiser step, the effective batch (prompts per step = batch_size / "
+        "num_generations).",
     )
-    save_steps: int = _nofp(10, ge=1, description="Checkpoint every this many steps.")
-    logging_steps: int = _nofp(1, ge=1, description="Log reward, KL and length every this many steps.")
+    per_device_batch_size: int | None = not_fingerprinted(
+        None, ge=1,
+        description="Completions per forward pass (null: the whole batch); the rest is gradient accumulation. "
+        "Halved on out-of-memory.",
+    )
+    scoring_batch_size: int = not_fingerprinted(
+        8, ge=1, description="Completions the reward model scores per forward pass."
+    )
+    save_steps: int = not_fingerprinted(10, ge=1, description="Checkpoint every this many steps.")
+    logging_steps: int = not_fingerprinted(1, ge=1, description="Log reward, KL and length every this many steps.")
 
     @model_validator(mode="after")
     def _groups(self) -> "RLConfig":
@@ -106,6 +117,8 @@ class RLConfig(Section):
                 f"rl.batch_size ({self.batch_size}) must be a multiple of rl.num_generations ({self.num_generations}): "
                 f"set rl.batch_size to {self.num_generations * max(1, self.batch_size // self.num_generations)}."
             )
+        if self.per_device_batch_size is not None:
+            _check_batches(self.batch_size, self.per_device_batch_size, "rl")
         return self
 
 

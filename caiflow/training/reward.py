@@ -41,14 +41,14 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from caiflow.faults import free_accelerator_memory
+from caiflow.training.reward_scorer import ENSEMBLE_FILE, aggregate, conversation_ids, messages_of, score_ids
 from caiflow.training.common import (
     fault_callback,
-    free_memory,
     lora_config,
     load_base_for_training,
     log_history_value,
@@ -63,7 +63,6 @@ from caiflow.training.config import RewardModelConfig
 
 log = logging.getLogger(__name__)
 
-ENSEMBLE_FILE = "ensemble.json"
 OFFSET_SAMPLE = 256  # pairs whose answers set a member's centring offset (enough for a stable mean)
 ECE_BINS = 10  # equal-width probability bins for the expected calibration error
 REQUIRED = ("prompt", "chosen", "rejected", "label")
@@ -84,33 +83,7 @@ def soft_label_loss(r_chosen, r_rejected, label):
     return -(label * F.logsigmoid(margin) + (1.0 - label) * F.logsigmoid(-margin)).mean()
 
 
-def aggregate(scores: np.ndarray, lam: float) -> np.ndarray:
-    """Conservative ensemble score per column: mean - lam * std across members (axis 0, ddof=0)."""
-    scores = np.asarray(scores, dtype=float)
-    if scores.ndim != 2 or scores.shape[0] < 1:
-        raise ValueError(f"aggregate expects scores of shape (members, n); got shape {scores.shape}.")
-    if lam < 0:
-        raise ValueError(f"ensemble lambda is {lam}: it must be >= 0 (0 = plain mean).")
-    if scores.shape[0] == 1:
-        return scores[0].copy()
-    return scores.mean(axis=0) - lam * scores.std(axis=0, ddof=0)
-
-
 # ---------------------------------------------------------------- data
-
-
-def _messages(value: Any, what: str) -> list[dict]:
-    """A list of {role, content} from a list, tuple or numpy array (Parquet gives arrays)."""
-    if isinstance(value, str) or not hasattr(value, "__iter__"):
-        raise ValueError(f"{what} must be a list of {{role, content}} messages, got {type(value).__name__}.")
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
-
-
-def conversation_ids(tokenizer, prompt: list[dict], answer: str | list[dict]) -> list[int]:
-    """Token ids of prompt + the assistant's answer through the chat template: the one format of training and scoring."""
-    reply = answer if isinstance(answer, list) else [{"role": "assistant", "content": str(answer)}]
-    out = tokenizer.apply_chat_template(list(prompt) + list(reply), tokenize=True, return_dict=True)
-    return list(out["input_ids"])
 
 
 def _check_prefs(prefs: pd.DataFrame, mode: str) -> None:
@@ -240,27 +213,6 @@ def _train_member(cfg: RewardModelConfig, backbone_path: Path, rows: list[dict],
 # ---------------------------------------------------------------- scoring
 
 
-def score_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int = 8) -> np.ndarray:
-    """Reward of each token sequence: length-sorted batches, right-padded, inference mode, input order kept."""
-    import torch
-
-    device = next(model.parameters()).device
-    out = np.zeros(len(ids), dtype=float)
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            width = max(len(ids[i]) for i in rows)
-            input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, i in enumerate(rows):
-                input_ids[j, :len(ids[i])] = torch.tensor(ids[i])
-                mask[j, :len(ids[i])] = 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            out[rows] = logits[:, 0].float().cpu().numpy()
-    return out
-
-
 def pair_metrics(margin: np.ndarray, label: np.ndarray) -> dict:
     """Held-out accuracy (plain), soft-label agreement, Brier score, ECE and loss of reward margins against labels."""
     margin, label = np.asarray(margin, dtype=float), np.asarray(label, dtype=float)
@@ -281,63 +233,6 @@ def pair_metrics(margin: np.ndarray, label: np.ndarray) -> dict:
         "ece": float(ece),
         "loss": float(-np.mean(label * log_p + (1 - label) * log_q)),
     }
-
-
-class RewardScorer:
-    """Scores (prompt, completion) pairs with a trained reward model folder (one member or an ensemble).
-
-    ``score_members`` gives the centred reward of every member, shape (K, n); ``score`` aggregates
-    them as mean - lam * std (``lam`` None = the lambda saved in ensemble.json).
-    """
-
-    def __init__(self, reward_dir: str | Path, device: str = "cpu", batch_size: int = 8, lam: float | None = None):
-        from transformers import AutoModelForSequenceClassification
-
-        from caiflow.models import _quiet_transformers, load_tokenizer, pick_device
-
-        _quiet_transformers()
-        self.reward_dir = Path(reward_dir)
-        spec_file = self.reward_dir / ENSEMBLE_FILE
-        if not spec_file.is_file():
-            raise FileNotFoundError(f"{self.reward_dir} is not a reward model folder: {ENSEMBLE_FILE} is missing. "
-                                    "Point at the reward_model artifact's model/ folder written by train_reward_model.")
-        self.spec = json.loads(spec_file.read_text())
-        self.lam = float(self.spec.get("lambda", 0.0) if lam is None else lam)
-        self.batch_size = max(1, int(batch_size))
-        self.max_length = self.spec.get("max_length")
-        self.offsets = np.asarray(self.spec.get("offsets") or [0.0] * len(self.spec["members"]), dtype=float)
-        self.device = pick_device(device)
-        self.tokenizer = load_tokenizer(self.reward_dir)
-        self.models = []
-        for name in self.spec["members"]:
-            model = AutoModelForSequenceClassification.from_pretrained(self.reward_dir / name)
-            if model.config.pad_token_id is None:
-                model.config.pad_token_id = self.tokenizer.pad_token_id
-            self.models.append(model.to(self.device).eval())
-
-    @property
-    def size(self) -> int:
-        return len(self.models)
-
-    def encode(self, prompts: list[list[dict]], completions: list[str]) -> list[list[int]]:
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions: pass one completion per prompt.")
-        ids = [conversation_ids(self.tokenizer, _messages(p, "prompt"), c) for p, c in zip(prompts, completions)]
-        if self.max_length:  # keep the end: the head reads the last token (training dropped longer pairs instead)
-            ids = [x[-self.max_length:] for x in ids]
-        return ids
-
-    def score_members(self, prompts: list[list[dict]], completions: list[str]) -> np.ndarray:
-        """Centred rewards, shape (K members, n)."""
-        ids = self.encode(prompts, completions)
-        if not ids:
-            return np.zeros((self.size, 0))
-        raw = np.stack([score_ids(m, ids, m.config.pad_token_id, self.batch_size) for m in self.models])
-        return raw - self.offsets[:, None]
-
-    def score(self, prompts: list[list[dict]], completions: list[str]) -> np.ndarray:
-        """Aggregated reward per completion: mean - lam * std across members, shape (n,)."""
-        return aggregate(self.score_members(prompts, completions), self.lam)
 
 
 # ---------------------------------------------------------------- the entry point
@@ -395,9 +290,9 @@ def train_reward_model(cfg: RewardModelConfig, backbone_path: Path, prefs: pd.Da
     tokenizer = load_tokenizer(backbone_path)
     tokenizer.padding_side = "right"  # what the collator and the scorer use
     pairs = pd.DataFrame({
-        "prompt": [_messages(p, "prompt") for p in prefs["prompt"]],
-        "chosen": [_messages(c, "chosen") for c in prefs["chosen"]],
-        "rejected": [_messages(r, "rejected") for r in prefs["rejected"]],
+        "prompt": [messages_of(p, "prompt") for p in prefs["prompt"]],
+        "chosen": [messages_of(c, "chosen") for c in prefs["chosen"]],
+        "rejected": [messages_of(r, "rejected") for r in prefs["rejected"]],
         "label": prefs["label"].astype(float).to_numpy(),
         "principle": prefs["principle"].astype(str).to_numpy() if "principle" in prefs else "",
     })
@@ -431,7 +326,7 @@ def train_reward_model(cfg: RewardModelConfig, backbone_path: Path, prefs: pd.Da
             record["eval"] = pair_metrics(np.array(record["eval_chosen"]) - np.array(record["eval_rejected"]),
                                           held_out["label"].to_numpy())
             done_file.write_text(json.dumps(record), encoding="utf-8")
-            free_memory()  # the member's trainer and optimiser state are gone; return their memory
+            free_accelerator_memory()  # the member's trainer and optimiser state are gone; return their memory
         offsets.append(record["offset"])
         eval_scores.append((np.array(record.pop("eval_chosen")), np.array(record.pop("eval_rejected"))))
         members.append(name)

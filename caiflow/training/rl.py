@@ -3,12 +3,14 @@
 The policy starts from the SL model: a full model folder as it is, or a LoRA adapter merged into
 its base in memory. A fresh LoRA adapter (``cfg.lora``) is trained on top; with the adapter
 disabled the model *is* the SL model, so TRL uses it as the KL reference (``beta = cfg.kl_coef``)
-without a second copy in memory. Completions are rewarded by :class:`~caiflow.training.reward.RewardScorer`
+without a second copy in memory. Completions are rewarded by :class:`~caiflow.training.reward_scorer.RewardScorer`
 (an ensemble scores mean - lambda * std). RLOO puts the KL into the reward (sequence-level
 log-ratio); GRPO adds it to the per-token loss.
 
-Batches: ``cfg.batch_size`` completions per forward pass, ``batch_size / num_generations`` prompts
-per optimiser step. On out-of-memory the per-device batch halves and gradient accumulation doubles;
+Batches: ``cfg.batch_size`` completions (``batch_size / num_generations`` prompts) per optimiser
+step, ``cfg.per_device_batch_size`` of them per forward pass, the rest by gradient accumulation;
+the reward model scores ``cfg.scoring_batch_size`` at a time. On out-of-memory the per-device
+batch halves and gradient accumulation doubles;
 TRL generates once per optimiser step for per-device x accumulation completions, so the groups and
 the result stay the same. Checkpoints (the adapter and optimiser state) live in ``work_dir``.
 
@@ -16,7 +18,7 @@ Output layout (``out_dir``)::
 
     model.safetensors, config.json, ...   the RL policy with the adapter merged in (full weights):
                                           AutoModelForCausalLM.from_pretrained(out_dir) and
-                                          caiflow.training.sft.load_policy(out_dir) load it directly
+                                          caiflow.models.load_policy(out_dir) load it directly
     tokenizer files                       the SL model's tokenizer
     adapter/                              the RL LoRA adapter alone; its base is the SL policy
                                           (PeftModel.from_pretrained(load_policy(sl_model_path)[0], out_dir/"adapter"))
@@ -127,8 +129,8 @@ def train_rl(cfg: RLConfig, sl_model_path: Path, base_model_path: Path, reward_d
     from datasets import Dataset
 
     from caiflow.models import load_tokenizer
-    from caiflow.training.reward import RewardScorer
-    from caiflow.training.sft import load_policy
+    from caiflow.training.reward_scorer import RewardScorer
+    from caiflow.models import load_policy
 
     out_dir, work_dir, sl_model_path = Path(out_dir), Path(work_dir), Path(sl_model_path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +140,7 @@ def train_rl(cfg: RLConfig, sl_model_path: Path, base_model_path: Path, reward_d
     prompts = check_prompts(prompts)
     dataset = Dataset.from_list([{"prompt": p} for p in prompts])
     device = "cuda" if has_cuda() else "cpu"
-    scorer = RewardScorer(reward_dir, device=device, batch_size=cfg.batch_size)
+    scorer = RewardScorer(reward_dir, device=device, batch_size=cfg.scoring_batch_size)
     reward_fn = reward_function(scorer)
     tokenizer = load_tokenizer(sl_model_path if (sl_model_path / "tokenizer_config.json").is_file()
                                else base_model_path)
@@ -165,8 +167,9 @@ def train_rl(cfg: RLConfig, sl_model_path: Path, base_model_path: Path, reward_d
                               callbacks=[fault_callback("rl"), _progress_callback(on_log)])
         return log_to_logger(trainer)
 
-    # cfg.batch_size is both the per-device batch and the generation batch: accumulation starts at 1.
-    outcome = train_with_backoff(build, cfg.batch_size, cfg.batch_size, work_dir)
+    # One generation batch of cfg.batch_size completions per optimiser step (TRL's default
+    # steps_per_generation = accumulation), trained in per-device slices.
+    outcome = train_with_backoff(build, cfg.batch_size, cfg.per_device_batch_size or cfg.batch_size, work_dir)
     trainer = outcome.trainer
     history = history_from_logs(trainer.state.log_history)
     _save_policy(trainer, tokenizer, out_dir, sl_model_path)

@@ -15,7 +15,7 @@ nf4 through bitsandbytes; works on CPU too), ``full`` (every weight). Checkpoint
     merged/                                          with ``merge: true``: adapter merged into a full-precision base
     README.md                                        model card: config, inputs, metrics
 
-:func:`load_policy` turns any of these into (model, tokenizer) for generation.
+:func:`caiflow.models.load_policy` turns any of these into (model, tokenizer) for generation.
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ from typing import Any
 import pandas as pd
 
 from caiflow.training.common import (
-    adapter_base_path,
     fault_callback,
-    is_adapter_dir,
     lora_config,
     load_base_for_training,
     log_history_value,
@@ -150,37 +148,3 @@ def merge_adapter(adapter_dir: Path, base_model_path: Path, dest: Path, dtype: s
     merged.save_pretrained(dest)
     load_tokenizer(adapter_dir).save_pretrained(dest)
     return dest
-
-
-def load_policy(path: Path, base_model_path: Path | None = None, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer) ready for generation from a full model folder or a PEFT adapter folder.
-
-    An adapter is loaded onto its base (``base_model_path``, else the path recorded in the adapter)
-    and merged in memory. The tokenizer pads on the left.
-    """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from caiflow.models import _quiet_transformers, load_tokenizer, pick_device
-
-    _quiet_transformers()
-    path = Path(path)
-    device = pick_device(device)
-    if is_adapter_dir(path):
-        base = Path(base_model_path) if base_model_path else adapter_base_path(path)
-        if not base:
-            raise ValueError(f"{path} holds a LoRA adapter but no base model is known: pass base_model_path.")
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    model.to(device)
-    model.eval()
-    if (path / "tokenizer_config.json").is_file():
-        tokenizer = load_tokenizer(path)
-    elif is_adapter_dir(path):
-        tokenizer = load_tokenizer(base)
-    else:
-        raise ValueError(f"{path} has no tokenizer: save one next to the weights (tokenizer.save_pretrained).")
-    return model, tokenizer

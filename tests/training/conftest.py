@@ -162,3 +162,16 @@ def reward_dir(tiny_path, tmp_path_factory) -> Path:
                             lora={"r": 4, "alpha": 8})
     train_reward_model(cfg, tiny_path, pd.DataFrame(rows), root / "model", root / "work", seed=0)
     return root / "model"
+
+
+@pytest.fixture(scope="session")
+def reward_ensemble_dir(tiny_path, tmp_path_factory) -> Path:
+    """A two-member reward model (seeds mode, lambda 0.5), one step each: the RL ensemble path."""
+    from caiflow.training.config import RewardModelConfig
+    from caiflow.training.reward import train_reward_model
+
+    root = tmp_path_factory.mktemp("rm-ensemble")
+    cfg = RewardModelConfig(max_steps=1, batch_size=2, per_device_batch_size=2, max_length=128, eval_fraction=0.0,
+                            ensemble_size=2, ensemble_lambda=0.5, learning_rate=1e-2, lora={"r": 4, "alpha": 8})
+    train_reward_model(cfg, tiny_path, make_prefs(), root / "model", root / "work", seed=0)
+    return root / "model"

@@ -10,17 +10,10 @@ import pytest
 import torch
 
 import caiflow.training.reward as reward
-from caiflow.training.common import FAULT_ENV
+from caiflow.faults import OOM_ABOVE_ENV as FAULT_ENV
 from caiflow.training.config import RewardModelConfig
-from caiflow.training.reward import (
-    RewardScorer,
-    aggregate,
-    assign_principles,
-    conversation_ids,
-    pair_metrics,
-    soft_label_loss,
-    train_reward_model,
-)
+from caiflow.training.reward import assign_principles, pair_metrics, soft_label_loss, split_pairs, train_reward_model
+from caiflow.training.reward_scorer import RewardScorer, aggregate, conversation_ids
 
 FAST = dict(max_steps=2, batch_size=4, per_device_batch_size=2, max_length=128, learning_rate=1e-2, save_steps=1,
             logging_steps=1, eval_fraction=0.25, lora={"r": 4, "alpha": 8})
@@ -99,7 +92,7 @@ def test_members_move_adapters_and_head_not_base(ensemble):
 def test_ensemble_layout_metrics_and_loading(ensemble, tiny_path):
     from transformers import AutoModelForSequenceClassification
 
-    out, metrics, _, _ = ensemble
+    out, metrics, _, prefs = ensemble
     spec = json.loads((out / "ensemble.json").read_text())
     assert spec["members"] == ["member-00", "member-01"] and spec["lambda"] == 0.5 and spec["mode"] == "seeds"
     assert spec["seeds"] == [0, 1] and len(spec["offsets"]) == 2
@@ -107,8 +100,14 @@ def test_ensemble_layout_metrics_and_loading(ensemble, tiny_path):
 
     assert metrics["pairs"] == 20 and metrics["eval_pairs"] == 5 and metrics["train_pairs"] == 15
     json.dumps(metrics)  # goes into the artifact manifest as it is
-    for key in ("eval_accuracy", "eval_soft_agreement", "eval_brier", "eval_ece", "eval_loss"):
-        assert 0.0 <= metrics[key] <= 1.0 or key == "eval_loss"
+    # The held-out metrics are those of the saved ensemble on the held-out pairs, recomputed here from scratch.
+    _, held_out = split_pairs(prefs, FAST["eval_fraction"], seed=0)
+    scorer = RewardScorer(out)
+    chosen = scorer.score(list(held_out["prompt"]), [list(c) for c in held_out["chosen"]])
+    rejected = scorer.score(list(held_out["prompt"]), [list(r) for r in held_out["rejected"]])
+    again = pair_metrics(chosen - rejected, held_out["label"].to_numpy())
+    for key in ("accuracy", "soft_agreement", "brier", "ece", "loss"):
+        assert metrics[f"eval_{key}"] == pytest.approx(again[key], abs=1e-4), key
     assert [m["name"] for m in metrics["members"]] == ["member-00", "member-01"]
     assert all(m["steps"] == 2 and "eval" in m for m in metrics["members"])
 
@@ -197,3 +196,19 @@ def test_bad_preferences_say_what_to_fix(tiny_path, prefs, tmp_path):
     with pytest.raises(ValueError, match="ensemble_mode: seeds"):
         train_reward_model(RewardModelConfig(ensemble_size=3, ensemble_mode="principles", **FAST), tiny_path,
                            prefs, tmp_path / "m", tmp_path / "w", seed=0)
+
+
+def test_per_device_batch_does_not_change_the_reward_model(tiny_path, prefs, tmp_path):
+    """reward_model.per_device_batch_size is not fingerprinted: accumulation gives the same scores (dropout off;
+    with LoRA dropout on, its masks are drawn per forward pass and differ too)."""
+    settings = {**FAST, "eval_fraction": 0.0, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+    train_reward_model(RewardModelConfig(**settings), tiny_path, prefs, tmp_path / "a", tmp_path / "wa", seed=0)
+    train_reward_model(RewardModelConfig(**{**settings, "per_device_batch_size": 1}), tiny_path, prefs,
+                       tmp_path / "b", tmp_path / "wb", seed=0)
+    prompts, answers = list(prefs["prompt"][:6]), [c[0]["content"] for c in prefs["rejected"][:6]]
+    a = RewardScorer(tmp_path / "a").score_members(prompts, answers)
+    b = RewardScorer(tmp_path / "b").score_members(prompts, answers)
+    assert a == pytest.approx(b, abs=1e-4)
+    train_reward_model(RewardModelConfig(**settings), tiny_path, prefs, tmp_path / "c", tmp_path / "wc", seed=1)
+    other_seed = RewardScorer(tmp_path / "c").score_members(prompts, answers)
+    assert np.abs(other_seed - a).max() > 1e-3  # the comparison can tell two different models apart

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import caiflow.training.rl as rl
-from caiflow.training.common import FAULT_ENV
+from caiflow.faults import OOM_ABOVE_ENV as FAULT_ENV
 from caiflow.training.config import RLConfig
 from caiflow.training.rl import check_prompts, history_from_logs, train_rl
-from caiflow.training.sft import load_policy
+from caiflow.models import load_policy
 
 FAST = dict(lora={"r": 4, "alpha": 8}, max_steps=2, num_generations=2, batch_size=4, max_new_tokens=6,
             learning_rate=1e-2, save_steps=1)
@@ -92,3 +93,47 @@ def test_history_maps_trl_names():
             {"step": 1, "train_loss": 0.1}]
     assert history_from_logs(logs) == [{"step": 1, "reward": 0.5, "kl": 0.01, "completion_length": 7.0,
                                         "reward_std": None, "loss": 0.1, "entropy": None, "learning_rate": None}]
+
+
+def test_per_device_batch_does_not_change_the_policy(tiny_path, sl_adapter, reward_dir, tmp_path):
+    """rl.per_device_batch_size is not fingerprinted: TRL generates one batch of rl.batch_size completions per
+    optimiser step whatever the slices, and accumulation gives the same update (dropout off; with LoRA dropout
+    on, its masks are drawn per forward pass and differ too)."""
+    from transformers import AutoModelForCausalLM
+
+    from caiflow.models import load_tokenizer
+
+    settings = {**FAST, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+    whole = train_rl(RLConfig(**settings), sl_adapter, tiny_path, reward_dir, PROMPTS, tmp_path / "a",
+                     tmp_path / "wa", seed=0)
+    sliced = train_rl(RLConfig(**{**settings, "per_device_batch_size": 2}), sl_adapter, tiny_path, reward_dir,
+                      PROMPTS, tmp_path / "b", tmp_path / "wb", seed=0)
+    assert (whole["gradient_accumulation_steps"], sliced["gradient_accumulation_steps"]) == (1, 2)
+    assert [h["reward"] for h in whole["history"]] == pytest.approx([h["reward"] for h in sliced["history"]],
+                                                                    abs=1e-5)
+    tokenizer = load_tokenizer(tiny_path)
+    a = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "a"), tokenizer)
+    b = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "b"), tokenizer)
+    assert torch.allclose(a, b, atol=1e-4)
+    sl, _ = load_policy(sl_adapter, base_model_path=tiny_path)
+    assert not torch.allclose(a, _logits(sl, tokenizer), atol=1e-4)  # RL moved the policy: equality means something
+
+
+def test_rloo_against_a_reward_ensemble_uses_its_conservative_score(tiny_path, sl_adapter, reward_ensemble_dir,
+                                                                     tmp_path):
+    """RL rewards with the ensemble's mean - lambda * std (what the reward step saved), not one member."""
+    from caiflow.training.reward_scorer import RewardScorer, aggregate
+    from caiflow.training.rl import reward_function
+
+    scorer = RewardScorer(reward_ensemble_dir)
+    completions = [[{"role": "assistant", "content": text}] for text in ("No.", "Sure, here is how.", "Call a smith.")]
+    members = scorer.score_members(PROMPTS[:3], [c[0]["content"] for c in completions])
+    assert members.shape == (2, 3) and not np.allclose(members[0], members[1])  # two members that disagree
+    rewards = reward_function(scorer)(PROMPTS[:3], completions)
+    assert rewards == pytest.approx(aggregate(members, 0.5).tolist(), abs=1e-6)
+    assert rewards != pytest.approx(members.mean(axis=0).tolist(), abs=1e-6)  # lambda is applied
+
+    metrics = train_rl(RLConfig(algorithm="rloo", **FAST), sl_adapter, tiny_path, reward_ensemble_dir, PROMPTS,
+                       tmp_path / "out", tmp_path / "work", seed=0)
+    assert metrics["reward_members"] == 2 and metrics["steps"] == 2
+    _check_history(metrics)

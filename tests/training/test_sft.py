@@ -13,9 +13,11 @@ import torch
 
 import caiflow.training.sft as sft
 from caiflow.faults import KILL_ENV
-from caiflow.training.common import FAULT_ENV, load_base_for_training
+from caiflow.faults import OOM_ABOVE_ENV as FAULT_ENV
+from caiflow.training.common import load_base_for_training
 from caiflow.training.config import SFTConfig
-from caiflow.training.sft import load_policy, mix_records, to_prompt_completion, train_sft
+from caiflow.models import load_policy
+from caiflow.training.sft import mix_records, to_prompt_completion, train_sft
 
 ROOT = Path(__file__).resolve().parents[2]
 # A high learning rate so two steps visibly move the adapter of a random model.
@@ -123,3 +125,26 @@ def test_bad_records_say_what_to_fix(sl_records):
         to_prompt_completion([{"role": "user", "content": "hi"}])
     mixed = mix_records(sl_records, 0.25, seed=0)
     assert (mixed["kind"] == "benign").sum() == 4 and len(mixed) == 16
+
+
+def _adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_per_device_batch_does_not_change_the_adapter(tiny_path, sl_records, tmp_path):
+    """sft.per_device_batch_size is not fingerprinted: the same effective batch by accumulation gives the same
+    adapter, up to float rounding. (With LoRA dropout on, the dropout masks are drawn per forward pass and so
+    differ too: dropout is off here to compare the optimisation alone.)"""
+    settings = {**FAST, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+    train_sft(SFTConfig(method="lora", **settings), tiny_path, sl_records, tmp_path / "a", tmp_path / "wa", seed=0)
+    train_sft(SFTConfig(method="lora", **{**settings, "per_device_batch_size": 1}), tiny_path, sl_records,
+              tmp_path / "b", tmp_path / "wb", seed=0)
+    a, b = _adapter_tensors(tmp_path / "a"), _adapter_tensors(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    untrained = SFTConfig(method="lora", **{**settings, "learning_rate": 1e-3})  # the comparison can fail:
+    train_sft(untrained, tiny_path, sl_records, tmp_path / "c", tmp_path / "wc", seed=0)
+    c = _adapter_tensors(tmp_path / "c")
+    assert not all(torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-6) for k in a)

@@ -1,6 +1,6 @@
 """`make ui`: caiflow on Prefect's own server, locally, in one command.
 
-    python -m flows.ui [--storage DIR] [--port 4200] [--timezone Europe/Berlin]
+    python -m deployments.ui [--storage DIR] [--port 4200] [--timezone Europe/Berlin]
                        [--max-reschedules 2] [--gpus N] [--preset configs/tiny.yaml]
 
 It starts, in order, and stops in reverse order on Ctrl-C:
@@ -157,7 +157,7 @@ def crash_automation(max_reschedules: int) -> Any:
         name=AUTOMATION,
         description=(f"Reschedule a crashed caiflow run (at most {max_reschedules} times, "
                      f"{RESCHEDULE_AFTER.seconds} s after the crash); it resumes from the last good step. "
-                     "Created by `make ui` (flows/ui.py)."),
+                     "Created by `make ui` (deployments/ui.py)."),
         enabled=True,
         trigger=EventTrigger(
             after={"prefect.flow-run.Crashed"},
@@ -372,7 +372,7 @@ def banner(stack: Stack) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flows.ui", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m deployments.ui", description=__doc__.split("\n\n")[0])
     p.add_argument("--storage", default=os.environ.get("CAIFLOW_STORAGE") or str(PROJECT / "storage"),
                    help="artifact root; the SQLite database goes to <storage>/prefect/ (default: storage/)")
     p.add_argument("--host", default="127.0.0.1", help="address the server listens on (default: 127.0.0.1)")

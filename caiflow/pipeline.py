@@ -1,0 +1,58 @@
+"""The pipeline, declared once: its steps, what each reads, and the order they run in.
+
+The plan (fingerprints), the flow, the CLI, `caiflow status` and the deployments all read this
+table; nothing else lists the steps. Importing it is cheap (no torch, no Prefect), so the CLI's
+`--help` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    name: str
+    # Bump when the step's code changes what it writes: its artifacts (and everything downstream) re-run.
+    version: int
+    # The steps whose artifacts this one reads; each comes earlier in PIPELINE.
+    inputs: tuple[str, ...]
+    # Runs a model on the accelerator: the task takes a slot of the `gpu` concurrency limit.
+    gpu: bool
+    summary: str
+
+
+PIPELINE: tuple[StepSpec, ...] = (
+    StepSpec("prompts", 3, (), False, "load, normalise, dedupe, split, categorise by principle"),
+    StepSpec("critique_revision", 3, ("prompts",), True, "answer, critique, revise: SL-CAI data"),
+    StepSpec("sft", 2, ("critique_revision",), True, "supervised fine-tuning on the revisions"),
+    StepSpec("preferences", 3, ("prompts", "sft"), True, "AI-feedback preference pairs"),
+    StepSpec("reward_model", 2, ("preferences",), True, "reward model on the soft AI labels"),
+    StepSpec("rl", 2, ("prompts", "sft", "reward_model"), True, "RL from the SL model against the reward model"),
+    StepSpec("evaluate", 3, ("prompts", "sft", "reward_model", "rl"), True, "base vs SL vs RL on held-out prompts"),
+)
+
+STEPS: tuple[str, ...] = tuple(s.name for s in PIPELINE)
+SPECS: dict[str, StepSpec] = {s.name: s for s in PIPELINE}
+
+
+def spec(step: str) -> StepSpec:
+    """The declaration of one step; an unknown name is a ValueError listing the valid ones."""
+    try:
+        return SPECS[step]
+    except KeyError:
+        raise ValueError(f"unknown step '{step}': choose one of {', '.join(STEPS)}") from None
+
+
+def steps_until(until: str) -> tuple[StepSpec, ...]:
+    """The steps up to and including `until`, in order."""
+    return PIPELINE[: STEPS.index(spec(until).name) + 1]
+
+
+def downstream(step: str) -> set[str]:
+    """Every step that reads `step`'s artifact, directly or through other steps (not `step` itself)."""
+    out: set[str] = set()
+    for s in PIPELINE:
+        if step in s.inputs or out.intersection(s.inputs):
+            out.add(s.name)
+    return out

@@ -1,0 +1,122 @@
+"""Scoring with a trained reward model folder (one member or an ensemble): what RL and evaluation use.
+
+Training (`caiflow.training.reward`) and scoring share one formatting function
+(:func:`conversation_ids`: the chat template over prompt + answer, as TRL's RewardTrainer does
+it) and right padding: the sequence-classification head reads the rightmost non-pad token, and
+right padding keeps the position ids the model was trained with. Ensemble members' scores are
+centred by their stored offsets and combined conservatively by :func:`aggregate`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def aggregate(scores: np.ndarray, lam: float) -> np.ndarray:
+    """Conservative ensemble score per column: mean - lam * std across members (axis 0, ddof=0)."""
+    scores = np.asarray(scores, dtype=float)
+    if scores.ndim != 2 or scores.shape[0] < 1:
+        raise ValueError(f"aggregate expects scores of shape (members, n); got shape {scores.shape}.")
+    if lam < 0:
+        raise ValueError(f"ensemble lambda is {lam}: it must be >= 0 (0 = plain mean).")
+    if scores.shape[0] == 1:
+        return scores[0].copy()
+    return scores.mean(axis=0) - lam * scores.std(axis=0, ddof=0)
+
+
+def messages_of(value: Any, what: str) -> list[dict]:
+    """A list of {role, content} from a list, tuple or numpy array (Parquet gives arrays)."""
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{what} must be a list of {{role, content}} messages, got {type(value).__name__}.")
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+
+
+def conversation_ids(tokenizer, prompt: list[dict], answer: str | list[dict]) -> list[int]:
+    """Token ids of prompt + the assistant's answer through the chat template: the one format of training and scoring."""
+    reply = answer if isinstance(answer, list) else [{"role": "assistant", "content": str(answer)}]
+    out = tokenizer.apply_chat_template(list(prompt) + list(reply), tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def score_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int = 8) -> np.ndarray:
+    """Reward of each token sequence: length-sorted batches, right-padded, inference mode, input order kept."""
+    import torch
+
+    device = next(model.parameters()).device
+    out = np.zeros(len(ids), dtype=float)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(ids[i]) for i in rows)
+            input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, i in enumerate(rows):
+                input_ids[j, :len(ids[i])] = torch.tensor(ids[i])
+                mask[j, :len(ids[i])] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            out[rows] = logits[:, 0].float().cpu().numpy()
+    return out
+
+
+class RewardScorer:
+    """Scores (prompt, completion) pairs with a trained reward model folder (one member or an ensemble).
+
+    ``score_members`` gives the centred reward of every member, shape (K, n); ``score`` aggregates
+    them as mean - lam * std (``lam`` None = the lambda saved in ensemble.json).
+    """
+
+    def __init__(self, reward_dir: str | Path, device: str = "cpu", batch_size: int = 8, lam: float | None = None):
+        from transformers import AutoModelForSequenceClassification
+
+        from caiflow.models import load_tokenizer, pick_device, quiet_transformers
+
+        quiet_transformers()
+        self.reward_dir = Path(reward_dir)
+        spec_file = self.reward_dir / ENSEMBLE_FILE
+        if not spec_file.is_file():
+            raise FileNotFoundError(f"{self.reward_dir} is not a reward model folder: {ENSEMBLE_FILE} is missing. "
+                                    "Point at the reward_model artifact's model/ folder written by train_reward_model.")
+        self.spec = json.loads(spec_file.read_text())
+        self.lam = float(self.spec.get("lambda", 0.0) if lam is None else lam)
+        self.batch_size = max(1, int(batch_size))
+        self.max_length = self.spec.get("max_length")
+        self.offsets = np.asarray(self.spec.get("offsets") or [0.0] * len(self.spec["members"]), dtype=float)
+        self.device = pick_device(device)
+        self.tokenizer = load_tokenizer(self.reward_dir)
+        self.models = []
+        for name in self.spec["members"]:
+            model = AutoModelForSequenceClassification.from_pretrained(self.reward_dir / name)
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = self.tokenizer.pad_token_id
+            self.models.append(model.to(self.device).eval())
+
+    @property
+    def size(self) -> int:
+        return len(self.models)
+
+    def encode(self, prompts: list[list[dict]], completions: list[str]) -> list[list[int]]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions: pass one completion per prompt.")
+        ids = [conversation_ids(self.tokenizer, messages_of(p, "prompt"), c) for p, c in zip(prompts, completions)]
+        if self.max_length:  # keep the end: the head reads the last token (training dropped longer pairs instead)
+            ids = [x[-self.max_length:] for x in ids]
+        return ids
+
+    def score_members(self, prompts: list[list[dict]], completions: list[str]) -> np.ndarray:
+        """Centred rewards, shape (K members, n)."""
+        ids = self.encode(prompts, completions)
+        if not ids:
+            return np.zeros((self.size, 0))
+        raw = np.stack([score_ids(m, ids, m.config.pad_token_id, self.batch_size) for m in self.models])
+        return raw - self.offsets[:, None]
+
+    def score(self, prompts: list[list[dict]], completions: list[str]) -> np.ndarray:
+        """Aggregated reward per completion: mean - lam * std across members, shape (n,)."""
+        return aggregate(self.score_members(prompts, completions), self.lam)
