@@ -113,12 +113,19 @@ def load_prompts(n: int) -> list[list[dict]]:
     return [convs[i % len(convs)] for i in range(n)]
 
 
-def one_at_a_time(model, tokenizer, engine: GenerationEngine, prompts: list[str], sampling: Sampling,
-                  seeds: list[int]) -> tuple[int, float]:
+def one_at_a_time(
+    model, tokenizer, engine: GenerationEngine, prompts: list[str], sampling: Sampling, seeds: list[int]
+) -> tuple[int, float]:
     """Plain per-prompt model.generate with HF sampling; returns (new tokens, seconds)."""
-    config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=True,
-                              temperature=sampling.temperature, top_p=sampling.top_p, top_k=None,
-                              eos_token_id=engine.eos_token_ids, pad_token_id=engine.pad_token_id)
+    config = GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=True,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=None,
+        eos_token_id=engine.eos_token_ids,
+        pad_token_id=engine.pad_token_id,
+    )
     eos = set(engine.eos_token_ids)
     tokens, start = 0, time.perf_counter()
     with torch.inference_mode():
@@ -126,7 +133,7 @@ def one_at_a_time(model, tokenizer, engine: GenerationEngine, prompts: list[str]
             ids = torch.tensor([engine._encode(prompt)], device=model.device)
             torch.manual_seed(seed)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-            new = out[0, ids.shape[1]:].tolist()
+            new = out[0, ids.shape[1] :].tolist()
             tokens += next((k for k, t in enumerate(new) if t in eos), len(new))
     return tokens, time.perf_counter() - start
 
@@ -136,8 +143,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--storage", default="storage", help="artifact root holding the cached default model")
     parser.add_argument("--prompts", type=int, default=64, help="number of prompts")
     parser.add_argument("--new-tokens", type=int, default=64, help="max new tokens per prompt")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="engine batch size (default: all 64 prompts in one batch)")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="engine batch size (default: all 64 prompts in one batch)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -146,8 +154,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     prompts = [engine.format_chat(c) for c in load_prompts(args.prompts)]
     seeds = list(range(len(prompts)))
     sampling = Sampling(max_new_tokens=args.new_tokens, temperature=0.7, top_p=1.0)
-    log.info("model %s, %d prompts, %d max new tokens, engine batch size %d, %d torch threads",
-             DEFAULT_MODEL, len(prompts), args.new_tokens, args.batch_size, torch.get_num_threads())
+    log.info(
+        "model %s, %d prompts, %d max new tokens, engine batch size %d, %d torch threads",
+        DEFAULT_MODEL,
+        len(prompts),
+        args.new_tokens,
+        args.batch_size,
+        torch.get_num_threads(),
+    )
 
     engine.generate_text(prompts[:2], Sampling(max_new_tokens=4), [0, 1])  # warm-up, not timed
 
@@ -156,17 +170,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     texts = engine.generate_text(prompts, sampling, seeds)
     engine_s = time.perf_counter() - start
     engine_tokens = engine.generated_tokens
-    log.info("engine:          %5d tokens in %7.1f s = %7.1f tokens/s (%d backoffs)",
-             engine_tokens, engine_s, engine_tokens / engine_s, engine.backoffs)
+    log.info(
+        "engine:          %5d tokens in %7.1f s = %7.1f tokens/s (%d backoffs)",
+        engine_tokens,
+        engine_s,
+        engine_tokens / engine_s,
+        engine.backoffs,
+    )
 
     base_tokens, base_s = one_at_a_time(model, tokenizer, engine, prompts, sampling, seeds)
-    log.info("one at a time:   %5d tokens in %7.1f s = %7.1f tokens/s", base_tokens, base_s, base_tokens / base_s)
+    log.info(
+        "one at a time:   %5d tokens in %7.1f s = %7.1f tokens/s", base_tokens, base_s, base_tokens / base_s
+    )
 
     speedup = (engine_tokens / engine_s) / (base_tokens / base_s)
     log.info("speed-up: %.1fx", speedup)
     log.info("sample answer: %r", texts[0][:200])
-    return {"engine_tokens_per_s": engine_tokens / engine_s, "baseline_tokens_per_s": base_tokens / base_s,
-            "speedup": speedup}
+    return {
+        "engine_tokens_per_s": engine_tokens / engine_s,
+        "baseline_tokens_per_s": base_tokens / base_s,
+        "speedup": speedup,
+    }
 
 
 if __name__ == "__main__":

@@ -131,14 +131,17 @@ class Plan:
 
 # SmolLM2-1.7B's shape: big enough that a decode step is real GPU work, small enough that both
 # sides x two batch sizes x 128 tokens take well under a minute on an H100.
-SMOLLM2_1_7B = ModelShape(hidden=2048, layers=24, heads=32, kv_heads=32, intermediate=8192, vocab=49152,
-                          tie_embeddings=True)
+SMOLLM2_1_7B = ModelShape(
+    hidden=2048, layers=24, heads=32, kv_heads=32, intermediate=8192, vocab=49152, tie_embeddings=True
+)
 # Llama-2-7B: the common 7B shape, full multi-head attention (no GQA), so the KV cache is the largest
 # a 7B pipeline meets; ~12.6 GiB of bf16 weights, which leaves room for every part on an 80 GB card.
-LLAMA2_7B = ModelShape(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000,
-                       tie_embeddings=False)
-TINY = ModelShape(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=172, vocab=1024,
-                  tie_embeddings=False)
+LLAMA2_7B = ModelShape(
+    hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000, tie_embeddings=False
+)
+TINY = ModelShape(
+    hidden=64, layers=2, heads=4, kv_heads=4, intermediate=172, vocab=1024, tie_embeddings=False
+)
 
 FULL = Plan(
     gen_model=SMOLLM2_1_7B,
@@ -149,21 +152,42 @@ FULL = Plan(
     mem_model=LLAMA2_7B,
     sft_batches=(1, 4),  # per-device batch 1 and 4 at the SFT sequence length of the configs
     sft_seq=1024,
-    kv_batch=32, kv_prompt=512, kv_new=256,  # a generation step of the pipeline at full batch
-    rm_pairs=4, rm_seq=1024,  # 4 chosen + 4 rejected rows in one forward
+    kv_batch=32,
+    kv_prompt=512,
+    kv_new=256,  # a generation step of the pipeline at full batch
+    rm_pairs=4,
+    rm_seq=1024,  # 4 chosen + 4 rejected rows in one forward
 )
 SMOKE = Plan(
-    gen_model=TINY, n_prompts=12, prompt_tokens=(20, 60), new_tokens=8, batch_sizes=(4, 12),
-    mem_model=TINY, sft_batches=(1, 2), sft_seq=64, kv_batch=4, kv_prompt=32, kv_new=8, rm_pairs=2, rm_seq=64,
+    gen_model=TINY,
+    n_prompts=12,
+    prompt_tokens=(20, 60),
+    new_tokens=8,
+    batch_sizes=(4, 12),
+    mem_model=TINY,
+    sft_batches=(1, 2),
+    sft_seq=64,
+    kv_batch=4,
+    kv_prompt=32,
+    kv_new=8,
+    rm_pairs=2,
+    rm_seq=64,
 )
 
 
 def llama_config(shape: ModelShape, tok_ids: dict[str, int] | None = None) -> LlamaConfig:
     ids = tok_ids or {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     return LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=4096, tie_word_embeddings=shape.tie_embeddings, use_cache=True, **ids,
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=shape.tie_embeddings,
+        use_cache=True,
+        **ids,
     )
 
 
@@ -284,8 +308,12 @@ class Report:
         cells = [[_cell(c) for c in r] for r in [header, *rows]]
         widths = [max(len(r[k]) for r in cells) for k in range(len(header))]
         for n, r in enumerate(cells):
-            self.line("  ".join(c.ljust(w) if k == 0 or k == len(r) - 1 else c.rjust(w)
-                                for k, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
+            self.line(
+                "  ".join(
+                    c.ljust(w) if k == 0 or k == len(r) - 1 else c.rjust(w)
+                    for k, (c, w) in enumerate(zip(r, widths, strict=True))
+                ).rstrip()
+            )
             if n == 0:
                 self.line("  ".join("-" * w for w in widths))
 
@@ -335,11 +363,16 @@ def build_tokenizer(max_vocab: int) -> PreTrainedTokenizerFast:
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=max_vocab, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=max_vocab,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     core.train_from_iterator(text, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="<|im_end|>",
-                                  pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>"
+    )
     tok.chat_template = CHAT_TEMPLATE
     tok.padding_side = "left"
     if len(tok) > max_vocab:
@@ -356,8 +389,9 @@ def make_prompts(tok: PreTrainedTokenizerFast, n: int, lo: int, hi: int, seed: i
     for target in targets:
         words = [rng.choice(WORDS) for _ in range(target)]
         while True:
-            text = tok.apply_chat_template([{"role": "user", "content": " ".join(words)}], tokenize=False,
-                                           add_generation_prompt=True)
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": " ".join(words)}], tokenize=False, add_generation_prompt=True
+            )
             if len(tok(text, add_special_tokens=False)["input_ids"]) <= target or len(words) == 1:
                 break
             words.pop()
@@ -383,14 +417,27 @@ def hf_config(tok, new_tokens: int, sample: bool = True) -> GenerationConfig:
     ids = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     if not sample:
         return GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1, **ids)
-    return GenerationConfig(max_new_tokens=new_tokens, do_sample=True, temperature=TEMPERATURE, top_p=TOP_P,
-                            top_k=0,  # 0 = off (None means the library default, 50); the engine has none
-                            num_beams=1, **ids)
+    return GenerationConfig(
+        max_new_tokens=new_tokens,
+        do_sample=True,
+        temperature=TEMPERATURE,
+        top_p=TOP_P,
+        top_k=0,  # 0 = off (None means the library default, 50); the engine has none
+        num_beams=1,
+        **ids,
+    )
 
 
-def hf_generate(model, tok, prompts: list[str], batch: int, new_tokens: int, device: torch.device,
-                sample: bool = True,
-                processors: Callable[[list[int]], LogitsProcessorList] | None = None) -> int:
+def hf_generate(
+    model,
+    tok,
+    prompts: list[str],
+    batch: int,
+    new_tokens: int,
+    device: torch.device,
+    sample: bool = True,
+    processors: Callable[[list[int]], LogitsProcessorList] | None = None,
+) -> int:
     """Plain batched model.generate, left-padded, longest prompts first (the engine's order); new tokens.
 
     Encodes, generates and decodes, as the engine's generate_text does, so both timings cover the same work.
@@ -402,18 +449,19 @@ def hf_generate(model, tok, prompts: list[str], batch: int, new_tokens: int, dev
     config = hf_config(tok, new_tokens, sample)
     total = 0
     for start in range(0, len(order), batch):
-        batch_rows = order[start:start + batch]
+        batch_rows = order[start : start + batch]
         rows = [encoded[i] for i in batch_rows]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for k, r in enumerate(rows):
-            ids[k, width - len(r):] = torch.tensor(r)
-            mask[k, width - len(r):] = 1
+            ids[k, width - len(r) :] = torch.tensor(r)
+            mask[k, width - len(r) :] = 1
         extra = {"logits_processor": processors(batch_rows)} if processors is not None else {}
         with torch.inference_mode():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=config, **extra)
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, **extra
+            )
         new = out[:, width:].tolist()
         tok.batch_decode(new, skip_special_tokens=True)  # the engine decodes too: same work on both sides
         total += new_token_count(new, {tok.eos_token_id})
@@ -424,8 +472,11 @@ def setup_generation(plan: Plan, device: torch.device, rep: Report) -> tuple[Any
     """Tokenizer, random-weight model, prompts and their lengths in tokens, as sections 1 and 1b use them."""
     shape = plan.gen_model
     tok = build_tokenizer(min(shape.vocab, 4096))
-    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-           "pad_token_id": tok.pad_token_id}
+    ids = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
     t0 = time.perf_counter()
     model = build_model(LlamaForCausalLM, llama_config(shape, ids), device)
     model.generation_config = GenerationConfig(**ids)
@@ -436,10 +487,14 @@ def setup_generation(plan: Plan, device: torch.device, rep: Report) -> tuple[Any
     if encoded != hf_encode(tok, prompts):
         raise RuntimeError("the engine and the baseline encode the prompts differently")
     lengths = [len(e) for e in encoded]
-    rep.line(f"model: {count(model):,} params, {shape}, built in {build_s:.1f}s; "
-             f"attention={model.config._attn_implementation}")
-    rep.line(f"tokenizer: {len(tok)} tokens; {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens "
-             f"(mean {np.mean(lengths):.0f}); {plan.new_tokens} new tokens, temperature 0.7, top_p 0.9")
+    rep.line(
+        f"model: {count(model):,} params, {shape}, built in {build_s:.1f}s; "
+        f"attention={model.config._attn_implementation}"
+    )
+    rep.line(
+        f"tokenizer: {len(tok)} tokens; {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens "
+        f"(mean {np.mean(lengths):.0f}); {plan.new_tokens} new tokens, temperature 0.7, top_p 0.9"
+    )
     return tok, model, prompts, lengths
 
 
@@ -480,15 +535,25 @@ def part_generation(plan: Plan, device: torch.device, clock: Clock, rep: Report)
         rows.append([f"engine B={batch}", e_tok, e_s, e_tok / e_s, e_peak, f"backoffs={engine.backoffs}"])
         rows.append([f"generate B={batch}", g_tok, g_s, g_tok / g_s, g_peak, f"engine/generate={ratio:.3f}"])
         figures[str(batch)] = {
-            "engine": {"tokens": e_tok, "seconds": e_s, "tokens_per_s": e_tok / e_s, "peak_gib": e_peak,
-                       "backoffs": engine.backoffs},
+            "engine": {
+                "tokens": e_tok,
+                "seconds": e_s,
+                "tokens_per_s": e_tok / e_s,
+                "peak_gib": e_peak,
+                "backoffs": engine.backoffs,
+            },
             "generate": {"tokens": g_tok, "seconds": g_s, "tokens_per_s": g_tok / g_s, "peak_gib": g_peak},
             "ratio_engine_over_generate": ratio,
         }
     rep.table(["side", "tokens", "seconds", "tokens/s", "peak GiB", "note"], rows)
-    rep.data["generation"] = {"model": asdict(shape), "params": count(model), "prompts": len(prompts),
-                              "prompt_tokens": [min(lengths), max(lengths), float(np.mean(lengths))],
-                              "new_tokens": plan.new_tokens, "by_batch": figures}
+    rep.data["generation"] = {
+        "model": asdict(shape),
+        "params": count(model),
+        "prompts": len(prompts),
+        "prompt_tokens": [min(lengths), max(lengths), float(np.mean(lengths))],
+        "new_tokens": plan.new_tokens,
+        "by_batch": figures,
+    }
 
 
 # ---------------------------------------------------------------- 1b. diagnosis: why the engine is slower
@@ -566,10 +631,16 @@ def diag_sampler_micro(batch: int, vocab: int, device: torch.device, rep: Report
         ("  b. top-p: log(_top_p_filter(exp))", lambda: torch.log(cgen._top_p_filter(logp.exp(), TOP_P))),
         ("  c. row_uniforms", lambda: cgen.row_uniforms(sampler.seeds, 5, vocab)),
         ("  d. gumbel noise + argmax", lambda: (logp - torch.log(-torch.log(u))).argmax(dim=-1)),
-        ("  e. full_like(-inf) + scatter_", lambda: torch.full_like(scores32, float("-inf")).scatter_(
-            1, picks.unsqueeze(1), 0.0)),
-        ("generate sampling: warpers+softmax+multinomial", lambda: torch.multinomial(
-            torch.softmax(warpers(input_ids, scores32.clone()), dim=-1), num_samples=1)),
+        (
+            "  e. full_like(-inf) + scatter_",
+            lambda: torch.full_like(scores32, float("-inf")).scatter_(1, picks.unsqueeze(1), 0.0),
+        ),
+        (
+            "generate sampling: warpers+softmax+multinomial",
+            lambda: torch.multinomial(
+                torch.softmax(warpers(input_ids, scores32.clone()), dim=-1), num_samples=1
+            ),
+        ),
         ("generate greedy: argmax", lambda: scores32.argmax(dim=-1)),
     ]
     rows, figures = [], {}
@@ -583,16 +654,23 @@ def diag_sampler_micro(batch: int, vocab: int, device: torch.device, rep: Report
             except Exception as exc:
                 rows.append([name, None, None, f"ERROR {type(exc).__name__}: {str(exc)[:60]}"])
                 figures[name.strip()] = {"error": f"{type(exc).__name__}: {exc}"}
-    rep.line(f"-- PerRowSampler micro-benchmark: scores ({batch}, {vocab}), {calls} calls each; host = time "
-             "to enqueue, wall = with one synchronize at the end (device-bound: wall >> host)")
+    rep.line(
+        f"-- PerRowSampler micro-benchmark: scores ({batch}, {vocab}), {calls} calls each; host = time "
+        "to enqueue, wall = with one synchronize at the end (device-bound: wall >> host)"
+    )
     rep.table(["part", "host ms/call", "wall ms/call", "syncs/call"], rows)
-    rep.data.setdefault("diagnose", {})["sampler_micro"] = {"batch": batch, "vocab": vocab, "calls": calls,
-                                                            "parts": figures}
+    rep.data.setdefault("diagnose", {})["sampler_micro"] = {
+        "batch": batch,
+        "vocab": vocab,
+        "calls": calls,
+        "parts": figures,
+    }
     rep.save()
 
 
-def diag_variants(model, tok, prompts: list[str], device: torch.device
-                  ) -> list[tuple[str, Callable[[list[str], int, int], tuple[int, str]]]]:
+def diag_variants(
+    model, tok, prompts: list[str], device: torch.device
+) -> list[tuple[str, Callable[[list[str], int, int], tuple[int, str]]]]:
     """The timed variants: run(prompts, batch, new_tokens) -> (real new tokens, note)."""
     from caiflow import generation as cgen
 
@@ -601,9 +679,11 @@ def diag_variants(model, tok, prompts: list[str], device: torch.device
     def engine(temperature: float, top_p: float) -> Callable[[list[str], int, int], tuple[int, str]]:
         def run(ps: list[str], batch: int, n: int) -> tuple[int, str]:
             eng = GenerationEngine(model, tok, batch_size=batch)
-            eng.generate_text(ps, Sampling(max_new_tokens=n, temperature=temperature, top_p=top_p),
-                              seeds[:len(ps)])
+            eng.generate_text(
+                ps, Sampling(max_new_tokens=n, temperature=temperature, top_p=top_p), seeds[: len(ps)]
+            )
             return eng.generated_tokens, f"backoffs={eng.backoffs}"
+
         return run
 
     def sampler(rows: list[int]) -> LogitsProcessorList:  # rows' seeds: their prompt indices
@@ -615,13 +695,26 @@ def diag_variants(model, tok, prompts: list[str], device: torch.device
         ("3 engine greedy", engine(0.0, 1.0)),
         ("4 engine sample p=1.0", engine(TEMPERATURE, 1.0)),
         ("5 engine sample p=0.9", engine(TEMPERATURE, TOP_P)),
-        ("6 generate greedy+PerRowSampler", lambda ps, b, n: (
-            hf_generate(model, tok, ps, b, n, device, sample=False, processors=sampler), "p=0.9, direct")),
+        (
+            "6 generate greedy+PerRowSampler",
+            lambda ps, b, n: (
+                hf_generate(model, tok, ps, b, n, device, sample=False, processors=sampler),
+                "p=0.9, direct",
+            ),
+        ),
     ]
 
 
-def diag_generation(variants, prompts: list[str], batch: int, new_tokens: int, device: torch.device,
-                    counter: ForwardCounter, clock: Clock, rep: Report) -> None:
+def diag_generation(
+    variants,
+    prompts: list[str],
+    batch: int,
+    new_tokens: int,
+    device: torch.device,
+    counter: ForwardCounter,
+    clock: Clock,
+    rep: Report,
+) -> None:
     """Each variant over all prompts at one batch size, after one warm-up batch (8 new tokens) of its own."""
     rows, figures, base = [], {}, None
     for name, run in variants:
@@ -640,8 +733,19 @@ def diag_generation(variants, prompts: list[str], batch: int, new_tokens: int, d
         except Exception as exc:
             traceback.print_exc()
             kind = "OOM" if is_oom(exc) else "ERROR"
-            rows.append([name, None, None, None, None, None, None, None,
-                         f"{kind} {type(exc).__name__}: {str(exc)[:80]}"])
+            rows.append(
+                [
+                    name,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    f"{kind} {type(exc).__name__}: {str(exc)[:80]}",
+                ]
+            )
             rep.data.setdefault("failed", {})[f"diagnose {name} B={batch}"] = kind
             free(device)
             continue
@@ -650,21 +754,41 @@ def diag_generation(variants, prompts: list[str], batch: int, new_tokens: int, d
         ratio = speed / base if base else None
         ms_fwd = secs / forwards * 1e3 if forwards else None
         rows.append([name, tokens, forwards, secs, speed, ms_fwd, ratio, peak, note])
-        figures[name] = {"tokens": tokens, "forwards": forwards, "seconds": secs, "tokens_per_s": speed,
-                         "ms_per_forward": ms_fwd, "ratio_vs_baseline": ratio, "peak_gib": peak, "note": note}
-        rep.line(f"  B={batch} {name}: {tokens} tokens, {forwards} forwards, {secs:.2f}s "
-                 f"(total {clock.elapsed():.0f}s)")
+        figures[name] = {
+            "tokens": tokens,
+            "forwards": forwards,
+            "seconds": secs,
+            "tokens_per_s": speed,
+            "ms_per_forward": ms_fwd,
+            "ratio_vs_baseline": ratio,
+            "peak_gib": peak,
+            "note": note,
+        }
+        rep.line(
+            f"  B={batch} {name}: {tokens} tokens, {forwards} forwards, {secs:.2f}s "
+            f"(total {clock.elapsed():.0f}s)"
+        )
         rep.data.setdefault("diagnose", {}).setdefault("by_batch", {})[str(batch)] = figures
         rep.save()
-    rep.line(f"-- B={batch}, {len(prompts)} prompts x {new_tokens} new tokens; "
-             "ratio = tokens/s over variant 1's")
-    rep.table(["variant", "tokens", "forwards", "seconds", "tokens/s", "ms/forward", "ratio", "peak GiB",
-               "note"], rows)
+    rep.line(
+        f"-- B={batch}, {len(prompts)} prompts x {new_tokens} new tokens; ratio = tokens/s over variant 1's"
+    )
+    rep.table(
+        ["variant", "tokens", "forwards", "seconds", "tokens/s", "ms/forward", "ratio", "peak GiB", "note"],
+        rows,
+    )
     rep.save()
 
 
-def diag_syncs(variants, prompts: list[str], batch: int, device: torch.device, counter: ForwardCounter,
-               rep: Report, new_tokens: int = 4) -> None:
+def diag_syncs(
+    variants,
+    prompts: list[str],
+    batch: int,
+    device: torch.device,
+    counter: ForwardCounter,
+    rep: Report,
+    new_tokens: int = 4,
+) -> None:
     """Host-device synchronisations per forward of each variant, on one short batch."""
     rows, figures = [], {}
     for name, run in variants:
@@ -676,15 +800,23 @@ def diag_syncs(variants, prompts: list[str], batch: int, device: torch.device, c
             figures[name] = {"forwards": counter.n, "syncs": syncs, "syncs_per_forward": per}
         except Exception as exc:
             rows.append([name, None, None, f"ERROR {type(exc).__name__}: {str(exc)[:80]}"])
-    rep.line(f"-- host-device syncs (torch.cuda sync debug mode), one batch of {batch} x {new_tokens} "
-             "new tokens")
+    rep.line(
+        f"-- host-device syncs (torch.cuda sync debug mode), one batch of {batch} x {new_tokens} new tokens"
+    )
     rep.table(["variant", "forwards", "syncs", "syncs/forward"], rows)
     rep.data.setdefault("diagnose", {})["syncs"] = figures
     rep.save()
 
 
-def diag_profile(variants, prompts: list[str], batch: int, new_tokens: int, device: torch.device,
-                 counter: ForwardCounter, rep: Report) -> None:
+def diag_profile(
+    variants,
+    prompts: list[str],
+    batch: int,
+    new_tokens: int,
+    device: torch.device,
+    counter: ForwardCounter,
+    rep: Report,
+) -> None:
     """torch.profiler on one short batch of the engine (top_p 0.9) and of plain generate: the top ops."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -704,9 +836,11 @@ def diag_profile(variants, prompts: list[str], batch: int, new_tokens: int, devi
             avg = prof.key_averages()
             dev_ms = sum(getattr(e, "self_device_time_total", 0) or 0 for e in avg) / 1e3 if cuda else None
             cpu_ms = sum(e.self_cpu_time_total for e in avg) / 1e3
-            rep.line(f"-- profile: {name}, one batch of {batch} x {new_tokens} new tokens: "
-                     f"{counter.n} forwards, wall {wall:.2f}s (profiled), "
-                     f"self device total {_cell(dev_ms)} ms, self CPU total {cpu_ms:.1f} ms; top 15 by {key}")
+            rep.line(
+                f"-- profile: {name}, one batch of {batch} x {new_tokens} new tokens: "
+                f"{counter.n} forwards, wall {wall:.2f}s (profiled), "
+                f"self device total {_cell(dev_ms)} ms, self CPU total {cpu_ms:.1f} ms; top 15 by {key}"
+            )
             for line in avg.table(sort_by=key, row_limit=15).splitlines():
                 rep.line(line)
             if cuda and name.startswith("5 "):
@@ -714,7 +848,11 @@ def diag_profile(variants, prompts: list[str], batch: int, new_tokens: int, devi
                 for line in avg.table(sort_by="self_cpu_time_total", row_limit=10).splitlines():
                     rep.line(line)
             rep.data.setdefault("diagnose", {}).setdefault("profile", {})[name] = {
-                "wall_s": wall, "forwards": counter.n, "self_device_ms": dev_ms, "self_cpu_ms": cpu_ms}
+                "wall_s": wall,
+                "forwards": counter.n,
+                "self_device_ms": dev_ms,
+                "self_cpu_ms": cpu_ms,
+            }
         except Exception as exc:  # the profiler is a nicety: never the reason the run fails
             first = (str(exc).splitlines() or [""])[0][:200]
             rep.line(f"-- profile {name} failed: {type(exc).__name__}: {first}")
@@ -731,11 +869,21 @@ def part_diagnose(plan: Plan, device: torch.device, clock: Clock, rep: Report) -
         ("syncs", lambda: diag_syncs(variants, prompts, min(big, 8), device, counter, rep)),
     ]
     for b in sorted(plan.batch_sizes, reverse=True):
-        steps.append((f"variants B={b}", lambda b=b: diag_generation(variants, prompts, b, plan.new_tokens,
-                                                                     device, counter, clock, rep)))
+        steps.append(
+            (
+                f"variants B={b}",
+                lambda b=b: diag_generation(
+                    variants, prompts, b, plan.new_tokens, device, counter, clock, rep
+                ),
+            )
+        )
     # Last, so no profiler state can touch the timings above.
-    steps.append(("profile", lambda: diag_profile(variants, prompts, big, min(16, plan.new_tokens), device,
-                                                  counter, rep)))
+    steps.append(
+        (
+            "profile",
+            lambda: diag_profile(variants, prompts, big, min(16, plan.new_tokens), device, counter, rep),
+        )
+    )
     try:
         for name, step in steps:
             rep.line()
@@ -778,8 +926,13 @@ class MemoryRows:
 
 
 def lora_config(plan: Plan, task_type: str) -> LoraConfig:
-    return LoraConfig(r=plan.lora_r, lora_alpha=plan.lora_alpha, lora_dropout=0.05,
-                      target_modules=LORA_TARGETS, task_type=task_type)
+    return LoraConfig(
+        r=plan.lora_r,
+        lora_alpha=plan.lora_alpha,
+        lora_dropout=0.05,
+        target_modules=LORA_TARGETS,
+        task_type=task_type,
+    )
 
 
 def prepare_for_training(model) -> None:
@@ -805,8 +958,12 @@ def part_weights_and_sft(plan: Plan, device: torch.device, clock: Clock, mem: Me
     model = build_model(LlamaForCausalLM, llama_config(shape), device)
     sync(device)
     actual = count(model)
-    mem.add("a. weights", peak_gib(device), weights / GIB,
-            f"n_params*2; n_params {actual:,} (formula {n_params(shape):,})")
+    mem.add(
+        "a. weights",
+        peak_gib(device),
+        weights / GIB,
+        f"n_params*2; n_params {actual:,} (formula {n_params(shape):,})",
+    )
 
     prepare_for_training(model)
     model = get_peft_model(model, lora_config(plan, "CAUSAL_LM"))
@@ -821,10 +978,12 @@ def part_weights_and_sft(plan: Plan, device: torch.device, clock: Clock, mem: Me
         ckpt = shape.layers * batch * plan.sft_seq * shape.hidden * 2  # one bf16 hidden state saved per layer
         logits = batch * plan.sft_seq * shape.vocab * 4  # the loss upcasts logits to fp32
         arith = weights + lora_bytes + ckpt + logits
-        note = (f"weights + LoRA {lora:,} (formula {n_lora(shape, plan.lora_r):,}) x "
-                f"{lora_bytes / lora:.0f}B (w+grad+AdamW {_cell(lora_bytes / GIB)}) "
-                f"+ ckpt L*B*S*H*2 {_cell(ckpt / GIB)} + fp32 logits {_cell(logits / GIB)}; "
-                "excl. 1-layer recompute")
+        note = (
+            f"weights + LoRA {lora:,} (formula {n_lora(shape, plan.lora_r):,}) x "
+            f"{lora_bytes / lora:.0f}B (w+grad+AdamW {_cell(lora_bytes / GIB)}) "
+            f"+ ckpt L*B*S*H*2 {_cell(ckpt / GIB)} + fp32 logits {_cell(logits / GIB)}; "
+            "excl. 1-layer recompute"
+        )
         try:
             reset_peak(device)
             x = torch.randint(1, shape.vocab, (batch, plan.sft_seq), device=device)
@@ -853,8 +1012,15 @@ def part_kv_cache(plan: Plan, device: torch.device, clock: Clock, mem: MemoryRow
     model = build_model(LlamaForCausalLM, llama_config(shape), device)
     sync(device)
     base = alloc_gib(device)
-    config = GenerationConfig(max_new_tokens=plan.kv_new, min_new_tokens=plan.kv_new,  # no early EOS stop
-                              do_sample=False, num_beams=1, use_cache=True, eos_token_id=2, pad_token_id=0)
+    config = GenerationConfig(
+        max_new_tokens=plan.kv_new,
+        min_new_tokens=plan.kv_new,  # no early EOS stop
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     try:
         reset_peak(device)
         x = torch.randint(3, shape.vocab, (plan.kv_batch, plan.kv_prompt), device=device)
@@ -891,16 +1057,18 @@ def part_reward(plan: Plan, device: torch.device, clock: Clock, mem: MemoryRows)
     lora, lora_bytes = adapter_bytes(model)
     ckpt = shape.layers * rows * plan.rm_seq * shape.hidden * 2
     arith = weights + lora_bytes + ckpt
-    note = (f"weights (no LM head) + trainable {lora:,} (LoRA formula {n_lora(shape, plan.lora_r):,} + score "
-            f"head {shape.hidden}) {_cell(lora_bytes / GIB)} + ckpt L*B*S*H*2 {_cell(ckpt / GIB)}; B={rows}; "
-            "excl. 1-layer recompute")
+    note = (
+        f"weights (no LM head) + trainable {lora:,} (LoRA formula {n_lora(shape, plan.lora_r):,} + score "
+        f"head {shape.hidden}) {_cell(lora_bytes / GIB)} + ckpt L*B*S*H*2 {_cell(ckpt / GIB)}; B={rows}; "
+        "excl. 1-layer recompute"
+    )
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     try:
         reset_peak(device)
         # No pad id (0) in the rows, so the score is read at the last position.
         x = torch.randint(1, shape.vocab, (rows, plan.rm_seq), device=device)
         scores = model(input_ids=x, use_cache=False).logits.float().squeeze(-1)
-        loss = -torch.nn.functional.logsigmoid(scores[:plan.rm_pairs] - scores[plan.rm_pairs:]).mean()
+        loss = -torch.nn.functional.logsigmoid(scores[: plan.rm_pairs] - scores[plan.rm_pairs :]).mean()
         loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
@@ -929,15 +1097,27 @@ def part_judge(plan: Plan, device: torch.device, clock: Clock, mem: MemoryRows) 
         free(device)
         after = alloc_gib(device)
         if before is None:
-            mem.add("e. judge load (2 models)", None, 2 * weights / GIB,
-                    f"policy ({count(policy):,} params) + judge (no accelerator)")
+            mem.add(
+                "e. judge load (2 models)",
+                None,
+                2 * weights / GIB,
+                f"policy ({count(policy):,} params) + judge (no accelerator)",
+            )
         else:
             back = abs(after - before) < 0.01
-            mem.add("e. judge load (2 models)", peak, 2 * weights / GIB,
-                    f"policy ({count(policy):,} params) + judge; judge adds {loaded - before:.2f}")
-            mem.add("e. judge after del", after, weights / GIB,
-                    f"policy only; before judge {before:.2f}; returned={back}; "
-                    f"reserved {torch.cuda.memory_reserved(device) / GIB:.2f}")
+            mem.add(
+                "e. judge load (2 models)",
+                peak,
+                2 * weights / GIB,
+                f"policy ({count(policy):,} params) + judge; judge adds {loaded - before:.2f}",
+            )
+            mem.add(
+                "e. judge after del",
+                after,
+                weights / GIB,
+                f"policy only; before judge {before:.2f}; returned={back}; "
+                f"reserved {torch.cuda.memory_reserved(device) / GIB:.2f}",
+            )
     except Exception as exc:
         if not is_oom(exc):
             raise
@@ -971,15 +1151,22 @@ def run_part(name: str, fn: Callable[[], None], clock: Clock, rep: Report) -> No
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny configs (CPU is fine): validates the code paths")
-    parser.add_argument("--time-limit", type=float, default=None,
-                        help="seconds after which parts not yet started are skipped "
-                             "(default 300; 200 with --diagnose)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny configs (CPU is fine): validates the code paths"
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds after which parts not yet started are skipped (default 300; 200 with --diagnose)",
+    )
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: generation,memory")
-    parser.add_argument("--diagnose", action="store_true",
-                        help="only section 1b: why the engine is slower than model.generate (variants, "
-                             "sampler micro-benchmark, syncs, profile); no sections 1 and 2")
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="only section 1b: why the engine is slower than model.generate (variants, "
+        "sampler micro-benchmark, syncs, profile); no sections 1 and 2",
+    )
     args = parser.parse_args(argv)
     if args.time_limit is None:
         args.time_limit = 200.0 if args.diagnose else 300.0
@@ -1002,44 +1189,71 @@ def main(argv: list[str] | None = None) -> int:
 
     name = torch.cuda.get_device_name(device) if on_cuda(device) else platform.processor() or "cpu"
     total_mem = torch.cuda.get_device_properties(device).total_memory / GIB if on_cuda(device) else None
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                "transformers": transformers.__version__, "peft": peft.__version__, "numpy": np.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "numpy": np.__version__,
+    }
     mode = ("smoke" if args.smoke else "full") + (" diagnose" if args.diagnose else "")
-    rep.data.update({"mode": mode, "device": name, "device_total_gib": total_mem, "versions": versions,
-                     "time_limit_s": args.time_limit})
-    rep.line(f"gpu_check ({mode}): device {name}" + (f", {total_mem:.1f} GiB" if total_mem else "")
-             + f"; time guard {args.time_limit:.0f}s")
+    rep.data.update(
+        {
+            "mode": mode,
+            "device": name,
+            "device_total_gib": total_mem,
+            "versions": versions,
+            "time_limit_s": args.time_limit,
+        }
+    )
+    rep.line(
+        f"gpu_check ({mode}): device {name}"
+        + (f", {total_mem:.1f} GiB" if total_mem else "")
+        + f"; time guard {args.time_limit:.0f}s"
+    )
     rep.line("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
 
     if args.diagnose:
         rep.line()
         g = plan.gen_model
-        rep.line(f"== 1b. diagnosis: engine vs model.generate ({g.hidden}-hidden, {g.layers} layers, "
-                 f"vocab {g.vocab}, bf16; batch sizes {sorted(plan.batch_sizes, reverse=True)})")
+        rep.line(
+            f"== 1b. diagnosis: engine vs model.generate ({g.hidden}-hidden, {g.layers} layers, "
+            f"vocab {g.vocab}, bf16; batch sizes {sorted(plan.batch_sizes, reverse=True)})"
+        )
         run_part("diagnose", lambda: part_diagnose(plan, device, clock, rep), clock, rep)
         free(device)
 
     if "generation" not in skip:
         rep.line()
         g = plan.gen_model
-        rep.line(f"== 1. generation throughput: engine vs batched model.generate ({g.hidden}-hidden, "
-                 f"{g.layers} layers, vocab {g.vocab}, bf16)")
+        rep.line(
+            f"== 1. generation throughput: engine vs batched model.generate ({g.hidden}-hidden, "
+            f"{g.layers} layers, vocab {g.vocab}, bf16)"
+        )
         run_part("generation", lambda: part_generation(plan, device, clock, rep), clock, rep)
         free(device)
 
     if "memory" not in skip:
         rep.line()
         m = plan.mem_model
-        rep.line(f"== 2. peak memory, 7B-shaped pipeline ({m.hidden}-hidden, {m.layers} layers, "
-                 f"vocab {m.vocab}, bf16, LoRA r={plan.lora_r} on {len(LORA_TARGETS)} projections)")
+        rep.line(
+            f"== 2. peak memory, 7B-shaped pipeline ({m.hidden}-hidden, {m.layers} layers, "
+            f"vocab {m.vocab}, bf16, LoRA r={plan.lora_r} on {len(LORA_TARGETS)} projections)"
+        )
         mem = MemoryRows(rep)
         # c and e before d: the KV cache and the judge swap matter most to the planner if time runs short.
-        for part, fn in [("a+b weights, SFT", part_weights_and_sft), ("c KV cache", part_kv_cache),
-                         ("e judge", part_judge), ("d reward", part_reward)]:
+        for part, fn in [
+            ("a+b weights, SFT", part_weights_and_sft),
+            ("c KV cache", part_kv_cache),
+            ("e judge", part_judge),
+            ("d reward", part_reward),
+        ]:
             run_part(part, lambda fn=fn: fn(plan, device, clock, mem), clock, rep)
         rep.line()
-        rep.table(["part", "measured peak GiB", "arithmetic GiB", "note"],
-                  sorted(mem.rows, key=lambda r: r[0]))
+        rep.table(
+            ["part", "measured peak GiB", "arithmetic GiB", "note"], sorted(mem.rows, key=lambda r: r[0])
+        )
         if not on_cuda(device):
             rep.line("(no accelerator: measured figures are n/a)")
 

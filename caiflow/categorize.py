@@ -15,8 +15,8 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 
@@ -53,8 +53,9 @@ def category_question(constitution: Constitution, prompt: str) -> str:
 CONTENT_FREE = ("N/A", "", "[request]")
 
 
-def categorize_local(engine, constitution: Constitution, prompts: list[str],
-                     calibrate: bool = True) -> list[tuple[str, float]]:
+def categorize_local(
+    engine, constitution: Constitution, prompts: list[str], calibrate: bool = True
+) -> list[tuple[str, float]]:
     """(label, probability) per prompt from the model's log-probability of each label."""
     options = [f" {label}" for label in labels(constitution)]
     names = labels(constitution)
@@ -92,7 +93,9 @@ def _client(base_url: str, api_key_env: str, timeout: float):
 def _retryable(exc: BaseException) -> bool:
     import openai
 
-    if isinstance(exc, (openai.RateLimitError, openai.APITimeoutError, openai.APIConnectionError, ValueError)):
+    if isinstance(
+        exc, (openai.RateLimitError, openai.APITimeoutError, openai.APIConnectionError, ValueError)
+    ):
         return True
     return isinstance(exc, openai.APIStatusError) and exc.status_code >= 500
 
@@ -115,9 +118,19 @@ def _parse(text: str, valid: list[str]) -> tuple[str, float]:
     return label, min(max(conf, 0.0), 1.0)
 
 
-def categorize_openai(constitution: Constitution, prompts: list[str], *, base_url: str, model: str,
-                      api_key_env: str, max_concurrency: int = 4, max_retries: int = 5, timeout: float = 60.0,
-                      backoff: float = 0.5, on_done: Callable[[int], None] | None = None) -> list[tuple[str, float]]:
+def categorize_openai(
+    constitution: Constitution,
+    prompts: list[str],
+    *,
+    base_url: str,
+    model: str,
+    api_key_env: str,
+    max_concurrency: int = 4,
+    max_retries: int = 5,
+    timeout: float = 60.0,
+    backoff: float = 0.5,
+    on_done: Callable[[int], None] | None = None,
+) -> list[tuple[str, float]]:
     """(label, confidence) per prompt from an OpenAI-compatible chat endpoint; fails loudly, drops nothing."""
     client = _client(base_url, api_key_env, timeout)
     valid = labels(constitution)
@@ -132,15 +145,19 @@ def categorize_openai(constitution: Constitution, prompts: list[str], *, base_ur
             try:
                 resp = client.chat.completions.create(
                     model=model,
-                    messages=[{"role": "system", "content": system},
-                              {"role": "user", "content": category_question(constitution, prompt)}],
+                    messages=[
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": category_question(constitution, prompt)},
+                    ],
                     response_format={"type": "json_object"},
                     temperature=0,
                 )
                 return _parse(resp.choices[0].message.content, valid)
             except Exception as exc:  # noqa: BLE001 - classified just below
                 if not _retryable(exc):
-                    raise CategorizeError(f"endpoint {base_url} refused the request: {_describe(exc)}") from None
+                    raise CategorizeError(
+                        f"endpoint {base_url} refused the request: {_describe(exc)}"
+                    ) from None
                 last = exc
                 if attempt < max_retries:
                     # exponential backoff with jitter, capped at 30 s

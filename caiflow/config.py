@@ -24,9 +24,13 @@ class ConfigError(ValueError):
 
 
 class RunConfig(Section):
-    name: str = not_fingerprinted("caiflow", description="A label for this run; shown in run records and the UI.")
+    name: str = not_fingerprinted(
+        "caiflow", description="A label for this run; shown in run records and the UI."
+    )
     seed: int = Field(0, description="Master seed: every sampled principle and answer derives from it.")
-    storage: str = not_fingerprinted("storage", description="Artifact root folder (relative to the working directory).")
+    storage: str = not_fingerprinted(
+        "storage", description="Artifact root folder (relative to the working directory)."
+    )
 
 
 class TinyModelConfig(Section):
@@ -46,7 +50,9 @@ class ModelConfig(Section):
         ),
     )
     revision: str | None = by_content(
-        None, description="Hub revision (branch, tag or commit) of a Hugging Face id; fingerprinted by the snapshot."
+        None,
+        description="Hub revision (branch, tag or commit) of a Hugging Face id; "
+        "fingerprinted by the snapshot.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights dtype; float32 on CPU, bfloat16 on recent GPUs."
@@ -54,8 +60,12 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with the checkpoint. Off unless you trust the source."
     )
-    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of 'builtin:tiny-random'.")
-    device: Literal["auto", "cpu", "cuda"] = not_fingerprinted("auto", description="Where to run: auto picks cuda when present.")
+    tiny: TinyModelConfig = Field(
+        default_factory=TinyModelConfig, description="Shape of 'builtin:tiny-random'."
+    )
+    device: Literal["auto", "cpu", "cuda"] = not_fingerprinted(
+        "auto", description="Where to run: auto picks cuda when present."
+    )
 
 
 class ConstitutionConfig(Section):
@@ -83,7 +93,9 @@ class PromptSource(Section):
             "'hh' (Anthropic HH transcript, first Human turn), 'auto' to detect."
         ),
     )
-    text_column: str | None = Field(None, description="Column holding the prompt (auto: prompt/text/messages/...).")
+    text_column: str | None = Field(
+        None, description="Column holding the prompt (auto: prompt/text/messages/...)."
+    )
     split: str = Field("train", description="Split to read from a `datasets` source.")
     kind_label: Literal["red-team", "benign", "column"] = Field(
         "red-team",
@@ -98,10 +110,13 @@ class OpenAIEndpointConfig(Section):
     )
     model: str = Field("gpt-4o-mini", description="Model name at the endpoint.")
     api_key_env: str = not_fingerprinted(
-        "OPENAI_API_KEY", description="Environment variable holding the API key (never put the key itself here)."
+        "OPENAI_API_KEY",
+        description="Environment variable holding the API key (never put the key itself here).",
     )
     max_concurrency: int = not_fingerprinted(4, ge=1, description="Requests in flight at once.")
-    max_retries: int = not_fingerprinted(5, ge=0, description="Retries on 429, 5xx, timeouts and unparseable answers.")
+    max_retries: int = not_fingerprinted(
+        5, ge=0, description="Retries on 429, 5xx, timeouts and unparseable answers."
+    )
     timeout: float = not_fingerprinted(60.0, gt=0, description="Seconds before one request times out.")
 
 
@@ -113,7 +128,9 @@ class CategorizeConfig(Section):
             "'openai': ask an OpenAI-compatible endpoint for JSON; 'none': keep the source's tag."
         ),
     )
-    openai: OpenAIEndpointConfig = Field(default_factory=OpenAIEndpointConfig, description="Endpoint for 'openai'.")
+    openai: OpenAIEndpointConfig = Field(
+        default_factory=OpenAIEndpointConfig, description="Endpoint for 'openai'."
+    )
     # Fingerprinted: padding in a batch moves scores by float noise, which can flip a close category.
     batch_size: int = Field(16, ge=1, description="Prompts scored at once by the local backend.")
 
@@ -122,15 +139,25 @@ class PromptsConfig(Section):
     sources: list[PromptSource] = Field(
         default_factory=lambda: [PromptSource()], description="Prompt sources, concatenated in order."
     )
-    max_red_team: int | None = Field(None, ge=1, description="Keep at most this many red-team prompts (train+eval).")
-    max_benign: int | None = Field(None, ge=0, description="Keep at most this many benign prompts (train+eval).")
+    max_red_team: int | None = Field(
+        None, ge=1, description="Keep at most this many red-team prompts (train+eval)."
+    )
+    max_benign: int | None = Field(
+        None, ge=0, description="Keep at most this many benign prompts (train+eval)."
+    )
     min_chars: int = Field(8, ge=1, description="Prompts shorter than this are dropped (reason kept).")
     max_chars: int = Field(2000, ge=1, description="Prompts longer than this are dropped (reason kept).")
     max_tokens: int | None = Field(
-        None, ge=1, description="Drop prompts longer than this many tokens (default: a quarter of the model context)."
+        None,
+        ge=1,
+        description="Drop prompts longer than this many tokens (default: a quarter of the model context).",
     )
-    eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share held out for evaluation (stable hash split).")
-    categorize: CategorizeConfig = Field(default_factory=CategorizeConfig, description="How prompts get a principle.")
+    eval_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Share held out for evaluation (stable hash split)."
+    )
+    categorize: CategorizeConfig = Field(
+        default_factory=CategorizeConfig, description="How prompts get a principle."
+    )
 
 
 class SamplingConfig(Section):
@@ -146,18 +173,26 @@ class GenerationConfig(Section):
         16, ge=1, description="Prompts generated at once; halved automatically on out-of-memory."
     )
     # Fingerprinted too: a shard's rows are generated together, so the shard size also cuts the batches.
-    shard_size: int = Field(64, ge=1, description="Rows per Parquet shard; a crash redoes at most the open shard.")
+    shard_size: int = Field(
+        64, ge=1, description="Rows per Parquet shard; a crash redoes at most the open shard."
+    )
 
 
 class CritiqueRevisionConfig(Section):
     rounds: int = Field(1, ge=1, le=4, description="Critique-revision rounds per answer.")
-    few_shot: int = Field(1, ge=0, description="Few-shot examples from the constitution shown before each request.")
-    answer: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling of the initial answer.")
+    few_shot: int = Field(
+        1, ge=0, description="Few-shot examples from the constitution shown before each request."
+    )
+    answer: SamplingConfig = Field(
+        default_factory=SamplingConfig, description="Sampling of the initial answer."
+    )
     critique: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(max_new_tokens=96), description="Sampling of critiques."
     )
     revision: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling of revisions.")
-    answer_benign: bool = Field(True, description="Also answer benign prompts plainly (helpfulness data for SFT).")
+    answer_benign: bool = Field(
+        True, description="Also answer benign prompts plainly (helpfulness data for SFT)."
+    )
 
 
 class PreferencesConfig(Section):
@@ -174,13 +209,19 @@ class PreferencesConfig(Section):
         description="How the SL model samples the two answers per prompt (temperature 1: diverse pairs).",
     )
     principles_per_pair: int = Field(
-        1, ge=1, description="Principles sampled per pair; their labels are averaged (an ensemble of questions)."
+        1,
+        ge=1,
+        description="Principles sampled per pair; their labels are averaged (an ensemble of questions).",
     )
     clamp: tuple[float, float] | None = Field(
-        None, description="Clamp labels into [lo, hi], e.g. [0.2, 0.8], so no AI label is ever certain; null: off."
+        None,
+        description="Clamp labels into [lo, hi], e.g. [0.2, 0.8], so no AI label is ever certain; null: off.",
     )
     undecided_margin: float = Field(
-        0.02, ge=0.0, lt=0.5, description="Pairs whose label is within this of 0.5 are kept with drop_reason 'undecided'."
+        0.02,
+        ge=0.0,
+        lt=0.5,
+        description="Pairs whose label is within this of 0.5 are kept with drop_reason 'undecided'.",
     )
     include_benign: bool = Field(
         True, description="Also make pairs for benign training prompts (the feedback question still decides)."
@@ -190,20 +231,25 @@ class PreferencesConfig(Section):
     @classmethod
     def _clamp(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
         if v is not None and not (0.0 <= v[0] < 0.5 < v[1] <= 1.0):
-            raise ValueError(f"clamp must be [lo, hi] with 0 <= lo < 0.5 < hi <= 1, e.g. [0.2, 0.8]; got {list(v)}")
+            raise ValueError(
+                f"clamp must be [lo, hi] with 0 <= lo < 0.5 < hi <= 1, e.g. [0.2, 0.8]; got {list(v)}"
+            )
         return v
 
 
 class EvaluateConfig(Section):
     judge: Literal["base", "sl", "openai"] = Field(
-        "base", description="Who judges the pairwise comparisons: the base model (neutral), the SL model, or an endpoint."
+        "base",
+        description="Who judges the pairwise comparisons: the base model (neutral), the SL model, "
+        "or an endpoint.",
     )
     openai: OpenAIEndpointConfig = Field(
         default_factory=OpenAIEndpointConfig, description="The endpoint when judge is 'openai'."
     )
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(max_new_tokens=96, temperature=0.0),
-        description="How every stage answers the eval prompts (temperature 0: greedy, so stages are comparable).",
+        description="How every stage answers the eval prompts "
+        "(temperature 0: greedy, so stages are comparable).",
     )
     harmlessness_principle: str = Field(
         "harmlessness", description="Constitution principle whose feedback question judges red-team answers."
@@ -220,7 +266,9 @@ class EvaluateConfig(Section):
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run label, seed, storage.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The policy model.")
-    constitution: ConstitutionConfig = Field(default_factory=ConstitutionConfig, description="Which constitution.")
+    constitution: ConstitutionConfig = Field(
+        default_factory=ConstitutionConfig, description="Which constitution."
+    )
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Step 1: prompts.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Engine settings.")
     critique_revision: CritiqueRevisionConfig = Field(
@@ -230,7 +278,9 @@ class Config(Section):
     preferences: PreferencesConfig = Field(
         default_factory=PreferencesConfig, description="Step 4: AI-feedback preference pairs."
     )
-    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig, description="Step 5: reward model.")
+    reward_model: RewardModelConfig = Field(
+        default_factory=RewardModelConfig, description="Step 5: reward model."
+    )
     rl: RLConfig = Field(default_factory=RLConfig, description="Step 6: RL against the reward model.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Step 7: evaluation.")
     # Where the YAML file lives; relative paths inside the config resolve against it.
@@ -290,7 +340,9 @@ def build_config(data: dict[str, Any], base_dir: str | Path = ".") -> Config:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'a.b=value' -> (['a', 'b'], parsed value); the value is read as YAML (numbers, lists, null)."""
     if "=" not in item:
-        raise ConfigError(f"--set '{item}' is not of the form key.path=value, e.g. --set generation.batch_size=8.")
+        raise ConfigError(
+            f"--set '{item}' is not of the form key.path=value, e.g. --set generation.batch_size=8."
+        )
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
@@ -318,7 +370,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None, storage: s
     """Read a YAML preset, apply `--set` overrides and `--storage`, validate."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist. Pass an existing YAML file, e.g. configs/demo.yaml.")
+        raise ConfigError(
+            f"config file '{path}' does not exist. Pass an existing YAML file, e.g. configs/demo.yaml."
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

@@ -155,7 +155,10 @@ class Constitution:
             if ex.inverted_critique is None:
                 # Without a negated critique the example would still teach the original
                 # principle, which would blur the control; leave it out instead.
-                log.warning("few-shot example %r has no inverted critique; left out of the inverted constitution", ex.prompt[:40])
+                log.warning(
+                    "few-shot example %r has no inverted critique; left out of the inverted constitution",
+                    ex.prompt[:40],
+                )
                 continue
             few.append(ex.inverted())
         return dataclasses.replace(
@@ -178,7 +181,8 @@ class Constitution:
         unknown = [i for i in ids if i not in valid]
         if unknown:
             raise ConstitutionError(
-                f"constitution '{self.name}' ({self.source}) has no principle {', '.join(repr(u) for u in unknown)}: "
+                f"constitution '{self.name}' ({self.source}) has no principle "
+                f"{', '.join(repr(u) for u in unknown)}: "
                 f"choose among {', '.join(valid)}."
             )
         keep = set(ids)
@@ -241,9 +245,15 @@ def _parse_principle(path: Path, index: int, raw: Any) -> Principle:
         raise _err(
             path,
             f"{where} is missing 'inverted'",
-            "add an 'inverted:' mapping with the negated critique_request, revision_request and feedback_question",
+            "add an 'inverted:' mapping with the negated critique_request, revision_request "
+            "and feedback_question",
         )
-    inv = _mapping(path, f"{where} 'inverted'", data["inverted"], "give critique_request, revision_request, feedback_question")
+    inv = _mapping(
+        path,
+        f"{where} 'inverted'",
+        data["inverted"],
+        "give critique_request, revision_request, feedback_question",
+    )
     _check_keys(path, f"{where} 'inverted'", inv, _TEXT_FIELDS)
     inv_texts = {k: _text(path, f"{where} 'inverted'", k, inv.get(k)) for k in _TEXT_FIELDS}
     return Principle(
@@ -256,7 +266,9 @@ def _parse_principle(path: Path, index: int, raw: Any) -> Principle:
 
 def _parse_few_shot(path: Path, index: int, raw: Any, ids: list[str]) -> FewShot:
     where = f"few_shot example #{index + 1}"
-    data = _mapping(path, where, raw, "write it as 'prompt: ..., answer: ..., critique: ..., revision: ...' keys")
+    data = _mapping(
+        path, where, raw, "write it as 'prompt: ..., answer: ..., critique: ..., revision: ...' keys"
+    )
     _check_keys(path, where, data, _FEW_SHOT_KEYS)
     texts = {k: _text(path, where, k, data.get(k)) for k in _FEW_SHOT_FIELDS}
     principle = data.get("principle")
@@ -320,7 +332,11 @@ def load_constitution(
     """Read and validate a constitution file; optionally keep some principles, then invert."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise _err(path, "file does not exist", "point constitution.path at an existing YAML file, e.g. constitutions/harmless.yaml")
+        raise _err(
+            path,
+            "file does not exist",
+            "point constitution.path at an existing YAML file, e.g. constitutions/harmless.yaml",
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -15,7 +15,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-
 from caiflow import schemas
 from caiflow.constitution import Constitution, FewShot, Principle
 from caiflow.generation import GenerationEngine, Sampling
@@ -24,7 +23,13 @@ from caiflow.seeds import row_rng, row_seed
 SCHEMA = schemas.SL_DATA
 
 # Phrases that show the model copied the instructions instead of answering.
-_ECHO_MARKERS = ("critiquerequest", "revisionrequest", "critique request", "revision request", "please rewrite")
+_ECHO_MARKERS = (
+    "critiquerequest",
+    "revisionrequest",
+    "critique request",
+    "revision request",
+    "please rewrite",
+)
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,9 @@ def _few_shot_turns(examples: tuple[FewShot, ...], principle_of, n: int) -> list
     return turns
 
 
-def choose_principles(constitution: Constitution, prompt_id: str, category: str | None, rounds: int,
-                      seed: int) -> list[Principle]:
+def choose_principles(
+    constitution: Constitution, prompt_id: str, category: str | None, rounds: int, seed: int
+) -> list[Principle]:
     """The principle for each round: the category first (when known), then seeded samples."""
     ids = constitution.principle_ids()
     chosen: list[Principle] = []
@@ -79,9 +85,17 @@ def degenerate_reason(initial: str, revision: str, principle: Principle) -> str 
     return None
 
 
-def run_rows(engine: GenerationEngine, constitution: Constitution, rows: list[dict[str, Any]], *,
-             rounds: int, few_shot: int, sampler: Sampler, seed: int,
-             answer_benign: bool = True) -> list[dict[str, Any]]:
+def run_rows(
+    engine: GenerationEngine,
+    constitution: Constitution,
+    rows: list[dict[str, Any]],
+    *,
+    rounds: int,
+    few_shot: int,
+    sampler: Sampler,
+    seed: int,
+    answer_benign: bool = True,
+) -> list[dict[str, Any]]:
     """Answer, critique and revise a batch of prompt rows; returns records matching SCHEMA.
 
     rows: dicts with prompt_id, prompt, kind ('red-team' | 'benign') and category.
@@ -98,31 +112,47 @@ def run_rows(engine: GenerationEngine, constitution: Constitution, rows: list[di
     )
     state = {r["prompt_id"]: {"answer": a, "current": a, "rounds": []} for r, a in zip(work, answers)}
     red = [r for r in work if r["kind"] == "red-team"]
-    plans = {r["prompt_id"]: choose_principles(constitution, r["prompt_id"], r.get("category"), rounds, seed)
-             for r in red}
+    plans = {
+        r["prompt_id"]: choose_principles(constitution, r["prompt_id"], r.get("category"), rounds, seed)
+        for r in red
+    }
 
     for k in range(rounds):
         convs, seeds_c = [], []
         for r in red:
             p = plans[r["prompt_id"]][k]
-            convs.append(shots + [
-                {"role": "user", "content": r["prompt"]},
-                {"role": "assistant", "content": state[r["prompt_id"]]["current"]},
-                {"role": "user", "content": p.critique_request},
-            ])
+            convs.append(
+                shots
+                + [
+                    {"role": "user", "content": r["prompt"]},
+                    {"role": "assistant", "content": state[r["prompt_id"]]["current"]},
+                    {"role": "user", "content": p.critique_request},
+                ]
+            )
             seeds_c.append(row_seed(seed, r["prompt_id"], f"critique-{k}"))
         critiques = engine.generate(convs, sampler.critique, seeds_c) if red else []
         for conv, r, c in zip(convs, red, critiques):
             p = plans[r["prompt_id"]][k]
             conv += [{"role": "assistant", "content": c}, {"role": "user", "content": p.revision_request}]
-        revisions = engine.generate(
-            convs, sampler.revision, [row_seed(seed, r["prompt_id"], f"revision-{k}") for r in red]
-        ) if red else []
+        revisions = (
+            engine.generate(
+                convs, sampler.revision, [row_seed(seed, r["prompt_id"], f"revision-{k}") for r in red]
+            )
+            if red
+            else []
+        )
         for r, c, v in zip(red, critiques, revisions):
             p = plans[r["prompt_id"]][k]
             st = state[r["prompt_id"]]
-            st["rounds"].append({"principle": p.id, "critique_request": p.critique_request, "critique": c,
-                                 "revision_request": p.revision_request, "revision": v})
+            st["rounds"].append(
+                {
+                    "principle": p.id,
+                    "critique_request": p.critique_request,
+                    "critique": c,
+                    "revision_request": p.revision_request,
+                    "revision": v,
+                }
+            )
             if v.strip():  # an empty revision keeps the previous answer for the next round
                 st["current"] = v
 
@@ -142,7 +172,9 @@ def run_rows(engine: GenerationEngine, constitution: Constitution, rows: list[di
     return records
 
 
-def _record(row: dict[str, Any], initial: str, rounds: list[dict], final: str, reason: str | None) -> dict[str, Any]:
+def _record(
+    row: dict[str, Any], initial: str, rounds: list[dict], final: str, reason: str | None
+) -> dict[str, Any]:
     return {
         "prompt_id": row["prompt_id"],
         "prompt": row["prompt"],

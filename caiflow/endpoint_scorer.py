@@ -89,10 +89,16 @@ def _normalise(logps: np.ndarray) -> np.ndarray:
 class EndpointChoiceScorer:
     """``score_choices_chat`` through an OpenAI-compatible chat endpoint that returns logprobs."""
 
-    def __init__(self, endpoint: OpenAIEndpointConfig, backoff: float = 0.5,
-                 on_done: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        endpoint: OpenAIEndpointConfig,
+        backoff: float = 0.5,
+        on_done: Callable[[int], None] | None = None,
+    ):
         self.endpoint = endpoint
-        self.backoff = backoff  # seconds before the first retry; doubles each retry (capped at 30 s), with jitter
+        self.backoff = (
+            backoff  # seconds before the first retry; doubles each retry (capped at 30 s), with jitter
+        )
         self.on_done = on_done  # on_done(rows_finished) after each answered row, for progress reporting
         self.requests = 0  # HTTP requests sent (retries included), for metrics
         self._lock = threading.Lock()  # guards the counters above across worker threads
@@ -105,10 +111,13 @@ class EndpointChoiceScorer:
         from openai import OpenAI
 
         # Our own retry loop decides what is retryable, so the client's is off.
-        self._client = OpenAI(base_url=endpoint.base_url, api_key=key, timeout=endpoint.timeout, max_retries=0)
+        self._client = OpenAI(
+            base_url=endpoint.base_url, api_key=key, timeout=endpoint.timeout, max_retries=0
+        )
 
-    def score_choices_chat(self, conversations: list[list[dict]], options: list[str],
-                           assistant_prefix: str = "") -> np.ndarray:
+    def score_choices_chat(
+        self, conversations: list[list[dict]], options: list[str], assistant_prefix: str = ""
+    ) -> np.ndarray:
         """P(option) per conversation: a (len(conversations), len(options)) array whose rows sum to 1.
 
         ``assistant_prefix`` is accepted for interface compatibility and not sent: the system
@@ -151,7 +160,9 @@ class EndpointChoiceScorer:
                 return _normalise(option_logprobs(_first_token_alternatives(resp), options))
             except Exception as exc:  # noqa: BLE001 - classified just below
                 if not _retryable(exc):
-                    raise EndpointError(f"endpoint {ep.base_url} refused the request: {_describe(exc)}") from None
+                    raise EndpointError(
+                        f"endpoint {ep.base_url} refused the request: {_describe(exc)}"
+                    ) from None
                 last = exc
                 if attempt < ep.max_retries:
                     delay = min(30.0, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
@@ -159,7 +170,8 @@ class EndpointChoiceScorer:
                     time.sleep(delay)
         raise EndpointError(
             f"endpoint {ep.base_url} (model {ep.model}) failed {ep.max_retries + 1} times scoring choices "
-            f"(last: {_describe(last)}); check that the server is up and returns logprobs, or raise max_retries."
+            f"(last: {_describe(last)}); check that the server is up and returns logprobs, "
+            "or raise max_retries."
         )
 
 
@@ -179,7 +191,9 @@ def _first_token_alternatives(resp: Any) -> list[tuple[str, float]]:
 def _retryable(exc: BaseException) -> bool:
     import openai
 
-    if isinstance(exc, (openai.RateLimitError, openai.APITimeoutError, openai.APIConnectionError, ValueError)):
+    if isinstance(
+        exc, (openai.RateLimitError, openai.APITimeoutError, openai.APIConnectionError, ValueError)
+    ):
         return True
     return isinstance(exc, openai.APIStatusError) and exc.status_code >= 500
 

@@ -11,7 +11,17 @@ from importlib import metadata
 from typing import Any
 
 # The packages whose versions can change what a run computes.
-PACKAGES = ("caiflow", "torch", "transformers", "trl", "peft", "accelerate", "prefect", "datasets", "bitsandbytes")
+PACKAGES = (
+    "caiflow",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "prefect",
+    "datasets",
+    "bitsandbytes",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -27,14 +37,22 @@ def package_versions() -> dict[str, str | None]:
 
 def hardware() -> dict[str, Any]:
     """CPU, core count, memory and accelerators of this machine."""
-    info: dict[str, Any] = {"machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count(),
-                            "memory_gib": _memory_gib(), "python": platform.python_version(),
-                            "system": platform.platform()}
+    info: dict[str, Any] = {
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "cpus": os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "python": platform.python_version(),
+        "system": platform.platform(),
+    }
     try:
         import torch
 
-        info["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
-            if torch.cuda.is_available() else []
+        info["cuda"] = (
+            [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available()
+            else []
+        )
         info["torch_threads"] = torch.get_num_threads()
     except ImportError:
         info["cuda"] = []

@@ -34,25 +34,35 @@ ELO_START = 1000.0  # every player's rating before the first match
 # ---------------------------------------------------------------- judging
 
 
-def pairwise_judgements(scorer: ChoiceScorer, question: str, prompts: Sequence[str], answers_x: Sequence[str],
-                        answers_y: Sequence[str]) -> np.ndarray:
+def pairwise_judgements(
+    scorer: ChoiceScorer,
+    question: str,
+    prompts: Sequence[str],
+    answers_x: Sequence[str],
+    answers_y: Sequence[str],
+) -> np.ndarray:
     """P(x's answer is better than y's) per prompt, averaged over both presentation orders.
 
     Pairs whose answers are the same up to whitespace are exactly 0.5 and are not sent to the
     judge (both-order averaging would give 0.5 for them anyway). One scorer call in all.
     """
     if not len(prompts) == len(answers_x) == len(answers_y):
-        raise ValueError(f"got {len(prompts)} prompts, {len(answers_x)} x answers and {len(answers_y)} y answers: "
-                         "pass one answer of each per prompt.")
+        raise ValueError(
+            f"got {len(prompts)} prompts, {len(answers_x)} x answers and {len(answers_y)} y answers: "
+            "pass one answer of each per prompt."
+        )
     out = np.full(len(prompts), 0.5, dtype=np.float64)
     todo = [i for i in range(len(prompts)) if not same_answer(answers_x[i], answers_y[i])]
-    first, second = score_both_orders(scorer, [(question, prompts[i], answers_x[i], answers_y[i]) for i in todo])
+    first, second = score_both_orders(
+        scorer, [(question, prompts[i], answers_x[i], answers_y[i]) for i in todo]
+    )
     out[todo] = (first + second) / 2
     return out
 
 
-def bootstrap_win_rate(p: Sequence[float] | np.ndarray, n_boot: int = 2000, seed: int = 0,
-                       alpha: float = 0.05) -> dict[str, float | int]:
+def bootstrap_win_rate(
+    p: Sequence[float] | np.ndarray, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> dict[str, float | int]:
     """Soft win rate (mean of per-prompt P(x better)) and its percentile-bootstrap interval.
 
     Returns {"win_rate", "lo", "hi", "n"}: prompts are resampled with replacement ``n_boot``
@@ -60,7 +70,9 @@ def bootstrap_win_rate(p: Sequence[float] | np.ndarray, n_boot: int = 2000, seed
     """
     p = np.asarray(p, dtype=np.float64)
     if p.ndim != 1 or p.size == 0:
-        raise ValueError(f"bootstrap_win_rate needs a non-empty 1-d array of probabilities, got shape {p.shape}")
+        raise ValueError(
+            f"bootstrap_win_rate needs a non-empty 1-d array of probabilities, got shape {p.shape}"
+        )
     if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
         raise ValueError("bootstrap_win_rate: every value must be a probability in [0, 1]")
     if n_boot < 1 or not 0 < alpha < 1:
@@ -75,8 +87,9 @@ def bootstrap_win_rate(p: Sequence[float] | np.ndarray, n_boot: int = 2000, seed
     return {"win_rate": float(p.mean()), "lo": float(lo), "hi": float(hi), "n": int(p.size)}
 
 
-def reward_summary(scores: Sequence[float] | np.ndarray, bins: int = 10,
-                   value_range: tuple[float, float] | None = None) -> dict[str, Any]:
+def reward_summary(
+    scores: Sequence[float] | np.ndarray, bins: int = 10, value_range: tuple[float, float] | None = None
+) -> dict[str, Any]:
     """{"mean", "std", "n", "histogram": {"edges": [bins + 1 floats], "counts": [bins ints]}}.
 
     std is the population standard deviation (ddof=0). The histogram spans ``value_range`` when
@@ -99,8 +112,9 @@ def reward_summary(scores: Sequence[float] | np.ndarray, bins: int = 10,
     }
 
 
-def elo_ratings(matches: Sequence[tuple[str, str, float]], k: float = 16.0, rounds: int = 100,
-                seed: int = 0) -> dict[str, float]:
+def elo_ratings(
+    matches: Sequence[tuple[str, str, float]], k: float = 16.0, rounds: int = 100, seed: int = 0
+) -> dict[str, float]:
     """Elo ratings from soft outcomes, averaged over ``rounds`` random orderings of the matches.
 
     matches: (player_a, player_b, score of a) with score in [0, 1] (1: a won, 0.5: tie; a judge's
@@ -153,8 +167,15 @@ class Evaluation:
     report: str
 
 
-def evaluate_stages(cfg: Any, constitution: Any, base_model: Any, refs: dict[str, Any], rows: pd.DataFrame,
-                    batch_size: int, log: Any) -> Evaluation:
+def evaluate_stages(
+    cfg: Any,
+    constitution: Any,
+    base_model: Any,
+    refs: dict[str, Any],
+    rows: pd.DataFrame,
+    batch_size: int,
+    log: Any,
+) -> Evaluation:
     """Base, SL and RL answer the held-out `rows`; the reward model scores; the judge compares.
 
     `refs` are the artifacts by step (sft, rl, reward_model); `cfg` the run's Config.
@@ -167,8 +188,11 @@ def evaluate_stages(cfg: Any, constitution: Any, base_model: Any, refs: dict[str
     from caiflow.training.reward_scorer import RewardScorer
 
     ev = cfg.evaluate
-    sampling = Sampling(max_new_tokens=ev.sampling.max_new_tokens, temperature=ev.sampling.temperature,
-                        top_p=ev.sampling.top_p)
+    sampling = Sampling(
+        max_new_tokens=ev.sampling.max_new_tokens,
+        temperature=ev.sampling.temperature,
+        top_p=ev.sampling.top_p,
+    )
     convs = [[{"role": "user", "content": p}] for p in rows["prompt"]]
     seeds = [row_seed(cfg.run.seed, pid, "eval") for pid in rows["prompt_id"]]
 
@@ -185,8 +209,12 @@ def evaluate_stages(cfg: Any, constitution: Any, base_model: Any, refs: dict[str
     if judge is None:
         judge = choice_scorer(ev.judge, ev.openai, cfg.model, base_model, refs, batch_size)
 
-    scorer = RewardScorer(Path(refs["reward_model"].path) / MODEL_DIR, device=cfg.model.device,
-                          batch_size=batch_size, lam=cfg.reward_model.ensemble_lambda)
+    scorer = RewardScorer(
+        Path(refs["reward_model"].path) / MODEL_DIR,
+        device=cfg.model.device,
+        batch_size=batch_size,
+        lam=cfg.reward_model.ensemble_lambda,
+    )
     rewards = {s: np.asarray(scorer.score(convs, answers[s]), dtype=float) for s in STAGES}
     del scorer
 
@@ -200,42 +228,97 @@ def evaluate_stages(cfg: Any, constitution: Any, base_model: Any, refs: dict[str
             idx = np.flatnonzero(mask)
             if not len(idx):
                 continue
-            p = np.asarray(pairwise_judgements(judge, question, [rows["prompt"][i] for i in idx],
-                                               [answers[cand][i] for i in idx],
-                                               [answers[ref_stage][i] for i in idx]), dtype=float)
+            p = np.asarray(
+                pairwise_judgements(
+                    judge,
+                    question,
+                    [rows["prompt"][i] for i in idx],
+                    [answers[cand][i] for i in idx],
+                    [answers[ref_stage][i] for i in idx],
+                ),
+                dtype=float,
+            )
             win_rates.setdefault(f"{cand}_vs_{ref_stage}", {})[dim] = bootstrap_win_rate(
-                p, n_boot=ev.bootstrap, seed=cfg.run.seed)
-            judgements += [{"prompt_id": rows["prompt_id"][i], "kind": rows["kind"][i], "dimension": dim,
-                            "candidate": cand, "reference": ref_stage, "p_candidate_better": float(v)}
-                           for i, v in zip(idx, p)]
+                p, n_boot=ev.bootstrap, seed=cfg.run.seed
+            )
+            judgements += [
+                {
+                    "prompt_id": rows["prompt_id"][i],
+                    "kind": rows["kind"][i],
+                    "dimension": dim,
+                    "candidate": cand,
+                    "reference": ref_stage,
+                    "p_candidate_better": float(v),
+                }
+                for i, v in zip(idx, p)
+            ]
     jdf = pd.DataFrame(judgements, columns=JUDGEMENTS.names)
-    elo = {dim: elo_ratings([(r.candidate, r.reference, r.p_candidate_better)
-                             for r in jdf[jdf["dimension"] == dim].itertuples()], seed=cfg.run.seed)
-           for dim in questions if (jdf["dimension"] == dim).any()}
+    elo = {
+        dim: elo_ratings(
+            [
+                (r.candidate, r.reference, r.p_candidate_better)
+                for r in jdf[jdf["dimension"] == dim].itertuples()
+            ],
+            seed=cfg.run.seed,
+        )
+        for dim in questions
+        if (jdf["dimension"] == dim).any()
+    }
 
-    answers_df = pd.DataFrame([
-        {"prompt_id": pid, "kind": kind, "prompt": prompt, "stage": s, "answer": answers[s][i],
-         "reward": float(rewards[s][i])}
-        for s in STAGES for i, (pid, kind, prompt) in enumerate(zip(rows["prompt_id"], rows["kind"], rows["prompt"]))
-    ])
-    reward_stats = {s: {kind: reward_summary(rewards[s][mask]) for kind, mask in
-                        (("all", np.ones(len(rows), bool)), ("red-team", red), ("benign", ~red)) if mask.any()}
-                    for s in STAGES}
+    answers_df = pd.DataFrame(
+        [
+            {
+                "prompt_id": pid,
+                "kind": kind,
+                "prompt": prompt,
+                "stage": s,
+                "answer": answers[s][i],
+                "reward": float(rewards[s][i]),
+            }
+            for s in STAGES
+            for i, (pid, kind, prompt) in enumerate(zip(rows["prompt_id"], rows["kind"], rows["prompt"]))
+        ]
+    )
+    reward_stats = {
+        s: {
+            kind: reward_summary(rewards[s][mask])
+            for kind, mask in (("all", np.ones(len(rows), bool)), ("red-team", red), ("benign", ~red))
+            if mask.any()
+        }
+        for s in STAGES
+    }
     report = render_report(
-        win_rates=win_rates, rewards=reward_stats, elo=elo,
+        win_rates=win_rates,
+        rewards=reward_stats,
+        elo=elo,
         examples=_examples(rows, answers, rewards, ev.examples),
         judge=ev.judge if ev.judge != "openai" else f"{ev.openai.model} at {ev.openai.base_url}",
     )
-    metrics = {"eval_prompts": int(len(rows)), "red_team": int(red.sum()), "benign": int((~red).sum()),
-               "win_rates": win_rates, "rewards": reward_stats, "elo": elo, "judge": ev.judge}
+    metrics = {
+        "eval_prompts": int(len(rows)),
+        "red_team": int(red.sum()),
+        "benign": int((~red).sum()),
+        "win_rates": win_rates,
+        "rewards": reward_stats,
+        "elo": elo,
+        "judge": ev.judge,
+    }
     return Evaluation(answers_df, jdf, metrics, report)
 
 
-def _examples(rows: pd.DataFrame, answers: dict[str, list[str]], rewards: dict[str, np.ndarray],
-              n: int) -> list[dict[str, Any]]:
+def _examples(
+    rows: pd.DataFrame, answers: dict[str, list[str]], rewards: dict[str, np.ndarray], n: int
+) -> list[dict[str, Any]]:
     """A few red-team prompts (then benign ones) with every stage's answer and reward."""
-    order = list(np.flatnonzero(rows["kind"].to_numpy() == "red-team")) + \
-        list(np.flatnonzero(rows["kind"].to_numpy() != "red-team"))
-    return [{"prompt": rows["prompt"][i], "kind": rows["kind"][i],
-             "answers": {s: answers[s][i] for s in STAGES},
-             "rewards": {s: float(rewards[s][i]) for s in STAGES}} for i in order[:n]]
+    order = list(np.flatnonzero(rows["kind"].to_numpy() == "red-team")) + list(
+        np.flatnonzero(rows["kind"].to_numpy() != "red-team")
+    )
+    return [
+        {
+            "prompt": rows["prompt"][i],
+            "kind": rows["kind"][i],
+            "answers": {s: answers[s][i] for s in STAGES},
+            "rewards": {s: float(rewards[s][i]) for s in STAGES},
+        }
+        for i in order[:n]
+    ]

@@ -60,7 +60,9 @@ def inject_oom(rows: int, what: str = "batch") -> None:
     if limit is not None and rows > int(limit):
         import torch
 
-        raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {OOM_ABOVE_ENV}={limit}: {what} of {rows})")
+        raise torch.OutOfMemoryError(
+            f"CUDA out of memory (injected by {OOM_ABOVE_ENV}={limit}: {what} of {rows})"
+        )
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -68,7 +70,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
     oom_types = tuple(
-        t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
+        t
+        for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+        if t
     )
     if isinstance(exc, oom_types) or isinstance(exc, MemoryError):
         return True

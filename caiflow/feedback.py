@@ -47,8 +47,9 @@ _INPUT_COLUMNS = ("prompt_id", "prompt", "answer_a", "answer_b")
 class ChoiceScorer(Protocol):
     """What AI feedback needs from a model: normalised probabilities of multiple-choice options."""
 
-    def score_choices_chat(self, conversations: list[list[dict]], options: list[str],
-                           assistant_prefix: str = "") -> np.ndarray:
+    def score_choices_chat(
+        self, conversations: list[list[dict]], options: list[str], assistant_prefix: str = ""
+    ) -> np.ndarray:
         """(len(conversations), len(options)) probabilities, rows summing to 1."""
         ...
 
@@ -71,7 +72,9 @@ def feedback_conversation(question: str, prompt: str, first: str, second: str) -
     return [{"role": "user", "content": text}]
 
 
-def score_both_orders(scorer: ChoiceScorer, items: list[tuple[str, str, str, str]]) -> tuple[np.ndarray, np.ndarray]:
+def score_both_orders(
+    scorer: ChoiceScorer, items: list[tuple[str, str, str, str]]
+) -> tuple[np.ndarray, np.ndarray]:
     """(P(x better) with x shown first, P(x better) with x shown second) for (question, prompt, x, y) items.
 
     One scorer call for all items and both orders (the engine batches and length-sorts itself).
@@ -85,8 +88,10 @@ def score_both_orders(scorer: ChoiceScorer, items: list[tuple[str, str, str, str
     probs = np.asarray(scorer.score_choices_chat(convs, OPTIONS, ASSISTANT_PREFIX), dtype=np.float64)
     if probs.shape != (len(convs), len(OPTIONS)) or not np.isfinite(probs).all():
         raise ValueError(
-            f"the choice scorer returned an array of shape {probs.shape} (finite: {np.isfinite(probs).all()}) "
-            f"for {len(convs)} conversations and {len(OPTIONS)} options; expected ({len(convs)}, {len(OPTIONS)}) "
+            f"the choice scorer returned an array of shape {probs.shape} "
+            f"(finite: {np.isfinite(probs).all()}) "
+            f"for {len(convs)} conversations and {len(OPTIONS)} options; "
+            f"expected ({len(convs)}, {len(OPTIONS)}) "
             "finite probabilities"
         )
     probs = probs / probs.sum(axis=1, keepdims=True)
@@ -99,8 +104,9 @@ def same_answer(a: str, b: str) -> bool:
     return " ".join(str(a).split()) == " ".join(str(b).split())
 
 
-def sample_principles(constitution: Constitution, prompt_id: str, seed: int, k: int,
-                      allowed: list[str] | None = None) -> list[str]:
+def sample_principles(
+    constitution: Constitution, prompt_id: str, seed: int, k: int, allowed: list[str] | None = None
+) -> list[str]:
     """``k`` distinct principle ids for one pair, from the row's own seeded RNG.
 
     The choice depends only on (seed, prompt_id, k, the candidate list), never on the row's
@@ -115,9 +121,16 @@ def sample_principles(constitution: Constitution, prompt_id: str, seed: int, k: 
     return row_rng(seed, prompt_id, "feedback-principles").sample(ids, k)
 
 
-def label_pairs(scorer: ChoiceScorer, constitution: Constitution, rows: pd.DataFrame, seed: int,
-                principles_per_pair: int = 1, clamp: tuple[float, float] | None = None,
-                allowed_principles: list[str] | None = None, margin: float = UNDECIDED_MARGIN) -> pd.DataFrame:
+def label_pairs(
+    scorer: ChoiceScorer,
+    constitution: Constitution,
+    rows: pd.DataFrame,
+    seed: int,
+    principles_per_pair: int = 1,
+    clamp: tuple[float, float] | None = None,
+    allowed_principles: list[str] | None = None,
+    margin: float = UNDECIDED_MARGIN,
+) -> pd.DataFrame:
     """Soft AI-feedback labels for answer pairs; returns one row per input row, columns as SCHEMA.
 
     rows: DataFrame with prompt_id (unique per pair; seeds the principle choice), prompt (text),
@@ -136,11 +149,15 @@ def label_pairs(scorer: ChoiceScorer, constitution: Constitution, rows: pd.DataF
         raise ValueError(f"label_pairs needs columns {list(_INPUT_COLUMNS)}; missing {missing}")
     if rows["prompt_id"].duplicated().any():
         dup = rows.loc[rows["prompt_id"].duplicated(), "prompt_id"].iloc[0]
-        raise ValueError(f"prompt_id {dup!r} appears more than once: each pair needs its own id (it seeds the row).")
+        raise ValueError(
+            f"prompt_id {dup!r} appears more than once: each pair needs its own id (it seeds the row)."
+        )
     if principles_per_pair < 1:
         raise ValueError(f"principles_per_pair is {principles_per_pair}: set it to 1 or more.")
     if clamp is not None and not (0.0 <= clamp[0] < 0.5 < clamp[1] <= 1.0):
-        raise ValueError(f"clamp must be (lo, hi) with 0 <= lo < 0.5 < hi <= 1, e.g. (0.2, 0.8); got {tuple(clamp)}")
+        raise ValueError(
+            f"clamp must be (lo, hi) with 0 <= lo < 0.5 < hi <= 1, e.g. (0.2, 0.8); got {tuple(clamp)}"
+        )
     if not 0.0 <= margin < 0.5:
         raise ValueError(f"margin is {margin}: use a value in [0, 0.5), e.g. {UNDECIDED_MARGIN}.")
     if allowed_principles is not None:
@@ -155,20 +172,34 @@ def label_pairs(scorer: ChoiceScorer, constitution: Constitution, rows: pd.DataF
     for i, r in enumerate(records):
         if same_answer(r["answer_a"], r["answer_b"]):
             continue
-        plans[i] = sample_principles(constitution, str(r["prompt_id"]), seed, principles_per_pair, allowed_principles)
-        items += [(constitution.principle(pid).feedback_question, r["prompt"], r["answer_a"], r["answer_b"])
-                  for pid in plans[i]]
+        plans[i] = sample_principles(
+            constitution, str(r["prompt_id"]), seed, principles_per_pair, allowed_principles
+        )
+        items += [
+            (constitution.principle(pid).feedback_question, r["prompt"], r["answer_a"], r["answer_b"])
+            for pid in plans[i]
+        ]
     a_first, a_second = score_both_orders(scorer, items)
 
     out = []
     pos = 0
     for i, r in enumerate(records):
         if i not in plans:
-            out.append(_record(r, a_chosen=True, label=None, p_first=None, p_second=None, bias=None,
-                               principles=[], reason="identical-answers"))
+            out.append(
+                _record(
+                    r,
+                    a_chosen=True,
+                    label=None,
+                    p_first=None,
+                    p_second=None,
+                    bias=None,
+                    principles=[],
+                    reason="identical-answers",
+                )
+            )
             continue
         k = len(plans[i])
-        first, second = a_first[pos:pos + k], a_second[pos:pos + k]
+        first, second = a_first[pos : pos + k], a_second[pos : pos + k]
         pos += k
         p_first, p_second = float(first.mean()), float(second.mean())
         p_a = (p_first + p_second) / 2
@@ -179,13 +210,32 @@ def label_pairs(scorer: ChoiceScorer, constitution: Constitution, rows: pd.DataF
         a_chosen = p_a >= 0.5
         label = p_a if a_chosen else 1.0 - p_a
         reason = "undecided" if abs(label - 0.5) < margin else None
-        out.append(_record(r, a_chosen=a_chosen, label=label, p_first=p_first, p_second=p_second, bias=bias,
-                           principles=plans[i], reason=reason))
+        out.append(
+            _record(
+                r,
+                a_chosen=a_chosen,
+                label=label,
+                p_first=p_first,
+                p_second=p_second,
+                bias=bias,
+                principles=plans[i],
+                reason=reason,
+            )
+        )
     return pd.DataFrame(out, columns=COLUMNS)
 
 
-def _record(r: dict[str, Any], *, a_chosen: bool, label: float | None, p_first: float | None,
-            p_second: float | None, bias: float | None, principles: list[str], reason: str | None) -> dict[str, Any]:
+def _record(
+    r: dict[str, Any],
+    *,
+    a_chosen: bool,
+    label: float | None,
+    p_first: float | None,
+    p_second: float | None,
+    bias: float | None,
+    principles: list[str],
+    reason: str | None,
+) -> dict[str, Any]:
     chosen, rejected = (r["answer_a"], r["answer_b"]) if a_chosen else (r["answer_b"], r["answer_a"])
     return {
         "prompt_id": str(r["prompt_id"]),
@@ -221,8 +271,11 @@ def feedback_metrics(df: pd.DataFrame) -> dict[str, Any]:
         v = float(values.mean()) if len(values) else math.nan
         return None if math.isnan(v) else round(v, 6)
 
-    chosen_is_a = kept.apply(lambda r: r["chosen"][0]["content"] == r["answer_a"], axis=1) if len(kept) else \
-        pd.Series(dtype=float)
+    chosen_is_a = (
+        kept.apply(lambda r: r["chosen"][0]["content"] == r["answer_a"], axis=1)
+        if len(kept)
+        else pd.Series(dtype=float)
+    )
     return {
         "rows": int(len(df)),
         "kept": int(len(kept)),

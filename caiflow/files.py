@@ -44,15 +44,15 @@ def json_default(obj: Any) -> Any:
         return obj.hex()
     if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy scalars and arrays
         return obj.tolist()
-    raise TypeError(f"cannot put a {type(obj).__name__} into a fingerprint or manifest: "
-                    f"convert it to plain data (str, number, list, dict) first")
+    raise TypeError(
+        f"cannot put a {type(obj).__name__} into a fingerprint or manifest: "
+        f"convert it to plain data (str, number, list, dict) first"
+    )
 
 
 def canonical_json(obj: Any) -> str:
     """One JSON text per value: sorted keys, no whitespace, the same in every process."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=json_default)
-
-
 
 
 def fsync_dir(path: Path) -> None:

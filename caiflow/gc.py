@@ -62,10 +62,12 @@ def referenced(records: list[Path]) -> set[tuple[str, str]]:
 def collect(store: Store, keep_runs: int | None = None, dry_run: bool = False) -> Collection:
     """Remove what the kept run records do not name; with `dry_run` only report it."""
     if keep_runs is not None and keep_runs < 0:
-        raise ValueError(f"keep_runs is {keep_runs}: pass 0 or more (or leave it out to keep every run record).")
+        raise ValueError(
+            f"keep_runs is {keep_runs}: pass 0 or more (or leave it out to keep every run record)."
+        )
     records = run_records(store)
     result = Collection(kept_runs=records[:keep_runs] if keep_runs is not None else records)
-    result.removed_runs = records[len(result.kept_runs):]
+    result.removed_runs = records[len(result.kept_runs) :]
     keep = referenced(result.kept_runs)
     for step, fp in list(store.iter_artifacts()):
         if (step, fp) in keep:

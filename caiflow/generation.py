@@ -49,7 +49,9 @@ class Sampling:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens is {self.max_new_tokens}: set it to 1 or more.")
         if self.temperature < 0:
-            raise ValueError(f"temperature is {self.temperature}: use 0 for greedy decoding or a positive value.")
+            raise ValueError(
+                f"temperature is {self.temperature}: use 0 for greedy decoding or a positive value."
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p is {self.top_p}: it must be in (0, 1]; 1.0 turns nucleus sampling off.")
 
@@ -81,7 +83,9 @@ def row_uniforms(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     from a few vectorised integer operations, and a row's draws never depend on its batch.
     """
     idx = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    step_t = torch.tensor(step + 1, dtype=torch.int64, device=seeds.device)  # int64 math wraps, as a hash wants
+    step_t = torch.tensor(
+        step + 1, dtype=torch.int64, device=seeds.device
+    )  # int64 math wraps, as a hash wants
     x = seeds.unsqueeze(1) * _GOLDEN + step_t * _MIX2 + idx.unsqueeze(0) * _MIX1
     x = (x ^ _lsr(x, 30)) * _MIX1
     x = (x ^ _lsr(x, 27)) * _MIX2
@@ -133,8 +137,14 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 class GenerationEngine:
     """Batched generation and option scoring for one loaded causal LM and its tokenizer."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, max_input_tokens: int | None = None,
-                 progress: Callable[[int, int], None] | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int = 16,
+        max_input_tokens: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size is {batch_size}: set it to 1 or more.")
         self.model = model
@@ -144,25 +154,36 @@ class GenerationEngine:
         self.progress = progress  # progress(done_rows, total_rows) after every batch
         self.backoffs = 0  # how many times batch_size was halved
         self.generated_tokens = 0  # new tokens produced so far (EOS excluded), for throughput figures
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         if self.pad_token_id is None:
-            raise ValueError("the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token first.")
+            raise ValueError(
+                "the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token first."
+            )
         self.eos_token_ids = _eos_ids(model, tokenizer)
         # Newer transformers name the cache argument `cache`; older ones `past_key_values`.
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_kwarg = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
         self._logits_to_keep = True  # cleared if the model's forward does not take logits_to_keep
 
     def oom_metrics(self, start_batch_size: int) -> dict[str, int]:
         """What out-of-memory back-off did to this engine, for a step's metrics."""
-        return {"oom_backoffs": self.backoffs, "final_batch_size": self.batch_size,
-                "start_batch_size": start_batch_size}
+        return {
+            "oom_backoffs": self.backoffs,
+            "final_batch_size": self.batch_size,
+            "start_batch_size": start_batch_size,
+        }
 
     # ------------------------------------------------------------ prompts
 
     def format_chat(self, conversation: list[dict]) -> str:
         """The prompt string for a conversation, ending where the assistant's answer starts."""
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=True
+            )
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in conversation]
         return "\n".join([*lines, "Assistant:"])
 
@@ -180,7 +201,8 @@ class GenerationEngine:
             if self.max_input_tokens is not None and len(ids) > self.max_input_tokens:
                 raise ValueError(
                     f"prompt {i} has {len(ids)} tokens, more than max_input_tokens={self.max_input_tokens}: "
-                    "drop over-long prompts first (the prompts step drops them with a reason) or raise the limit."
+                    "drop over-long prompts first (the prompts step drops them with a reason) "
+                    "or raise the limit."
                 )
         return encoded
 
@@ -190,8 +212,8 @@ class GenerationEngine:
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             if r:
-                ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-                mask[i, width - len(r):] = 1
+                ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+                mask[i, width - len(r) :] = 1
         device = self.model.device
         return ids.to(device), mask.to(device)
 
@@ -202,7 +224,7 @@ class GenerationEngine:
         results: list[R] = []
         total, start = len(items), 0
         while start < total:
-            batch = list(items[start:start + self.batch_size])
+            batch = list(items[start : start + self.batch_size])
             out: list[R] | None = None
             try:
                 inject_oom(len(batch))
@@ -216,8 +238,12 @@ class GenerationEngine:
                 free_accelerator_memory()
                 self.batch_size = max(1, len(batch) // 2)
                 self.backoffs += 1
-                log.warning("out of memory on a batch of %d rows: retrying with batch_size=%d (backoff %d)",
-                            len(batch), self.batch_size, self.backoffs)
+                log.warning(
+                    "out of memory on a batch of %d rows: retrying with batch_size=%d (backoff %d)",
+                    len(batch),
+                    self.batch_size,
+                    self.backoffs,
+                )
                 continue
             results.extend(out)
             start += len(batch)
@@ -281,7 +307,7 @@ class GenerationEngine:
             generation_config=self._generation_config(sampling),
             logits_processor=processors,
         )
-        new = out[:, input_ids.shape[1]:].tolist()
+        new = out[:, input_ids.shape[1] :].tolist()
         eos = set(self.eos_token_ids)
         result = []
         for toks in new:
@@ -316,16 +342,17 @@ class GenerationEngine:
         probs = np.exp(totals)
         return probs / probs.sum(axis=1, keepdims=True)
 
-    def score_choices_chat(self, conversations: list[list[dict]], options: list[str],
-                           assistant_prefix: str = "") -> np.ndarray:
+    def score_choices_chat(
+        self, conversations: list[list[dict]], options: list[str], assistant_prefix: str = ""
+    ) -> np.ndarray:
         """score_choices on each conversation formatted for the assistant's turn, plus a prefix."""
         return self.score_choices([self.format_chat(c) + assistant_prefix for c in conversations], options)
 
     def _option_ids(self, prompt: str, ctx: list[int], option: str) -> list[int]:
         """The option's tokens as they follow the prompt's tokens in prompt+option."""
         full = self._encode(prompt + option)
-        if full[:len(ctx)] == ctx and len(full) > len(ctx):
-            return full[len(ctx):]
+        if full[: len(ctx)] == ctx and len(full) > len(ctx):
+            return full[len(ctx) :]
         # The tokenizer merged across the boundary: keep the prompt's tokens and append the
         # option tokenized alone, so every option is scored after the same context.
         opt = self.tokenizer(option, add_special_tokens=False)["input_ids"]
@@ -343,7 +370,9 @@ class GenerationEngine:
         k = len(options[0])
         ids, mask = self._pad_left(contexts)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row starts at position 0
-        kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        kwargs: dict[str, Any] = dict(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True
+        )
         out = self._forward_last(**kwargs)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, vocab): each option's first token
         flat = [o for row in options for o in row]  # B*K option token lists, prompt-major
@@ -357,15 +386,21 @@ class GenerationEngine:
             opt = torch.full((len(flat), width), self.pad_token_id, dtype=torch.long)
             opt_mask = torch.zeros((len(flat), width), dtype=torch.long)
             for j, o in enumerate(flat):
-                opt[j, :len(o)] = torch.tensor(o, dtype=torch.long)
-                opt_mask[j, :len(o)] = 1
+                opt[j, : len(o)] = torch.tensor(o, dtype=torch.long)
+                opt_mask[j, : len(o)] = 1
             opt, opt_mask = opt.to(ids.device), opt_mask.to(ids.device)
             lengths = mask.sum(-1).repeat_interleave(k).unsqueeze(1)
-            logits = self.model(
-                input_ids=opt, attention_mask=torch.cat([mask.repeat_interleave(k, dim=0), opt_mask], dim=1),
-                position_ids=lengths + torch.arange(width, device=ids.device).unsqueeze(0),
-                use_cache=True, **{self._cache_kwarg: cache},
-            ).logits[:, :-1].float()
+            logits = (
+                self.model(
+                    input_ids=opt,
+                    attention_mask=torch.cat([mask.repeat_interleave(k, dim=0), opt_mask], dim=1),
+                    position_ids=lengths + torch.arange(width, device=ids.device).unsqueeze(0),
+                    use_cache=True,
+                    **{self._cache_kwarg: cache},
+                )
+                .logits[:, :-1]
+                .float()
+            )
             logp = torch.log_softmax(logits, dim=-1).gather(-1, opt[:, 1:].unsqueeze(-1)).squeeze(-1)
             total = total + (logp * opt_mask[:, 1:]).sum(-1)
         return total.double().view(len(contexts), k).tolist()
@@ -389,5 +424,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
             if t is not None and t not in ids:
                 ids.append(int(t))
     if not ids:
-        raise ValueError("neither the tokenizer nor the model defines an EOS token: generation could not stop.")
+        raise ValueError(
+            "neither the tokenizer nor the model defines an EOS token: generation could not stop."
+        )
     return ids

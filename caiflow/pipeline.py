@@ -28,8 +28,12 @@ PIPELINE: tuple[StepSpec, ...] = (
     StepSpec("sft", 2, ("critique_revision",), True, "supervised fine-tuning on the revisions"),
     StepSpec("preferences", 3, ("prompts", "sft"), True, "AI-feedback preference pairs"),
     StepSpec("reward_model", 2, ("preferences",), True, "reward model on the soft AI labels"),
-    StepSpec("rl", 2, ("prompts", "sft", "reward_model"), True, "RL from the SL model against the reward model"),
-    StepSpec("evaluate", 3, ("prompts", "sft", "reward_model", "rl"), True, "base vs SL vs RL on held-out prompts"),
+    StepSpec(
+        "rl", 2, ("prompts", "sft", "reward_model"), True, "RL from the SL model against the reward model"
+    ),
+    StepSpec(
+        "evaluate", 3, ("prompts", "sft", "reward_model", "rl"), True, "base vs SL vs RL on held-out prompts"
+    ),
 )
 
 STEPS: tuple[str, ...] = tuple(s.name for s in PIPELINE)

@@ -60,10 +60,16 @@ def critique_row_context(cfg: Config, constitution_hash: str, model_identity: st
     The same for runs whose prompt sets differ, so rows of an earlier run are reused
     (`caiflow.sharded.reusable_rows`).
     """
-    return fingerprint("critique_revision-rows", spec("critique_revision").version,
-                       config=cfg.critique_revision.fingerprint_dict(), constitution=constitution_hash,
-                       model=model_identity, model_settings=model_settings(cfg),
-                       generation=cfg.generation.fingerprint_dict(), seed=cfg.run.seed)
+    return fingerprint(
+        "critique_revision-rows",
+        spec("critique_revision").version,
+        config=cfg.critique_revision.fingerprint_dict(),
+        constitution=constitution_hash,
+        model=model_identity,
+        model_settings=model_settings(cfg),
+        generation=cfg.generation.fingerprint_dict(),
+        seed=cfg.run.seed,
+    )
 
 
 def reward_backbone(cfg: Config, model: ResolvedModel, storage: str) -> ResolvedModel:
@@ -73,8 +79,9 @@ def reward_backbone(cfg: Config, model: ResolvedModel, storage: str) -> Resolved
     return resolve_model(cfg.reward_model.backbone, storage)
 
 
-def make_plan(cfg: Config, constitution_hash: str, model_identity: str,
-              backbone_identity: str | None = None) -> Plan:
+def make_plan(
+    cfg: Config, constitution_hash: str, model_identity: str, backbone_identity: str | None = None
+) -> Plan:
     """Fingerprints of every step. `backbone_identity`: the reward model's backbone when it
     is not the policy's base model."""
     base = Path(cfg.base_dir)
@@ -86,26 +93,45 @@ def make_plan(cfg: Config, constitution_hash: str, model_identity: str,
             config=cfg.prompts.fingerprint_dict(),
             sources=[source_digest(s, base) for s in cfg.prompts.sources],
             constitution=constitution_hash,
-            # The model counts the tokens of every prompt (over-long ones are dropped) and, locally, categorises.
-            model=model),
-        "critique_revision": dict(config=cfg.critique_revision.fingerprint_dict(), generation=generation,
-                                  constitution=constitution_hash, model=model),
+            # The model counts the tokens of every prompt (over-long ones are dropped) and,
+            # locally, categorises.
+            model=model,
+        ),
+        "critique_revision": dict(
+            config=cfg.critique_revision.fingerprint_dict(),
+            generation=generation,
+            constitution=constitution_hash,
+            model=model,
+        ),
         "sft": dict(config=cfg.sft.fingerprint_dict(), model=model),
-        "preferences": dict(config=pref.fingerprint_dict(), generation=generation, constitution=constitution_hash,
-                            model=model, feedback=pref.feedback_model if pref.feedback_model != "openai"
-                            else _endpoint(pref.openai)),
-        "reward_model": dict(config=cfg.reward_model.fingerprint_dict(), model=model,
-                             backbone=backbone_identity or model_identity),
+        "preferences": dict(
+            config=pref.fingerprint_dict(),
+            generation=generation,
+            constitution=constitution_hash,
+            model=model,
+            feedback=pref.feedback_model if pref.feedback_model != "openai" else _endpoint(pref.openai),
+        ),
+        "reward_model": dict(
+            config=cfg.reward_model.fingerprint_dict(),
+            model=model,
+            backbone=backbone_identity or model_identity,
+        ),
         "rl": dict(config=cfg.rl.fingerprint_dict(), model=model),
-        "evaluate": dict(config=ev.fingerprint_dict(), generation=generation, constitution=constitution_hash,
-                         model=model, judge=ev.judge if ev.judge != "openai" else _endpoint(ev.openai)),
+        "evaluate": dict(
+            config=ev.fingerprint_dict(),
+            generation=generation,
+            constitution=constitution_hash,
+            model=model,
+            judge=ev.judge if ev.judge != "openai" else _endpoint(ev.openai),
+        ),
     }
     plan = Plan()
     for step in PIPELINE:
         plan.inputs[step.name] = {name: plan.fingerprints[name] for name in step.inputs}
         plan.parts[step.name] = {**parts[step.name], "seed": cfg.run.seed}
-        plan.fingerprints[step.name] = fingerprint(step.name, step.version, inputs=plan.inputs[step.name],
-                                                   **plan.parts[step.name])
+        plan.fingerprints[step.name] = fingerprint(
+            step.name, step.version, inputs=plan.inputs[step.name], **plan.parts[step.name]
+        )
     return plan
 
 
@@ -123,7 +149,9 @@ def plan_for(cfg: Config) -> Resolved:
     from caiflow.constitution import load_constitution
 
     storage = cfg.run.storage
-    constitution = load_constitution(cfg.constitution_path(), cfg.constitution.invert, cfg.constitution.principles)
+    constitution = load_constitution(
+        cfg.constitution_path(), cfg.constitution.invert, cfg.constitution.principles
+    )
     model = resolve_model(cfg.model.name, storage, cfg.model.revision, cfg.model.tiny.model_dump())
     backbone = reward_backbone(cfg, model, storage).identity if cfg.reward_model.backbone else None
     return Resolved(constitution, model, make_plan(cfg, constitution.content_hash, model.identity, backbone))

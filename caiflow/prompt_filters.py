@@ -40,8 +40,11 @@ def token_counter(tokenizer) -> Callable[[list[str]], list[int]]:
     return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def check_fits_context(df: pd.DataFrame, context_tokens: int, count_tokens: Callable[[list[str]], list[int]]) -> None:
-    """Raise PromptSourceError for the first prompt (of `load_prompts` output) longer than the model's context.
+def check_fits_context(
+    df: pd.DataFrame, context_tokens: int, count_tokens: Callable[[list[str]], list[int]]
+) -> None:
+    """Raise PromptSourceError for the first prompt (of `load_prompts` output) longer than the
+    model's context.
 
     Such a prompt is a sign of a wrong column or format (a whole transcript, a document) rather
     than a long question, so it stops the run instead of being dropped. Prompts that fit the
@@ -56,11 +59,12 @@ def check_fits_context(df: pd.DataFrame, context_tokens: int, count_tokens: Call
     for i, n_tok in zip(suspects, count_tokens([texts[i] for i in suspects])):
         if n_tok > context_tokens:
             source = df["source"].iat[i]
-            row = int((df["source"].iloc[:i] == source).sum()) + 1   # its row within its own source
+            row = int((df["source"].iloc[:i] == source).sum()) + 1  # its row within its own source
             raise PromptSourceError(
                 f"prompt source '{source}': row {row} is {n_tok} tokens, longer than the model's context "
                 f"({context_tokens} tokens); shorten or remove it, or check text_column/format "
-                f"(a whole transcript or document in one field?).")
+                f"(a whole transcript or document in one field?)."
+            )
 
 
 _HSPACE = re.compile(r"[^\S\n]+")  # whitespace runs without newlines
@@ -73,9 +77,7 @@ def normalise(text: str) -> str:
     text = unicodedata.normalize("NFC", str(text))
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = "".join(
-        ch
-        for ch in text
-        if ch in "\n\t" or (unicodedata.category(ch) != "Cc" and ch not in _ZERO_WIDTH)
+        ch for ch in text if ch in "\n\t" or (unicodedata.category(ch) != "Cc" and ch not in _ZERO_WIDTH)
     )
     lines = [_HSPACE.sub(" ", line).strip() for line in text.split("\n")]
     return _MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip()

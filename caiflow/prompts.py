@@ -64,12 +64,18 @@ def _resolve(source: PromptSource, base_dir: Path, label: str) -> Path:
 
 def _read_text(path: Path, label: str) -> str:
     if not path.is_file():
-        raise _err(label, f"file '{path}' does not exist", "check the path (relative paths start at the config file's folder)")
+        raise _err(
+            label,
+            f"file '{path}' does not exist",
+            "check the path (relative paths start at the config file's folder)",
+        )
     try:
         # utf-8-sig also accepts a byte-order mark, which spreadsheet tools like to add.
         return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise _err(label, f"file '{path}' is not UTF-8 (bad byte at offset {exc.start})", "re-save it as UTF-8") from None
+        raise _err(
+            label, f"file '{path}' is not UTF-8 (bad byte at offset {exc.start})", "re-save it as UTF-8"
+        ) from None
 
 
 def _read_jsonl(path: Path, label: str, limit: int | None) -> pd.DataFrame:
@@ -80,9 +86,15 @@ def _read_jsonl(path: Path, label: str, limit: int | None) -> pd.DataFrame:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise _err(label, f"line {lineno} is not valid JSON ({exc.msg})", "fix or remove that line") from None
+            raise _err(
+                label, f"line {lineno} is not valid JSON ({exc.msg})", "fix or remove that line"
+            ) from None
         if not isinstance(obj, dict):
-            raise _err(label, f"line {lineno} is a JSON {type(obj).__name__}, not an object", 'write one {"prompt": ...} object per line')
+            raise _err(
+                label,
+                f"line {lineno} is a JSON {type(obj).__name__}, not an object",
+                'write one {"prompt": ...} object per line',
+            )
         records.append(obj)
         if limit is not None and len(records) >= limit:
             break
@@ -97,16 +109,29 @@ def _read_csv(path: Path, label: str) -> pd.DataFrame:
         # Everything as text: a prompt such as "42" must stay a string.
         return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, ValueError) as exc:
-        raise _err(label, f"not a valid CSV file ({str(exc).splitlines()[0]})", "fix the file or export it again as CSV") from None
+        raise _err(
+            label,
+            f"not a valid CSV file ({str(exc).splitlines()[0]})",
+            "fix the file or export it again as CSV",
+        ) from None
 
 
 def _read_parquet(path: Path, label: str) -> pd.DataFrame:
     if not path.is_file():
-        raise _err(label, f"file '{path}' does not exist", "check the path (relative paths start at the config file's folder)")
+        raise _err(
+            label,
+            f"file '{path}' does not exist",
+            "check the path (relative paths start at the config file's folder)",
+        )
     try:
         return pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise _err(label, f"not a readable Parquet file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", "write it again with pandas.to_parquet or pyarrow") from None
+        raise _err(
+            label,
+            "not a readable Parquet file "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+            "write it again with pandas.to_parquet or pyarrow",
+        ) from None
 
 
 @contextlib.contextmanager
@@ -146,16 +171,24 @@ def _read_datasets(source: PromptSource, base_dir: Path, label: str) -> pd.DataF
     import datasets
 
     if not source.path:
-        raise _err(label, "no path given", "set path to a local dataset folder or a `datasets` id in the local cache")
+        raise _err(
+            label, "no path given", "set path to a local dataset folder or a `datasets` id in the local cache"
+        )
     local = _resolve(source, base_dir, label)
     target = str(local) if local.exists() else source.path
     try:
         with _offline():
-            if local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
+            if local.is_dir() and (
+                (local / "state.json").is_file() or (local / "dataset_dict.json").is_file()
+            ):
                 ds = datasets.load_from_disk(str(local))
                 if isinstance(ds, datasets.DatasetDict):
                     if source.split not in ds:
-                        raise _err(label, f"no split '{source.split}' (splits: {', '.join(ds)})", "set split to one of them")
+                        raise _err(
+                            label,
+                            f"no split '{source.split}' (splits: {', '.join(ds)})",
+                            "set split to one of them",
+                        )
                     ds = ds[source.split]
             else:
                 ds = datasets.load_dataset(target, split=source.split)
@@ -192,7 +225,9 @@ def _read_raw(source: PromptSource, base_dir: Path, label: str) -> pd.DataFrame:
 
 
 def _is_listlike(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) or (hasattr(value, "__array__") and not isinstance(value, (str, bytes)))
+    return isinstance(value, (list, tuple)) or (
+        hasattr(value, "__array__") and not isinstance(value, (str, bytes))
+    )
 
 
 def _first_value(series: pd.Series) -> Any:
@@ -227,7 +262,7 @@ def first_human_turn(transcript: Any) -> str | None:
     m = _HH_HUMAN.search(transcript)
     if not m:
         return None
-    rest = transcript[m.end():]
+    rest = transcript[m.end() :]
     end = _HH_NEXT.search(rest)
     return (rest[: end.start()] if end else rest).strip()
 
@@ -249,7 +284,11 @@ def _detect(df: pd.DataFrame, source: PromptSource, label: str) -> tuple[str, st
     columns = [str(c) for c in df.columns]
     if source.text_column:
         if source.text_column not in columns:
-            raise _err(label, f"column '{source.text_column}' not found (columns: {', '.join(columns)})", "set text_column to one of them")
+            raise _err(
+                label,
+                f"column '{source.text_column}' not found (columns: {', '.join(columns)})",
+                "set text_column to one of them",
+            )
         order = [source.text_column]
     else:
         order = [c for c in (*MESSAGES_CANDIDATES, *HH_CANDIDATES, *TEXT_CANDIDATES) if c in columns]
@@ -271,7 +310,11 @@ def _column_for(df: pd.DataFrame, fmt: str, source: PromptSource, label: str) ->
     columns = [str(c) for c in df.columns]
     if source.text_column:
         if source.text_column not in columns:
-            raise _err(label, f"column '{source.text_column}' not found (columns: {', '.join(columns)})", "set text_column to one of them")
+            raise _err(
+                label,
+                f"column '{source.text_column}' not found (columns: {', '.join(columns)})",
+                "set text_column to one of them",
+            )
         return source.text_column
     candidates = {"text": TEXT_CANDIDATES, "messages": MESSAGES_CANDIDATES, "hh": HH_CANDIDATES}[fmt]
     col = _pick(columns, candidates)
@@ -294,10 +337,21 @@ def _extract(df: pd.DataFrame, source: PromptSource, label: str) -> pd.Series:
         out = [v if isinstance(v, str) else None for v in values]
     bad = sum(v is None for v in out)
     if bad == len(out):
-        raise _err(label, f"column '{col}' holds no {fmt}-format prompts", "set format (text, messages, hh) or text_column to match the data")
+        raise _err(
+            label,
+            f"column '{col}' holds no {fmt}-format prompts",
+            "set format (text, messages, hh) or text_column to match the data",
+        )
     if bad:
         # Kept as empty prompts, so clean_prompts reports them ("empty") instead of hiding them.
-        log.warning("prompt source '%s': %d of %d rows have no %s prompt in column '%s'", label, bad, len(out), fmt, col)
+        log.warning(
+            "prompt source '%s': %d of %d rows have no %s prompt in column '%s'",
+            label,
+            bad,
+            len(out),
+            fmt,
+            col,
+        )
     return pd.Series(["" if v is None else v for v in out], index=df.index, dtype=object)
 
 
@@ -306,7 +360,12 @@ def _kinds(df: pd.DataFrame, source: PromptSource, label: str) -> list[str]:
         raw = df["kind"].tolist()
     elif source.kind_label == "column":
         if "kind" not in df.columns:
-            raise _err(label, f"kind_label is 'column' but there is no 'kind' column (columns: {', '.join(map(str, df.columns))})", "add a 'kind' column or set kind_label to red-team or benign")
+            raise _err(
+                label,
+                "kind_label is 'column' but there is no 'kind' column "
+                f"(columns: {', '.join(map(str, df.columns))})",
+                "add a 'kind' column or set kind_label to red-team or benign",
+            )
         raw = df["kind"].tolist()
     else:
         return [source.kind_label] * len(df)
@@ -334,7 +393,11 @@ def load_source(source: PromptSource, base_dir: Path) -> pd.DataFrame:
         raise _err(label, "no rows", "check that the file or split holds prompts")
     df = df.reset_index(drop=True)
     prompts = _extract(df, source, label)
-    hints = [p if isinstance(p, str) else None for p in df["principle"]] if source.kind == "builtin" else [None] * len(df)
+    hints = (
+        [p if isinstance(p, str) else None for p in df["principle"]]
+        if source.kind == "builtin"
+        else [None] * len(df)
+    )
     return pd.DataFrame(
         {
             "prompt": prompts.astype(object),
@@ -350,5 +413,7 @@ def load_prompts(sources: list[PromptSource], base_dir: Path) -> pd.DataFrame:
     """All sources, concatenated in order."""
     frames = [load_source(s, base_dir) for s in sources]
     if not frames:
-        raise PromptSourceError("prompt sources: the list is empty; add at least one source (e.g. kind: builtin).")
+        raise PromptSourceError(
+            "prompt sources: the list is empty; add at least one source (e.g. kind: builtin)."
+        )
     return pd.concat(frames, ignore_index=True)

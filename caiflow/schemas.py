@@ -14,65 +14,85 @@ MODEL_DIR = "model"
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
 # Step 1: every prompt read; kept ones have drop_reason null.
-PROMPTS = pa.schema([
-    ("prompt_id", pa.string()),
-    ("prompt", pa.string()),
-    ("kind", pa.string()),
-    ("source", pa.string()),
-    ("hint_principle", pa.string()),
-    ("split", pa.string()),
-    ("category", pa.string()),
-    ("category_confidence", pa.float64()),
-    ("drop_reason", pa.string()),
-])
+PROMPTS = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("kind", pa.string()),
+        ("source", pa.string()),
+        ("hint_principle", pa.string()),
+        ("split", pa.string()),
+        ("category", pa.string()),
+        ("category_confidence", pa.float64()),
+        ("drop_reason", pa.string()),
+    ]
+)
 
 # Step 2: one critique-revision round.
-ROUND = pa.struct([
-    ("principle", pa.string()),
-    ("critique_request", pa.string()),
-    ("critique", pa.string()),
-    ("revision_request", pa.string()),
-    ("revision", pa.string()),
-])
+ROUND = pa.struct(
+    [
+        ("principle", pa.string()),
+        ("critique_request", pa.string()),
+        ("critique", pa.string()),
+        ("revision_request", pa.string()),
+        ("revision", pa.string()),
+    ]
+)
 
 # Step 2: the whole trace of one prompt plus the SFT `messages`.
-SL_DATA = pa.schema([
-    ("prompt_id", pa.string()),
-    ("prompt", pa.string()),
-    ("kind", pa.string()),
-    ("category", pa.string()),
-    ("initial_answer", pa.string()),
-    ("rounds", pa.list_(ROUND)),
-    ("revision", pa.string()),
-    # TRL's conversational record: the prompt and the final (revised) answer.
-    ("messages", pa.list_(MESSAGE)),
-    ("drop_reason", pa.string()),
-])
+SL_DATA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("kind", pa.string()),
+        ("category", pa.string()),
+        ("initial_answer", pa.string()),
+        ("rounds", pa.list_(ROUND)),
+        ("revision", pa.string()),
+        # TRL's conversational record: the prompt and the final (revised) answer.
+        ("messages", pa.list_(MESSAGE)),
+        ("drop_reason", pa.string()),
+    ]
+)
 
 # Step 4: TRL's conversational preference record (prompt, chosen, rejected) plus the soft label.
-PREFERENCES = pa.schema([
-    ("prompt_id", pa.string()),
-    ("prompt", pa.list_(MESSAGE)),
-    ("chosen", pa.list_(MESSAGE)),
-    ("rejected", pa.list_(MESSAGE)),
-    ("label", pa.float64()),  # P(chosen is better), >= 0.5; null when not scored
-    ("p_a_first", pa.float64()),  # P(a better) with a shown as (A), averaged over principles
-    ("p_a_second", pa.float64()),  # P(a better) with a shown as (B), averaged over principles
-    ("position_bias", pa.float64()),  # mean P("(A)") over both orders - 0.5: the pull to the first slot
-    ("principles", pa.list_(pa.string())),  # ids of the principles asked (empty when not scored)
-    ("answer_a", pa.string()),
-    ("answer_b", pa.string()),
-    ("drop_reason", pa.string()),  # null (kept), "identical-answers" or "undecided"
-])
+PREFERENCES = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.list_(MESSAGE)),
+        ("chosen", pa.list_(MESSAGE)),
+        ("rejected", pa.list_(MESSAGE)),
+        ("label", pa.float64()),  # P(chosen is better), >= 0.5; null when not scored
+        ("p_a_first", pa.float64()),  # P(a better) with a shown as (A), averaged over principles
+        ("p_a_second", pa.float64()),  # P(a better) with a shown as (B), averaged over principles
+        ("position_bias", pa.float64()),  # mean P("(A)") over both orders - 0.5: the pull to the first slot
+        ("principles", pa.list_(pa.string())),  # ids of the principles asked (empty when not scored)
+        ("answer_a", pa.string()),
+        ("answer_b", pa.string()),
+        ("drop_reason", pa.string()),  # null (kept), "identical-answers" or "undecided"
+    ]
+)
 
 # Step 7: every stage's answer to each held-out prompt, with its reward.
-ANSWERS = pa.schema([
-    ("prompt_id", pa.string()), ("kind", pa.string()), ("prompt", pa.string()), ("stage", pa.string()),
-    ("answer", pa.string()), ("reward", pa.float64()),
-])
+ANSWERS = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("kind", pa.string()),
+        ("prompt", pa.string()),
+        ("stage", pa.string()),
+        ("answer", pa.string()),
+        ("reward", pa.float64()),
+    ]
+)
 
 # Step 7: every pairwise comparison the judge made.
-JUDGEMENTS = pa.schema([
-    ("prompt_id", pa.string()), ("kind", pa.string()), ("dimension", pa.string()), ("candidate", pa.string()),
-    ("reference", pa.string()), ("p_candidate_better", pa.float64()),
-])
+JUDGEMENTS = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("kind", pa.string()),
+        ("dimension", pa.string()),
+        ("candidate", pa.string()),
+        ("reference", pa.string()),
+        ("p_candidate_better", pa.float64()),
+    ]
+)

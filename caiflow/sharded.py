@@ -37,13 +37,23 @@ class Shard:
 class ShardedOutput:
     """A generation step's data/ folder, written shard by shard (stale shards removed first)."""
 
-    def __init__(self, store: Store, step: str, fingerprint: str, schema: pa.Schema, shard_size: int,
-                 records: Sequence[dict[str, Any]], key: str = "prompt_id"):
+    def __init__(
+        self,
+        store: Store,
+        step: str,
+        fingerprint: str,
+        schema: pa.Schema,
+        shard_size: int,
+        records: Sequence[dict[str, Any]],
+        key: str = "prompt_id",
+    ):
         self.step, self.key, self.records = step, key, list(records)
         self.writer = store.shard_writer(step, fingerprint, schema, shard_size)
         self.writer.remove_stale(len(self.records))
-        self.pending = [Shard(index, self.records[start:stop])
-                        for index, start, stop in self.writer.pending(len(self.records))]
+        self.pending = [
+            Shard(index, self.records[start:stop])
+            for index, start, stop in self.writer.pending(len(self.records))
+        ]
         self.total_shards = len(self.writer.shard_ranges(len(self.records)))
 
     @property
@@ -56,8 +66,12 @@ class ShardedOutput:
         self.writer.write(shard.index, rows)
         kill_point(f"{self.step}:shard:{shard.index}")
 
-    def run(self, make: Callable[[list[dict[str, Any]]], Rows], reusable: dict[str, dict] | None = None,
-            on_progress: Callable[[int], None] | None = None) -> dict[str, int]:
+    def run(
+        self,
+        make: Callable[[list[dict[str, Any]]], Rows],
+        reusable: dict[str, dict] | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> dict[str, int]:
         """Make and write every pending shard in order; `make` turns input records into output rows.
 
         Returns `rows_generated` (made by this call) and `rows_reused` (the rest: rows of earlier
@@ -85,8 +99,9 @@ class ShardedOutput:
         return {"rows_generated": generated, "rows_reused": len(self.records) - generated}
 
 
-def reusable_rows(store: Store, step: str, context: str, records: Sequence[dict[str, Any]],
-                  match: Sequence[str]) -> dict[str, dict]:
+def reusable_rows(
+    store: Store, step: str, context: str, records: Sequence[dict[str, Any]], match: Sequence[str]
+) -> dict[str, dict]:
     """Rows of earlier finished artifacts of `step` made under the same row context, for the same input.
 
     Per-row seeds make a row's output a function of the row and the context alone, so a row
@@ -101,7 +116,9 @@ def reusable_rows(store: Store, step: str, context: str, records: Sequence[dict[
             continue
         if not store.is_complete(artifact_step, fp):
             continue
-        table = pa.Table.from_pandas(store.read_table(store.artifact_dir(artifact_step, fp)), preserve_index=False)
+        table = pa.Table.from_pandas(
+            store.read_table(store.artifact_dir(artifact_step, fp)), preserve_index=False
+        )
         for row in table.to_pylist():  # plain Python values: nulls stay None, lists stay lists
             want = wanted.get(row["prompt_id"])
             if want and all(row[k] == want[k] for k in match):

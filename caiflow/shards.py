@@ -17,7 +17,11 @@ from caiflow.files import TMP_PREFIX, commit, tmp_path
 
 # Shard metadata keys stored in each part file's Parquet key-value metadata.
 _META_INDEX, _META_START, _META_ROWS, _META_SHARD_SIZE = (
-    b"caiflow.shard_index", b"caiflow.start", b"caiflow.rows", b"caiflow.shard_size")
+    b"caiflow.shard_index",
+    b"caiflow.start",
+    b"caiflow.rows",
+    b"caiflow.shard_size",
+)
 PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 
 
@@ -51,7 +55,9 @@ def to_arrow(rows: list[dict] | pd.DataFrame, schema: pa.Schema, where: str = "t
         missing, extra = [], []
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
-                raise ValueError(f"{where}: row {i} is a {type(row).__name__}, expected a dict of column values")
+                raise ValueError(
+                    f"{where}: row {i} is a {type(row).__name__}, expected a dict of column values"
+                )
             missing = [n for n in names if n not in row]
             extra = [k for k in row if k not in schema.names]
             if missing or extra:
@@ -61,8 +67,10 @@ def to_arrow(rows: list[dict] | pd.DataFrame, schema: pa.Schema, where: str = "t
         raise ValueError(f"{where}: missing column(s) {missing}; the schema needs {names}")
     if extra:
         # Dropping them silently would throw results away: add them to the schema or drop them explicitly.
-        raise ValueError(f"{where}: column(s) {extra} are not in the schema {names}; "
-                         f"add them to the schema or remove them before writing")
+        raise ValueError(
+            f"{where}: column(s) {extra} are not in the schema {names}; "
+            f"add them to the schema or remove them before writing"
+        )
 
     columns = []
     for f in schema:
@@ -75,7 +83,9 @@ def to_arrow(rows: list[dict] | pd.DataFrame, schema: pa.Schema, where: str = "t
         except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"{where}: column '{f.name}' does not fit type {f.type}: {exc}") from exc
         if not f.nullable and arr.null_count:
-            raise ValueError(f"{where}: column '{f.name}' is not nullable but has {arr.null_count} null value(s)")
+            raise ValueError(
+                f"{where}: column '{f.name}' is not nullable but has {arr.null_count} null value(s)"
+            )
         columns.append(arr)
     return pa.Table.from_arrays(columns, schema=schema)
 
@@ -107,8 +117,10 @@ class ShardWriter:
         self._n_rows = n_rows
         if n_rows == 0:
             return [(0, 0, 0)]
-        return [(i, start, min(start + self.shard_size, n_rows))
-                for i, start in enumerate(range(0, n_rows, self.shard_size))]
+        return [
+            (i, start, min(start + self.shard_size, n_rows))
+            for i, start in enumerate(range(0, n_rows, self.shard_size))
+        ]
 
     def _expected(self, index: int) -> tuple[int, int] | None:
         """(start, rows) of shard `index` when the total row count is known."""
@@ -152,12 +164,20 @@ class ShardWriter:
         expected = self._expected(index)
         n = len(rows)
         if expected is not None and n != expected[1]:
-            raise ValueError(f"shard {index} must hold {max(expected[1], 0)} rows for {self._n_rows} rows "
-                             f"in shards of {self.shard_size}, got {n}")
+            raise ValueError(
+                f"shard {index} must hold {max(expected[1], 0)} rows for {self._n_rows} rows "
+                f"in shards of {self.shard_size}, got {n}"
+            )
         table = to_arrow(rows, self.schema, where=f"shard {index}")
         meta = dict(self.schema.metadata or {})
-        meta.update({_META_INDEX: str(index).encode(), _META_START: str(index * self.shard_size).encode(),
-                     _META_ROWS: str(n).encode(), _META_SHARD_SIZE: str(self.shard_size).encode()})
+        meta.update(
+            {
+                _META_INDEX: str(index).encode(),
+                _META_START: str(index * self.shard_size).encode(),
+                _META_ROWS: str(n).encode(),
+                _META_SHARD_SIZE: str(self.shard_size).encode(),
+            }
+        )
         table = table.replace_schema_metadata(meta)
         if self._manifest_path is not None:  # the data is changing: an old manifest no longer describes it
             self._manifest_path.unlink(missing_ok=True)

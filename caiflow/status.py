@@ -50,7 +50,8 @@ def _short(value: Any, n: int = 40) -> str:
 
 
 def why_it_runs(store: Store, step: str, inputs: dict[str, str], recipe: dict[str, Any]) -> str:
-    """Why a step whose planned artifact is missing would run: what differs from its closest earlier artifact."""
+    """Why a step whose planned artifact is missing would run: what differs from its closest
+    earlier artifact."""
     candidates = []
     for artifact_step, fp in store.iter_artifacts():
         if artifact_step != step:
@@ -58,16 +59,19 @@ def why_it_runs(store: Store, step: str, inputs: dict[str, str], recipe: dict[st
         manifest = store.manifest(step, fp)
         if manifest is None:
             continue
-        changed_inputs = [f"input {name} changed ({manifest.get('inputs', {}).get(name, '<none>')} -> {want})"
-                          for name, want in sorted(inputs.items())
-                          if manifest.get("inputs", {}).get(name) != want]
+        changed_inputs = [
+            f"input {name} changed ({manifest.get('inputs', {}).get(name, '<none>')} -> {want})"
+            for name, want in sorted(inputs.items())
+            if manifest.get("inputs", {}).get(name) != want
+        ]
         earlier = manifest.get("recipe")
         if earlier is None:
             changed = ["no recipe recorded (made by an older caiflow)"]
         else:
             changed = differences(earlier, recipe)
-        candidates.append((len(changed_inputs) + len(changed), manifest.get("created_at", ""), fp,
-                           changed_inputs + changed))
+        candidates.append(
+            (len(changed_inputs) + len(changed), manifest.get("created_at", ""), fp, changed_inputs + changed)
+        )
     if not candidates:
         return "no artifact of this step yet"
     _, _, fp, changed = min(candidates, key=lambda c: (c[0], _desc(c[1])))
@@ -96,6 +100,12 @@ def pipeline_status(store: Store, plan: Plan, steps: list[str] | None = None) ->
         else:
             why = why_it_runs(store, spec.name, plan.inputs[spec.name], plan.parts[spec.name])
             started = store.artifact_dir(spec.name, fp).is_dir()
-            out.append(StepStatus(spec.name, fp, "unfinished" if started else "to run",
-                                  ("started earlier and resumes where it stopped; " if started else "") + why))
+            out.append(
+                StepStatus(
+                    spec.name,
+                    fp,
+                    "unfinished" if started else "to run",
+                    ("started earlier and resumes where it stopped; " if started else "") + why,
+                )
+            )
     return out

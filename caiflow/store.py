@@ -66,6 +66,7 @@ class StoreError(PermissionError):
 class ArtifactCorrupt(RuntimeError):
     """An artifact's files do not match its manifest."""
 
+
 # --------------------------------------------------------------------------- fingerprints
 
 
@@ -96,19 +97,32 @@ class ArtifactRef:
     reused: bool = field(default=False, compare=False)
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "fingerprint": self.fingerprint, "path": self.path,
-                "rows": self.rows, "metrics": dict(self.metrics), "reused": self.reused}
+        return {
+            "step": self.step,
+            "fingerprint": self.fingerprint,
+            "path": self.path,
+            "rows": self.rows,
+            "metrics": dict(self.metrics),
+            "reused": self.reused,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> ArtifactRef:
-        return cls(step=d["step"], fingerprint=d["fingerprint"], path=str(d["path"]),
-                   rows=int(d["rows"]), metrics=dict(d.get("metrics") or {}))
+        return cls(
+            step=d["step"],
+            fingerprint=d["fingerprint"],
+            path=str(d["path"]),
+            rows=int(d["rows"]),
+            metrics=dict(d.get("metrics") or {}),
+        )
 
 
 def _check_name(kind: str, value: str) -> str:
     if not isinstance(value, str) or not _NAME_RE.match(value):
-        raise ValueError(f"{kind} {value!r} is not a valid name: use letters, digits, '_', '-', '.' "
-                         f"(not starting with '.' or '-')")
+        raise ValueError(
+            f"{kind} {value!r} is not a valid name: use letters, digits, '_', '-', '.' "
+            f"(not starting with '.' or '-')"
+        )
     return value
 
 
@@ -126,8 +140,9 @@ class Store:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise StoreError(f"storage root '{root}' is not writable: pass --storage DIR with a folder "
-                             f"you can write") from exc
+            raise StoreError(
+                f"storage root '{root}' is not writable: pass --storage DIR with a folder you can write"
+            ) from exc
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -233,8 +248,13 @@ class Store:
             return None
         m = self._read_manifest(step, fp)
         assert m is not None
-        return ArtifactRef(step=step, fingerprint=fp, path=str(self.artifact_dir(step, fp)),
-                           rows=int(m.get("rows", 0)), metrics=dict(m.get("metrics") or {}))
+        return ArtifactRef(
+            step=step,
+            fingerprint=fp,
+            path=str(self.artifact_dir(step, fp)),
+            rows=int(m.get("rows", 0)),
+            metrics=dict(m.get("metrics") or {}),
+        )
 
     def verify(self, step: str, fp: str) -> list[str]:
         """Every way the artifact differs from its manifest (sizes, checksums, row counts); [] if none."""
@@ -249,7 +269,9 @@ class Store:
             return [f"{step}/{fp}: {MANIFEST} is unparseable ({type(exc).__name__}: {exc})"]
         problems = []
         if m.get("layout_version") != STORE_LAYOUT_VERSION:
-            problems.append(f"layout version {m.get('layout_version')!r}, this code reads {STORE_LAYOUT_VERSION}")
+            problems.append(
+                f"layout version {m.get('layout_version')!r}, this code reads {STORE_LAYOUT_VERSION}"
+            )
         if m.get("step") != step or m.get("fingerprint") != fp:
             problems.append(f"manifest names {m.get('step')}/{m.get('fingerprint')}, not {step}/{fp}")
         base = path.parent
@@ -282,8 +304,11 @@ class Store:
         """Raise ArtifactCorrupt listing every problem `verify` finds."""
         problems = self.verify(step, fp)
         if problems:
-            raise ArtifactCorrupt(f"artifact {step}/{fp} is damaged: " + "; ".join(problems)
-                                  + f" (delete {self.artifact_dir(step, fp)} to rebuild it)")
+            raise ArtifactCorrupt(
+                f"artifact {step}/{fp} is damaged: "
+                + "; ".join(problems)
+                + f" (delete {self.artifact_dir(step, fp)} to rebuild it)"
+            )
 
     def iter_artifacts(self) -> Iterator[tuple[str, str]]:
         """(step, fingerprint) of every artifact folder present, finished or not."""
@@ -299,10 +324,16 @@ class Store:
     # ---- data
 
     def shard_writer(self, step: str, fp: str, schema: pa.Schema, shard_size: int) -> ShardWriter:
-        return ShardWriter(self.artifact_dir(step, fp) / DATA_DIR, schema, shard_size,
-                           manifest_path=self.artifact_dir(step, fp) / MANIFEST)
+        return ShardWriter(
+            self.artifact_dir(step, fp) / DATA_DIR,
+            schema,
+            shard_size,
+            manifest_path=self.artifact_dir(step, fp) / MANIFEST,
+        )
 
-    def write_table(self, step: str, fp: str, df: pd.DataFrame, schema: pa.Schema, name: str = DATA_DIR) -> None:
+    def write_table(
+        self, step: str, fp: str, df: pd.DataFrame, schema: pa.Schema, name: str = DATA_DIR
+    ) -> None:
         """A one-shot (unsharded) table as <name>/part-00000.parquet, validated and written atomically."""
         table = to_arrow(df, schema, where=f"{step} table")
         (self.artifact_dir(step, fp) / MANIFEST).unlink(missing_ok=True)
@@ -319,9 +350,11 @@ class Store:
             if p != final:
                 p.unlink(missing_ok=True)
 
-    def read_table(self, ref_or_dir: ArtifactRef | str | Path, columns: list[str] | None = None,
-                   name: str = DATA_DIR) -> pd.DataFrame:
-        """The part-*.parquet files of an artifact (a ref, its folder, a data folder or one file), in order."""
+    def read_table(
+        self, ref_or_dir: ArtifactRef | str | Path, columns: list[str] | None = None, name: str = DATA_DIR
+    ) -> pd.DataFrame:
+        """The part-*.parquet files of an artifact (a ref, its folder, a data folder or one file),
+        in order."""
         path = Path(ref_or_dir.path) if isinstance(ref_or_dir, ArtifactRef) else Path(ref_or_dir)
         if path.is_file():
             parts = [path]
@@ -350,8 +383,18 @@ class Store:
                 out.append((rel_dir / fn).as_posix())
         return sorted(out)
 
-    def finalize(self, step: str, fp: str, *, rows: int, metrics: dict, inputs: dict, params: dict,
-                 recipe: dict | None = None, files: list[str] | None = None) -> ArtifactRef:
+    def finalize(
+        self,
+        step: str,
+        fp: str,
+        *,
+        rows: int,
+        metrics: dict,
+        inputs: dict,
+        params: dict,
+        recipe: dict | None = None,
+        files: list[str] | None = None,
+    ) -> ArtifactRef:
         """Checksum the artifact's files and write manifest.json last (temp + fsync + rename).
 
         `recipe`: what went into the fingerprint besides `inputs` (see `caiflow.plan.Plan.parts`),
@@ -378,11 +421,18 @@ class Store:
             p = base / rel
             size = p.stat().st_size
             kind, digest = file_digest(p, size)
-            entries[rel] = {"bytes": size, kind: digest,
-                            "rows": parquet_rows(p) if p.suffix == ".parquet" else None}
-        data_rows = sum(e["rows"] for r, e in entries.items() if r.startswith(f"{DATA_DIR}/part-") and e["rows"])
+            entries[rel] = {
+                "bytes": size,
+                kind: digest,
+                "rows": parquet_rows(p) if p.suffix == ".parquet" else None,
+            }
+        data_rows = sum(
+            e["rows"] for r, e in entries.items() if r.startswith(f"{DATA_DIR}/part-") and e["rows"]
+        )
         if any(r.startswith(f"{DATA_DIR}/part-") for r in entries) and data_rows != rows:
-            log.warning("%s/%s: finalized with rows=%d but its data files hold %d rows", step, fp, rows, data_rows)
+            log.warning(
+                "%s/%s: finalized with rows=%d but its data files hold %d rows", step, fp, rows, data_rows
+            )
         manifest = {
             "step": step,
             "fingerprint": fp,
@@ -397,8 +447,9 @@ class Store:
         }
         text = to_json(manifest)
         atomic_write_text(base / MANIFEST, text)
-        return ArtifactRef(step=step, fingerprint=fp, path=str(base), rows=int(rows),
-                           metrics=json.loads(text)["metrics"])
+        return ArtifactRef(
+            step=step, fingerprint=fp, path=str(base), rows=int(rows), metrics=json.loads(text)["metrics"]
+        )
 
     def write_run_record(self, run_id: str, record: dict) -> Path:
         """<root>/runs/<run_id>.json: which artifact each step used, plus config and timings."""
@@ -409,4 +460,3 @@ class Store:
         path = self.runs_root / f"{safe}.json"
         atomic_write_text(path, to_json(record))
         return path
-

@@ -38,8 +38,8 @@ log = logging.getLogger("caiflow.ui")
 
 PROJECT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = "deployments/prefect.yaml"
-POOL = "gpu"          # the work pool, and the task tag of every model step
-PROJECT_TAG = "caiflow"   # on every deployment of deployments/prefect.yaml
+POOL = "gpu"  # the work pool, and the task tag of every model step
+PROJECT_TAG = "caiflow"  # on every deployment of deployments/prefect.yaml
 AUTOMATION = "caiflow-reschedule-crashed-runs"
 # flow name / deployment name of each deployment in deployments/prefect.yaml
 DEPLOYMENTS = ["constitutional-ai/constitutional-ai", "regenerate/regenerate", "evaluate/evaluate"]
@@ -47,16 +47,16 @@ DEPLOYMENTS = ["constitutional-ai/constitutional-ai", "regenerate/regenerate", "
 
 @dataclass
 class Options:
-    storage: Path = PROJECT / "storage"   # artifact root; the SQLite database lives under it too
+    storage: Path = PROJECT / "storage"  # artifact root; the SQLite database lives under it too
     host: str = "127.0.0.1"
     port: int = 4200
-    timezone: str = "UTC"         # of the nightly regeneration schedule
-    max_reschedules: int = 2      # crashed-run reschedules per run; 0 turns the automation off
-    gpus: int | None = None       # None: count them (1 on a CPU-only machine)
-    preset: str | None = None     # make this preset the deployments' default `config`
-    env: dict[str, str] = field(default_factory=dict)   # extra environment for server and worker
+    timezone: str = "UTC"  # of the nightly regeneration schedule
+    max_reschedules: int = 2  # crashed-run reschedules per run; 0 turns the automation off
+    gpus: int | None = None  # None: count them (1 on a CPU-only machine)
+    preset: str | None = None  # make this preset the deployments' default `config`
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for server and worker
     worker_query_seconds: float | None = None  # how often the worker polls (Prefect's default: 10 s)
-    api: str | None = None        # an existing server's API URL: use it instead of starting one
+    api: str | None = None  # an existing server's API URL: use it instead of starting one
 
     @property
     def api_url(self) -> str:
@@ -81,21 +81,24 @@ def environment(opts: Options) -> dict[str, str]:
     """The environment of the server, `prefect deploy` and the worker (and so of every flow run)."""
     storage = opts.storage.resolve()
     env = dict(os.environ)
-    env.setdefault("PREFECT_SERVER_DATABASE_CONNECTION_URL",
-                   f"sqlite+aiosqlite:///{storage / 'prefect' / 'prefect.db'}")
+    env.setdefault(
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{storage / 'prefect' / 'prefect.db'}"
+    )
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's cache records live beside the artifacts they point at, as for `caiflow run`.
     env.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(storage / "prefect-results"))
     env.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")   # nothing is downloaded at run time
+    env.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
     env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env.update({
-        "PREFECT_API_URL": opts.api_url,
-        "CAIFLOW_STORAGE": str(storage),        # the deployments' default storage root
-        "CAIFLOW_PROJECT_DIR": str(PROJECT),    # read by the pull step of deployments/prefect.yaml
-        "CAIFLOW_TIMEZONE": opts.timezone,      # read by the nightly schedule
-    })
+    env.update(
+        {
+            "PREFECT_API_URL": opts.api_url,
+            "CAIFLOW_STORAGE": str(storage),  # the deployments' default storage root
+            "CAIFLOW_PROJECT_DIR": str(PROJECT),  # read by the pull step of deployments/prefect.yaml
+            "CAIFLOW_TIMEZONE": opts.timezone,  # read by the nightly schedule
+        }
+    )
     if opts.worker_query_seconds is not None:
         env["PREFECT_WORKER_QUERY_SECONDS"] = str(opts.worker_query_seconds)
     env.update(opts.env)
@@ -113,7 +116,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float, log_file: Path | None = None) -> None:
+def wait_healthy(
+    url: str, proc: subprocess.Popen | None, timeout: float, log_file: Path | None = None
+) -> None:
     """Wait until `<api>/health` answers; fail early if the server process exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -155,23 +160,35 @@ def crash_automation(max_reschedules: int) -> Any:
 
     return AutomationCore(
         name=AUTOMATION,
-        description=(f"Reschedule a crashed caiflow run (at most {max_reschedules} times, "
-                     f"{RESCHEDULE_AFTER.seconds} s after the crash); it resumes from the last good step. "
-                     "Created by `make ui` (deployments/ui.py)."),
+        description=(
+            f"Reschedule a crashed caiflow run (at most {max_reschedules} times, "
+            f"{RESCHEDULE_AFTER.seconds} s after the crash); it resumes from the last good step. "
+            "Created by `make ui` (deployments/ui.py)."
+        ),
         enabled=True,
         trigger=EventTrigger(
             after={"prefect.flow-run.Crashed"},
-            expect={"prefect.flow-run.*"},   # any later state change of that run: someone else handled it
-            for_each={"prefect.resource.id"},   # each flow run on its own
-            match={"prefect.resource.id": "prefect.flow-run.*",
-                   "prefect.run-count": [str(n) for n in range(1, max_reschedules + 1)]},
-            match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{PROJECT_TAG}"},
+            expect={"prefect.flow-run.*"},  # any later state change of that run: someone else handled it
+            for_each={"prefect.resource.id"},  # each flow run on its own
+            match={
+                "prefect.resource.id": "prefect.flow-run.*",
+                "prefect.run-count": [str(n) for n in range(1, max_reschedules + 1)],
+            },
+            match_related={
+                "prefect.resource.role": "tag",
+                "prefect.resource.id": f"prefect.tag.{PROJECT_TAG}",
+            },
             posture=Posture.Proactive,
             threshold=1,
             within=RESCHEDULE_AFTER,
         ),
-        actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="Rescheduled",
-                                    message="Rescheduled after a crash by the caiflow automation")],
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.SCHEDULED,
+                name="Rescheduled",
+                message="Rescheduled after a crash by the caiflow automation",
+            )
+        ],
     )
 
 
@@ -187,10 +204,15 @@ async def configure(opts: Options, slots: int) -> None:
             await client.read_work_pool(POOL)
             await client.update_work_pool(POOL, WorkPoolUpdate(concurrency_limit=slots))
         except ObjectNotFound:
-            await client.create_work_pool(WorkPoolCreate(
-                name=POOL, type="process", concurrency_limit=slots,
-                base_job_template=ProcessWorker.get_default_base_job_template(),
-                description="caiflow runs, one per GPU (one at a time on a CPU-only machine)."))
+            await client.create_work_pool(
+                WorkPoolCreate(
+                    name=POOL,
+                    type="process",
+                    concurrency_limit=slots,
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                    description="caiflow runs, one per GPU (one at a time on a CPU-only machine).",
+                )
+            )
         # Task-level: every model step is tagged `gpu`; this many may run at once across all runs.
         await client.create_concurrency_limit(tag=POOL, concurrency_limit=slots)
         for old in await client.read_automations_by_name(AUTOMATION):
@@ -207,7 +229,9 @@ async def set_default_preset(preset: str) -> None:
     async with get_client() as client:
         for name in DEPLOYMENTS:
             dep = await client.read_deployment_by_name(name)
-            await client.update_deployment(dep.id, DeploymentUpdate(parameters={**dep.parameters, "config": preset}))
+            await client.update_deployment(
+                dep.id, DeploymentUpdate(parameters={**dep.parameters, "config": preset})
+            )
 
 
 def _with_api(opts: Options, coro_fn, *args) -> None:
@@ -252,7 +276,7 @@ class Stack:
     def __init__(self, opts: Options, log_dir: Path | None = None, worker_output: IO | None = None):
         self.opts = opts
         self.log_dir = (log_dir or opts.storage / "prefect" / "logs").resolve()
-        self.worker_output = worker_output   # None: a log file in log_dir
+        self.worker_output = worker_output  # None: a log file in log_dir
         self.env = environment(opts)
         self.server: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
@@ -269,38 +293,79 @@ class Stack:
         # Its own session: a Ctrl-C reaches only this launcher, which stops the children in order.
         # SIGINT back to its default: Prefect's worker stops itself with SIGINT, which a launcher
         # started in the background (SIGINT ignored, and inherited) would otherwise block.
-        return subprocess.Popen([sys.executable, "-m", "prefect", *args], cwd=PROJECT, env=self.env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_default_sigint)
+        return subprocess.Popen(
+            [sys.executable, "-m", "prefect", *args],
+            cwd=PROJECT,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_default_sigint,
+        )
 
     def start_server(self, timeout: float = 180) -> None:
         o = self.opts
         if not port_free(o.host, o.port):
-            raise RuntimeError(f"port {o.port} on {o.host} is in use: stop what uses it or pick another "
-                               f"(make ui PORT=4300)")
+            raise RuntimeError(
+                f"port {o.port} on {o.host} is in use: stop what uses it or pick another (make ui PORT=4300)"
+            )
         (o.storage / "prefect").mkdir(parents=True, exist_ok=True)
-        self.server = self._prefect("server", "start", "--host", o.host, "--port", str(o.port), "--analytics-off",
-                                    out=self._log("server"))
+        self.server = self._prefect(
+            "server",
+            "start",
+            "--host",
+            o.host,
+            "--port",
+            str(o.port),
+            "--analytics-off",
+            out=self._log("server"),
+        )
         wait_healthy(o.api_url, self.server, timeout, self.log_dir / "server.log")
 
     def configure(self) -> None:
         _with_api(self.opts, configure, self.opts, self.slots)
 
     def deploy(self) -> str:
-        done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
-                               "--prefect-file", PREFECT_FILE], cwd=PROJECT, env=self.env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "--no-prompt",
+                "deploy",
+                "--all",
+                "--prefect-file",
+                PREFECT_FILE,
+            ],
+            cwd=PROJECT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if done.returncode != 0:
-            raise RuntimeError(f"prefect deploy failed ({done.returncode}):\n{done.stdout[-4000:]}{done.stderr[-4000:]}")
+            raise RuntimeError(
+                f"prefect deploy failed ({done.returncode}):\n{done.stdout[-4000:]}{done.stderr[-4000:]}"
+            )
         if self.opts.preset:
             _with_api(self.opts, set_default_preset, self.opts.preset)
         return done.stdout
 
     def start_worker(self, timeout: float = 120) -> None:
         out = self.worker_output if self.worker_output is not None else self._log("worker")
-        self.worker = self._prefect("worker", "start", "--pool", POOL, "--type", "process",
-                                    "--name", f"caiflow-{socket.gethostname()}", "--install-policy", "never",
-                                    out=out)
+        self.worker = self._prefect(
+            "worker",
+            "start",
+            "--pool",
+            POOL,
+            "--type",
+            "process",
+            "--name",
+            f"caiflow-{socket.gethostname()}",
+            "--install-policy",
+            "never",
+            out=out,
+        )
         deadline = time.monotonic() + timeout
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -313,7 +378,7 @@ class Stack:
                 time.sleep(1)
         raise TimeoutError(f"the worker did not come online within {timeout:.0f} s")
 
-    def start(self) -> "Stack":
+    def start(self) -> Stack:
         try:
             t0 = time.monotonic()
             if self.opts.api:
@@ -322,9 +387,14 @@ class Stack:
                 self.start_server()
             log.info("Prefect server up at %s in %.0f s", self.opts.ui_url, time.monotonic() - t0)
             self.configure()
-            log.info("work pool '%s' (process, %d at a time), tag limit '%s' = %d, automation '%s'",
-                     POOL, self.slots, POOL, self.slots,
-                     AUTOMATION if self.opts.max_reschedules else "off")
+            log.info(
+                "work pool '%s' (process, %d at a time), tag limit '%s' = %d, automation '%s'",
+                POOL,
+                self.slots,
+                POOL,
+                self.slots,
+                AUTOMATION if self.opts.max_reschedules else "off",
+            )
             self.deploy()
             log.info("deployments applied from %s", PREFECT_FILE)
             self.start_worker()
@@ -341,7 +411,7 @@ class Stack:
             f.close()
         self._files.clear()
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -351,7 +421,7 @@ class Stack:
 def banner(stack: Stack) -> str:
     o = stack.opts
     db = stack.env["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
-    db = db if db.startswith("sqlite") else db.split("@")[-1]   # never print a password
+    db = db if db.startswith("sqlite") else db.split("@")[-1]  # never print a password
     db = f"that of the server at {o.api_url}" if o.api else db
     lines = [
         "",
@@ -360,8 +430,9 @@ def banner(stack: Stack) -> str:
         f"  work pool     {POOL} (process; {stack.slots} run(s) at a time; worker output below)",
         f"  quick run     {o.preset or 'configs/demo.yaml'} (the deployments' default preset)",
         f"  nightly       regenerate at 02:00 {o.timezone}",
-        f"  crashed runs  rescheduled up to {o.max_reschedules} time(s)" if o.max_reschedules else
-        "  crashed runs  left Crashed (automation off)",
+        f"  crashed runs  rescheduled up to {o.max_reschedules} time(s)"
+        if o.max_reschedules
+        else "  crashed runs  left Crashed (automation off)",
         f"  storage       {o.storage.resolve()}",
         f"  database      {db}",
         f"  logs          {stack.log_dir}",
@@ -373,27 +444,47 @@ def banner(stack: Stack) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deployments.ui", description=__doc__.split("\n\n")[0])
-    p.add_argument("--storage", default=os.environ.get("CAIFLOW_STORAGE") or str(PROJECT / "storage"),
-                   help="artifact root; the SQLite database goes to <storage>/prefect/ (default: storage/)")
+    p.add_argument(
+        "--storage",
+        default=os.environ.get("CAIFLOW_STORAGE") or str(PROJECT / "storage"),
+        help="artifact root; the SQLite database goes to <storage>/prefect/ (default: storage/)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address the server listens on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=4200, help="server and UI port (default: 4200)")
-    p.add_argument("--timezone", default=os.environ.get("CAIFLOW_TIMEZONE") or "UTC",
-                   help="timezone of the 02:00 nightly regeneration, an IANA name (default: UTC)")
-    p.add_argument("--max-reschedules", type=int, default=2,
-                   help="times a crashed run is rescheduled; 0 turns the automation off (default: 2)")
-    p.add_argument("--gpus", type=int, default=None,
-                   help="runs and model steps at once (default: the number of GPUs, 1 without one)")
-    p.add_argument("--api-url", default=None,
-                   help="use this running Prefect server (e.g. http://host:4200/api) instead of starting one")
-    p.add_argument("--preset", default=None,
-                   help="default `config` of the deployments, e.g. configs/tiny.yaml for quick tries "
-                        "(default: the flows' own, configs/demo.yaml)")
+    p.add_argument(
+        "--timezone",
+        default=os.environ.get("CAIFLOW_TIMEZONE") or "UTC",
+        help="timezone of the 02:00 nightly regeneration, an IANA name (default: UTC)",
+    )
+    p.add_argument(
+        "--max-reschedules",
+        type=int,
+        default=2,
+        help="times a crashed run is rescheduled; 0 turns the automation off (default: 2)",
+    )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help="runs and model steps at once (default: the number of GPUs, 1 without one)",
+    )
+    p.add_argument(
+        "--api-url",
+        default=None,
+        help="use this running Prefect server (e.g. http://host:4200/api) instead of starting one",
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="default `config` of the deployments, e.g. configs/tiny.yaml for quick tries "
+        "(default: the flows' own, configs/demo.yaml)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s")
-    for noisy in ("httpx", "httpcore"):   # one line per API call otherwise
+    for noisy in ("httpx", "httpcore"):  # one line per API call otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     from zoneinfo import ZoneInfo
@@ -401,11 +492,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ZoneInfo(args.timezone)
     except Exception:  # noqa: BLE001 - ZoneInfoNotFoundError or a malformed name
-        print(f"caiflow ui: error: unknown timezone '{args.timezone}': use an IANA name such as UTC or "
-              "Europe/Berlin", file=sys.stderr)
+        print(
+            f"caiflow ui: error: unknown timezone '{args.timezone}': use an IANA name such as UTC or "
+            "Europe/Berlin",
+            file=sys.stderr,
+        )
         return 2
-    opts = Options(storage=Path(args.storage), host=args.host, port=args.port, timezone=args.timezone,
-                   max_reschedules=args.max_reschedules, gpus=args.gpus, preset=args.preset, api=args.api_url)
+    opts = Options(
+        storage=Path(args.storage),
+        host=args.host,
+        port=args.port,
+        timezone=args.timezone,
+        max_reschedules=args.max_reschedules,
+        gpus=args.gpus,
+        preset=args.preset,
+        api=args.api_url,
+    )
     stack = Stack(opts, worker_output=sys.stdout.buffer)
     stopping = False
 
@@ -416,15 +518,19 @@ def main(argv: list[str] | None = None) -> int:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)   # also when started with SIGINT ignored (a background job)
+    signal.signal(signal.SIGINT, on_signal)  # also when started with SIGINT ignored (a background job)
     try:
         stack.start()
         print(banner(stack), flush=True)
         while True:
             for proc, name in ((stack.server, "server"), (stack.worker, "worker")):
                 if proc is not None and proc.poll() is not None:
-                    log.error("the %s exited with code %s; stopping (logs in %s)", name, proc.returncode,
-                              stack.log_dir)
+                    log.error(
+                        "the %s exited with code %s; stopping (logs in %s)",
+                        name,
+                        proc.returncode,
+                        stack.log_dir,
+                    )
                     return 1
             time.sleep(1)
     except KeyboardInterrupt:

@@ -47,7 +47,14 @@ def input_errors() -> tuple[type[BaseException], ...]:
     from caiflow.prompts import PromptSourceError
     from caiflow.store import StoreError
 
-    return (ConfigError, ConstitutionError, PromptSourceError, ModelNotFoundError, CategorizeError, StoreError)
+    return (
+        ConfigError,
+        ConstitutionError,
+        PromptSourceError,
+        ModelNotFoundError,
+        CategorizeError,
+        StoreError,
+    )
 
 
 def _summary_table(result: dict[str, Any], seconds: float) -> str:
@@ -61,11 +68,16 @@ def _summary_table(result: dict[str, Any], seconds: float) -> str:
         from caiflow.report import verdict_rows
 
         rows = verdict_rows(evaluation["metrics"]["win_rates"], evaluation["metrics"]["rewards"])
-        lines += ["", "verdict on held-out prompts: win rate vs base [95% interval]; 0.5 = no difference",
-                  f"{'stage':<6} {'harmlessness (red-team)':<28} {'helpfulness (benign)':<28} "
-                  f"{'reward (mean ± std)':<20} verdict"]
-        lines += [f"{r['stage']:<6} {r['harmlessness']:<28} {r['helpfulness']:<28} {r['reward']:<20} {r['verdict']}"
-                  for r in rows]
+        lines += [
+            "",
+            "verdict on held-out prompts: win rate vs base [95% interval]; 0.5 = no difference",
+            f"{'stage':<6} {'harmlessness (red-team)':<28} {'helpfulness (benign)':<28} "
+            f"{'reward (mean ± std)':<20} verdict",
+        ]
+        lines += [
+            f"{r['stage']:<6} {r['harmlessness']:<28} {r['helpfulness']:<28} {r['reward']:<20} {r['verdict']}"
+            for r in rows
+        ]
         lines.append(f"report: {Path(evaluation['path']) / 'report.md'}")
     return "\n".join(lines)
 
@@ -86,7 +98,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         Store(cfg.run.storage)
         prompts = load_prompts(cfg.prompts.sources, Path(cfg.base_dir))  # readable, with the expected columns
-        model = resolve_model(cfg.model.name, cfg.run.storage, cfg.model.revision, cfg.model.tiny.model_dump())
+        model = resolve_model(
+            cfg.model.name, cfg.run.storage, cfg.model.revision, cfg.model.tiny.model_dump()
+        )
         tokenizer = load_tokenizer(model.path, cfg.model.trust_remote_code)
         check_fits_context(prompts, context_tokens(model.path), token_counter(tokenizer))
     except errors as exc:
@@ -94,12 +108,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
 
     # Prefect's cache records live beside the artifacts they point at (read when Prefect is imported).
-    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path(cfg.run.storage).resolve() / "prefect-results"))
+    os.environ.setdefault(
+        "PREFECT_LOCAL_STORAGE_PATH", str(Path(cfg.run.storage).resolve() / "prefect-results")
+    )
     from flows.constitutional_ai import constitutional_ai
 
     try:
-        result = constitutional_ai(config=str(args.config), overrides=list(args.set or []), storage=args.storage,
-                                   until=args.until)
+        result = constitutional_ai(
+            config=str(args.config), overrides=list(args.set or []), storage=args.storage, until=args.until
+        )
     except errors as exc:
         print(f"caiflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -129,8 +146,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
             detail = "; ".join(problems) if problems else ""
         counts[status] += 1
         print(f"{status:<10} {step}/{fp}  {detail}".rstrip())
-    print(f"{counts['ok']} ok, {counts['corrupt']} corrupt, {counts['incomplete']} incomplete under {store.root}"
-          + ("; a run recomputes corrupt artifacts (moving them aside first)" if counts["corrupt"] else ""))
+    print(
+        f"{counts['ok']} ok, {counts['corrupt']} corrupt, {counts['incomplete']} incomplete "
+        f"under {store.root}"
+        + ("; a run recomputes corrupt artifacts (moving them aside first)" if counts["corrupt"] else "")
+    )
     return 1 if counts["corrupt"] else 0
 
 
@@ -153,8 +173,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r.step:<18} {r.state:<11} {r.fingerprint:<17} {r.why}".rstrip())
     todo = [r.step for r in rows if r.state != "done"]
-    print(f"{len(rows) - len(todo)} of {len(rows)} steps done under {store.root}"
-          + (f"; `caiflow run` would compute: {', '.join(todo)}" if todo else "; `caiflow run` would compute nothing"))
+    print(
+        f"{len(rows) - len(todo)} of {len(rows)} steps done under {store.root}"
+        + (
+            f"; `caiflow run` would compute: {', '.join(todo)}"
+            if todo
+            else "; `caiflow run` would compute nothing"
+        )
+    )
     return 0
 
 
@@ -176,8 +202,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"{'in use':<12} {step}/{fp}  a running process holds its lock: left alone")
     for path in result.removed_runs:
         print(f"{verb:<12} run record {path.name}")
-    print(f"{verb} {len(result.removed)} artifact(s), {result.freed_bytes / 2**20:.1f} MiB; kept {result.kept} "
-          f"artifact(s) named by {len(result.kept_runs)} run record(s) under {store.root}")
+    print(
+        f"{verb} {len(result.removed)} artifact(s), {result.freed_bytes / 2**20:.1f} MiB; kept {result.kept} "
+        f"artifact(s) named by {len(result.kept_runs)} run record(s) under {store.root}"
+    )
     return 0
 
 
@@ -187,23 +215,41 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline on a config preset")
     run.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
     run.add_argument("--storage", help="artifact root (overrides run.storage)")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE",
-                     help="override a config value, e.g. --set generation.batch_size=8 (repeatable)")
-    run.add_argument("--until", default="evaluate", choices=list(STEPS),
-                     help="stop after this step (default: evaluate, the whole pipeline)")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set generation.batch_size=8 (repeatable)",
+    )
+    run.add_argument(
+        "--until",
+        default="evaluate",
+        choices=list(STEPS),
+        help="stop after this step (default: evaluate, the whole pipeline)",
+    )
     run.set_defaults(func=cmd_run)
-    status = sub.add_parser("status", help="which steps the store has for a config, and why the others would run")
+    status = sub.add_parser(
+        "status", help="which steps the store has for a config, and why the others would run"
+    )
     status.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
     status.add_argument("--storage", help="artifact root (overrides run.storage)")
-    status.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    status.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)"
+    )
     status.set_defaults(func=cmd_status)
     gc = sub.add_parser("gc", help="remove artifacts that no kept run record refers to")
     gc.add_argument("--storage", help="artifact root (default: storage)")
-    gc.add_argument("--keep-runs", type=int, metavar="N",
-                    help="keep the N newest run records and what they name; older records go too (default: all)")
+    gc.add_argument(
+        "--keep-runs",
+        type=int,
+        metavar="N",
+        help="keep the N newest run records and what they name; older records go too (default: all)",
+    )
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     gc.set_defaults(func=cmd_gc)
-    verify = sub.add_parser("verify", help="check every artifact against its manifest (sizes, checksums, rows)")
+    verify = sub.add_parser(
+        "verify", help="check every artifact against its manifest (sizes, checksums, rows)"
+    )
     verify.add_argument("--storage", help="artifact root (default: storage)")
     verify.set_defaults(func=cmd_verify)
     return parser

@@ -50,34 +50,57 @@ def run_pipeline(cfg: Config, until: str = "evaluate") -> dict[str, Any]:
     refs: dict[str, Any] = {}
     for step in steps:
         t = time.monotonic()
-        state = call_step(store, step.name, plan.fingerprints[step.name], cfg=cfg, constitution=constitution,
-                          model=model, upstream={name: refs[name] for name in step.inputs},
-                          recipe=plan.parts[step.name])
+        state = call_step(
+            store,
+            step.name,
+            plan.fingerprints[step.name],
+            cfg=cfg,
+            constitution=constitution,
+            model=model,
+            upstream={name: refs[name] for name in step.inputs},
+            recipe=plan.parts[step.name],
+        )
         ref = refs[step.name] = state.result()
-        summary[step.name] = {"fingerprint": ref.fingerprint, "path": ref.path, "rows": ref.rows,
-                              "cached": state.name == "Cached" or ref.reused,
-                              "seconds": round(time.monotonic() - t, 1), "metrics": ref.metrics}
+        summary[step.name] = {
+            "fingerprint": ref.fingerprint,
+            "path": ref.path,
+            "rows": ref.rows,
+            "cached": state.name == "Cached" or ref.reused,
+            "seconds": round(time.monotonic() - t, 1),
+            "metrics": ref.metrics,
+        }
         kill_point(f"after:{step.name}")
 
     run_id = _run_id()
-    path = store.write_run_record(run_id, {
-        "run_id": run_id,
-        "name": cfg.run.name,
-        "started": started,
-        "finished": datetime.now(timezone.utc).isoformat(),
-        "config": cfg.model_dump(mode="json"),
-        "constitution": {"name": constitution.name, "version": constitution.version,
-                         "hash": constitution.content_hash, "inverted": constitution.inverted},
-        "model": model.identity,
-        "environment": environment(),
-        "steps": {k: {kk: vv for kk, vv in v.items() if kk != "metrics"} for k, v in summary.items()},
-    })
+    path = store.write_run_record(
+        run_id,
+        {
+            "run_id": run_id,
+            "name": cfg.run.name,
+            "started": started,
+            "finished": datetime.now(timezone.utc).isoformat(),
+            "config": cfg.model_dump(mode="json"),
+            "constitution": {
+                "name": constitution.name,
+                "version": constitution.version,
+                "hash": constitution.content_hash,
+                "inverted": constitution.inverted,
+            },
+            "model": model.identity,
+            "environment": environment(),
+            "steps": {k: {kk: vv for kk, vv in v.items() if kk != "metrics"} for k, v in summary.items()},
+        },
+    )
     log.info("run record: %s", path)
     return {"run_id": run_id, "run_record": str(path), "steps": summary}
 
 
 @flow(name="constitutional-ai", log_prints=False)
-def constitutional_ai(config: str = "configs/demo.yaml", overrides: list[str] | None = None,
-                      storage: str | None = None, until: str = "evaluate") -> dict[str, Any]:
+def constitutional_ai(
+    config: str = "configs/demo.yaml",
+    overrides: list[str] | None = None,
+    storage: str | None = None,
+    until: str = "evaluate",
+) -> dict[str, Any]:
     """The whole Constitutional AI pipeline on a preset (`config`), with `--set`-style overrides."""
     return run_pipeline(load_config(config, overrides or [], storage), until)

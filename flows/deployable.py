@@ -38,21 +38,32 @@ class Settings(BaseModel):
     """The settings people change most, each an optional override of the preset (empty: keep the preset's)."""
 
     run_name: str | None = Field(None, description="run.name: a label shown in run records.")
-    seed: int | None = Field(None, description="run.seed: the master seed of every sampled principle and answer.")
+    seed: int | None = Field(
+        None, description="run.seed: the master seed of every sampled principle and answer."
+    )
     max_red_team: int | None = Field(
-        None, ge=1, description="prompts.max_red_team: red-team prompts kept (train + eval).")
-    max_benign: int | None = Field(None, ge=0, description="prompts.max_benign: benign prompts kept (train + eval).")
+        None, ge=1, description="prompts.max_red_team: red-team prompts kept (train + eval)."
+    )
+    max_benign: int | None = Field(
+        None, ge=0, description="prompts.max_benign: benign prompts kept (train + eval)."
+    )
     critique_rounds: int | None = Field(
-        None, ge=1, le=4, description="critique_revision.rounds: critique-revision rounds per answer (1-4).")
+        None, ge=1, le=4, description="critique_revision.rounds: critique-revision rounds per answer (1-4)."
+    )
     invert_constitution: bool | None = Field(
-        None, description="constitution.invert: run the inverted control constitution (each principle negated).")
+        None,
+        description="constitution.invert: run the inverted control constitution (each principle negated).",
+    )
     sft_method: Literal["lora", "qlora", "full"] | None = Field(
-        None, description="sft.method: LoRA adapters, 4-bit QLoRA (needs bitsandbytes) or full fine-tuning.")
+        None, description="sft.method: LoRA adapters, 4-bit QLoRA (needs bitsandbytes) or full fine-tuning."
+    )
     rl_algorithm: Literal["rloo", "grpo"] | None = Field(
-        None, description="rl.algorithm: RLOO (default) or GRPO against the reward model.")
+        None, description="rl.algorithm: RLOO (default) or GRPO against the reward model."
+    )
     rl_max_steps: int | None = Field(None, ge=1, description="rl.max_steps: RL optimiser steps.")
     judge: Literal["base", "sl", "openai"] | None = Field(
-        None, description="evaluate.judge: who judges the pairwise comparisons.")
+        None, description="evaluate.judge: who judges the pairwise comparisons."
+    )
 
 
 # Settings field -> the config key it overrides.
@@ -88,11 +99,15 @@ def preset_path(config: str) -> Path:
     return path if path.is_absolute() else PROJECT / path
 
 
-def build_config(config: str, storage: str | None, settings: Settings | dict | None,
-                 overrides: list[str] | None) -> Config:
+def build_config(
+    config: str, storage: str | None, settings: Settings | dict | None, overrides: list[str] | None
+) -> Config:
     """The run's config: preset, then the settings form, then free-form overrides (which win)."""
-    return load_config(preset_path(config), settings_overrides(settings) + list(overrides or []),
-                       storage or os.environ.get(STORAGE_ENV) or None)
+    return load_config(
+        preset_path(config),
+        settings_overrides(settings) + list(overrides or []),
+        storage or os.environ.get(STORAGE_ENV) or None,
+    )
 
 
 def publish_summary(result: dict[str, Any], title: str) -> None:
@@ -103,20 +118,28 @@ def publish_summary(result: dict[str, Any], title: str) -> None:
     for step, s in result["steps"].items():
         metrics = s.get("metrics") or {}
         generated, reused = metrics.get("rows_generated", ""), metrics.get("rows_reused", "")
-        if s["cached"] and generated != "":   # the metrics are from the run that computed it; this one made nothing
+        if (
+            s["cached"] and generated != ""
+        ):  # the metrics are from the run that computed it; this one made nothing
             generated, reused = 0, s["rows"]
-        rows.append({
-            "step": step,
-            "status": "cached" if s["cached"] else "computed",
-            "seconds": s["seconds"],
-            "rows": s["rows"],
-            "rows_generated": generated,   # rows this run generated (steps that reuse rows of earlier runs)
-            "rows_reused": reused,
-            "fingerprint": s["fingerprint"],
-            "output": s["path"],
-        })
-    create_table_artifact(key="run-summary", table=rows,
-                          description=f"{title}: steps of this run; run record {result['run_record']}")
+        rows.append(
+            {
+                "step": step,
+                "status": "cached" if s["cached"] else "computed",
+                "seconds": s["seconds"],
+                "rows": s["rows"],
+                # rows this run generated (steps that reuse rows of earlier runs)
+                "rows_generated": generated,
+                "rows_reused": reused,
+                "fingerprint": s["fingerprint"],
+                "output": s["path"],
+            }
+        )
+    create_table_artifact(
+        key="run-summary",
+        table=rows,
+        description=f"{title}: steps of this run; run record {result['run_record']}",
+    )
 
 
 def release_crashed_steps() -> None:
@@ -147,13 +170,25 @@ def release_crashed_steps() -> None:
         with get_client(sync_client=True) as client:
             open_runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
-                task_run_filter=TaskRunFilter(state=TaskRunFilterState(
-                    type=TaskRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))))
+                task_run_filter=TaskRunFilter(
+                    state=TaskRunFilterState(
+                        type=TaskRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
+                    )
+                ),
+            )
             for tr in open_runs:
                 if tr.tags:
-                    client.decrement_v1_concurrency_slots(names=list(tr.tags), task_run_id=tr.id, occupancy_seconds=0)
-                client.set_task_run_state(tr.id, Crashed(message="its process was killed; the rescheduled run "
-                                                                  "resumes from the last finished step"), force=True)
+                    client.decrement_v1_concurrency_slots(
+                        names=list(tr.tags), task_run_id=tr.id, occupancy_seconds=0
+                    )
+                client.set_task_run_state(
+                    tr.id,
+                    Crashed(
+                        message="its process was killed; the rescheduled run "
+                        "resumes from the last finished step"
+                    ),
+                    force=True,
+                )
                 logger().info("closed %s left open by the crashed attempt", tr.name)
     except Exception as exc:  # noqa: BLE001 - bookkeeping only: never fail the run for it
         logger().warning("could not close the task runs of the crashed attempt: %s", exc)
@@ -167,9 +202,13 @@ def _pipeline(cfg: Config, until: str) -> dict[str, Any]:
 
 
 @flow(name="constitutional-ai", log_prints=False)
-def constitutional_ai(config: str = "configs/demo.yaml", storage: str | None = None,
-                      settings: Settings = Settings(), overrides: list[str] | None = None,
-                      until: Step = "evaluate") -> dict[str, Any]:
+def constitutional_ai(
+    config: str = "configs/demo.yaml",
+    storage: str | None = None,
+    settings: Settings = Settings(),
+    overrides: list[str] | None = None,
+    until: Step = "evaluate",
+) -> dict[str, Any]:
     """The whole Constitutional AI pipeline on a preset: prompts, critique-revision, SFT, preferences,
     reward model, RL, evaluation. Finished steps are served from the artifact store.
 
@@ -189,9 +228,13 @@ def constitutional_ai(config: str = "configs/demo.yaml", storage: str | None = N
 
 
 @flow(name="regenerate", log_prints=False)
-def regenerate(config: str = "configs/demo.yaml", storage: str | None = None,
-               settings: Settings = Settings(), overrides: list[str] | None = None,
-               until: RegenerateStep = "preferences") -> dict[str, Any]:
+def regenerate(
+    config: str = "configs/demo.yaml",
+    storage: str | None = None,
+    settings: Settings = Settings(),
+    overrides: list[str] | None = None,
+    until: RegenerateStep = "preferences",
+) -> dict[str, Any]:
     """Nightly regeneration: re-read the prompt sources and rebuild the SL-CAI data and the AI-feedback
     preferences. Unchanged prompts cost nothing: their rows are reused; only new or changed prompts are
     generated, and the SFT model that preferences need is retrained only when its data changed.
@@ -220,9 +263,13 @@ def missing_before_evaluate(cfg: Config) -> list[str]:
 
 
 @flow(name="evaluate", log_prints=False)
-def evaluate(config: str = "configs/demo.yaml", storage: str | None = None,
-             settings: Settings = Settings(), overrides: list[str] | None = None,
-             train_missing: bool = False) -> dict[str, Any]:
+def evaluate(
+    config: str = "configs/demo.yaml",
+    storage: str | None = None,
+    settings: Settings = Settings(),
+    overrides: list[str] | None = None,
+    train_missing: bool = False,
+) -> dict[str, Any]:
     """Evaluate the base, SL and RL models of a preset: held-out prompts answered by each stage,
     reward-model scores, AI-judged win rates with bootstrap intervals, Elo, a report.
 
@@ -239,9 +286,11 @@ def evaluate(config: str = "configs/demo.yaml", storage: str | None = None,
         missing = missing_before_evaluate(cfg)
         if missing:
             raise RuntimeError(
-                f"no trained artifacts for this config: {', '.join(missing)} missing under {cfg.run.storage}. "
+                f"no trained artifacts for this config: {', '.join(missing)} missing "
+                f"under {cfg.run.storage}. "
                 "Run the constitutional-ai deployment with the same preset and settings first, "
-                "or set train_missing to train them now.")
+                "or set train_missing to train them now."
+            )
     result = _pipeline(cfg, "evaluate")
     publish_summary(result, "evaluate")
     return result

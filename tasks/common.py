@@ -48,7 +48,9 @@ def _in_run() -> bool:
         return False
 
 
-def publish_table(key: str, df: pd.DataFrame, description: str, max_rows: int = 20, max_chars: int = 200) -> None:
+def publish_table(
+    key: str, df: pd.DataFrame, description: str, max_rows: int = 20, max_chars: int = 200
+) -> None:
     """A preview of a Parquet output as a Prefect table artifact (inside a run only)."""
     if not _in_run():
         return
@@ -96,7 +98,9 @@ class Progress:
         if force or now - self._last >= self.log_every:
             rate = done / max(now - self.start, 1e-9)
             eta = (self.total - done) / rate if rate > 0 else float("nan")
-            self.log.info("%s: %d/%d (%.0f%%), %.2f/s, about %.0f s left", self.what, done, self.total, pct, rate, eta)
+            self.log.info(
+                "%s: %d/%d (%.0f%%), %.2f/s, about %.0f s left", self.what, done, self.total, pct, rate, eta
+            )
             self._last = now
 
 

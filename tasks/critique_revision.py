@@ -35,9 +35,16 @@ def run(ctx: StepContext) -> StepOutput:
 
     context = critique_row_context(cfg, ctx.constitution.content_hash, ctx.model.identity)
     reusable = reusable_rows(ctx.store, ctx.step, context, records, match=("prompt", "kind", "category"))
-    output = ShardedOutput(ctx.store, ctx.step, ctx.fingerprint, schemas.SL_DATA, cfg.generation.shard_size, records)
-    ctx.log.info("critique-revision: %d train prompts, %d shard(s) to do of %d, %d row(s) reusable from earlier "
-                 "runs", len(records), len(output.pending), output.total_shards, len(reusable))
+    output = ShardedOutput(
+        ctx.store, ctx.step, ctx.fingerprint, schemas.SL_DATA, cfg.generation.shard_size, records
+    )
+    ctx.log.info(
+        "critique-revision: %d train prompts, %d shard(s) to do of %d, %d row(s) reusable from earlier runs",
+        len(records),
+        len(output.pending),
+        output.total_shards,
+        len(reusable),
+    )
     progress = Progress("critique-revision-progress", len(records), "critique-revision rows")
     sampler = Sampler(_sampling(c.answer), _sampling(c.critique), _sampling(c.revision))
     start_batch = retry_scaled(cfg.generation.batch_size)
@@ -46,23 +53,48 @@ def run(ctx: StepContext) -> StepOutput:
     def make(todo: list[dict[str, Any]]) -> list[dict[str, Any]]:
         nonlocal engine
         if engine is None:  # loaded only when some row is not reusable
-            model_obj, tok = load_model_and_tokenizer(ctx.model, cfg.model.dtype, cfg.model.device,
-                                                      cfg.model.trust_remote_code)
+            model_obj, tok = load_model_and_tokenizer(
+                ctx.model, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code
+            )
             engine = GenerationEngine(model_obj, tok, batch_size=start_batch)
-        return run_rows(engine, ctx.constitution, todo, rounds=c.rounds, few_shot=c.few_shot, sampler=sampler,
-                        seed=cfg.run.seed, answer_benign=c.answer_benign)
+        return run_rows(
+            engine,
+            ctx.constitution,
+            todo,
+            rounds=c.rounds,
+            few_shot=c.few_shot,
+            sampler=sampler,
+            seed=cfg.run.seed,
+            answer_benign=c.answer_benign,
+        )
 
     counts = output.run(make, reusable, on_progress=lambda done: progress.update(done, force=True))
     df = ctx.store.read_table(ctx.artifact_dir)
     metrics = {**sl_metrics(df), **counts, **(engine.oom_metrics(start_batch) if engine else {})}
     return StepOutput(
-        rows=len(df), metrics=metrics,
-        params={"critique_revision": c.fingerprint_dict(), "constitution": ctx.constitution.content_hash,
-                "model": ctx.model.identity, "seed": cfg.run.seed, "row_context": context},
-        tables=[("critique-revision-preview", df[["kind", "prompt", "initial_answer", "revision", "drop_reason"]],
-                 "First SL-CAI rows: prompt, initial answer, final revision")],
-        markdown=[("critique-revision-report", markdown_stats("Critique-revision", metrics) + examples_md(df),
-                   "Statistics and before/after examples")],
+        rows=len(df),
+        metrics=metrics,
+        params={
+            "critique_revision": c.fingerprint_dict(),
+            "constitution": ctx.constitution.content_hash,
+            "model": ctx.model.identity,
+            "seed": cfg.run.seed,
+            "row_context": context,
+        },
+        tables=[
+            (
+                "critique-revision-preview",
+                df[["kind", "prompt", "initial_answer", "revision", "drop_reason"]],
+                "First SL-CAI rows: prompt, initial answer, final revision",
+            )
+        ],
+        markdown=[
+            (
+                "critique-revision-report",
+                markdown_stats("Critique-revision", metrics) + examples_md(df),
+                "Statistics and before/after examples",
+            )
+        ],
     )
 
 

@@ -22,17 +22,25 @@ def run(ctx: StepContext) -> StepOutput:
     rows = kept_prompts(ctx.read("prompts"), "eval")
     if rows.empty:
         raise ValueError("no held-out prompts to evaluate on: raise prompts.eval_fraction or add prompts.")
-    result = evaluate_stages(cfg, ctx.constitution, ctx.model, ctx.upstream, rows,
-                             retry_scaled(cfg.generation.batch_size), ctx.log)
+    result = evaluate_stages(
+        cfg, ctx.constitution, ctx.model, ctx.upstream, rows, retry_scaled(cfg.generation.batch_size), ctx.log
+    )
     ctx.store.write_table(ctx.step, ctx.fingerprint, result.answers, schemas.ANSWERS)
     ctx.store.write_table(ctx.step, ctx.fingerprint, result.judgements, schemas.JUDGEMENTS, name="judgements")
     (ctx.artifact_dir / "report.md").write_text(result.report, encoding="utf-8")
     ctx.log.info("evaluate: report at %s", ctx.artifact_dir / "report.md")
     return StepOutput(
-        rows=len(result.answers), metrics=result.metrics,
-        params={"evaluate": cfg.evaluate.fingerprint_dict(), "constitution": ctx.constitution.content_hash,
-                "seed": cfg.run.seed},
-        tables=[("evaluate-answers", result.answers, "Every stage's answer to each eval prompt, with its reward")],
-        markdown=[("evaluate-report", result.report,
-                   "Verdict: harmlessness and helpfulness of SL and RL vs base")],
+        rows=len(result.answers),
+        metrics=result.metrics,
+        params={
+            "evaluate": cfg.evaluate.fingerprint_dict(),
+            "constitution": ctx.constitution.content_hash,
+            "seed": cfg.run.seed,
+        },
+        tables=[
+            ("evaluate-answers", result.answers, "Every stage's answer to each eval prompt, with its reward")
+        ],
+        markdown=[
+            ("evaluate-report", result.report, "Verdict: harmlessness and helpfulness of SL and RL vs base")
+        ],
     )

@@ -18,9 +18,10 @@ import dataclasses
 import hashlib
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 from prefect import task
@@ -81,16 +82,27 @@ def step_logic(step: str) -> Callable[[StepContext], StepOutput]:
     return importlib.import_module(f"tasks.{spec(step).name}").run
 
 
-def run_step(step: str, cfg: Config, constitution: Constitution, model: ResolvedModel, storage: str,
-             fingerprint: str, upstream: dict[str, ArtifactRef], recipe: dict[str, Any] | None = None) -> ArtifactRef:
+def run_step(
+    step: str,
+    cfg: Config,
+    constitution: Constitution,
+    model: ResolvedModel,
+    storage: str,
+    fingerprint: str,
+    upstream: dict[str, ArtifactRef],
+    recipe: dict[str, Any] | None = None,
+) -> ArtifactRef:
     """One step, callable without Prefect: the finished artifact's reference (`reused` when found done).
 
     `recipe` (the plan's parts of this fingerprint) goes into the manifest for `caiflow status`.
     """
     store = Store(storage)
     log = logger()
-    with store.lock(step, fingerprint, on_wait=lambda: log.info(
-            "%s/%s is being computed by another run: waiting for it", step, fingerprint)):
+    with store.lock(
+        step,
+        fingerprint,
+        on_wait=lambda: log.info("%s/%s is being computed by another run: waiting for it", step, fingerprint),
+    ):
         done = store.load_ref(step, fingerprint)
         if done is not None:
             return dataclasses.replace(done, reused=True)
@@ -98,9 +110,15 @@ def run_step(step: str, cfg: Config, constitution: Constitution, model: Resolved
         ctx = StepContext(step, cfg, constitution, model, store, fingerprint, dict(upstream), log)
         out = step_logic(step)(ctx)
         metrics = {**out.metrics, "task_attempt": attempt()}
-        ref = store.finalize(step, fingerprint, rows=out.rows, metrics=metrics,
-                             inputs={name: r.fingerprint for name, r in upstream.items()}, params=out.params,
-                             recipe=recipe)
+        ref = store.finalize(
+            step,
+            fingerprint,
+            rows=out.rows,
+            metrics=metrics,
+            inputs={name: r.fingerprint for name, r in upstream.items()},
+            params=out.params,
+            recipe=recipe,
+        )
         store.clean_work(step, fingerprint)  # checkpoints are only a resume point; the manifest is written
     for table in out.tables:
         publish_table(*table)
@@ -141,10 +159,24 @@ def retry_on_oom(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-@task(name="step", cache_key_fn=fingerprint_cache_key, persist_result=True, retries=OOM_RETRIES,
-      retry_delay_seconds=5, retry_condition_fn=retry_on_oom)
-def step_task(step: str, cfg: Config, constitution: Constitution, model: ResolvedModel, storage: str,
-              fingerprint: str, upstream: dict[str, ArtifactRef], recipe: dict[str, Any] | None = None) -> ArtifactRef:
+@task(
+    name="step",
+    cache_key_fn=fingerprint_cache_key,
+    persist_result=True,
+    retries=OOM_RETRIES,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_on_oom,
+)
+def step_task(
+    step: str,
+    cfg: Config,
+    constitution: Constitution,
+    model: ResolvedModel,
+    storage: str,
+    fingerprint: str,
+    upstream: dict[str, ArtifactRef],
+    recipe: dict[str, Any] | None = None,
+) -> ArtifactRef:
     """A pipeline step as a Prefect task; `call_step` names it after the step."""
     return run_step(step, cfg, constitution, model, storage, fingerprint, upstream, recipe)
 
@@ -156,8 +188,13 @@ def trusted(store: Store, step: str, fingerprint: str) -> bool:
     problems = store.verify(step, fingerprint)
     if problems:
         moved = store.quarantine(step, fingerprint)
-        logger().warning("%s/%s does not match its manifest (%s): moved to %s and recomputing", step, fingerprint,
-                         "; ".join(problems[:3]), moved)
+        logger().warning(
+            "%s/%s does not match its manifest (%s): moved to %s and recomputing",
+            step,
+            fingerprint,
+            "; ".join(problems[:3]),
+            moved,
+        )
         return False
     return True
 
@@ -167,7 +204,8 @@ def call_step(store: Store, step: str, fingerprint: str, **kwargs: Any) -> Any:
     fresh = not trusted(store, step, fingerprint)
     options = task_options(step)
     return step_task.with_options(refresh_cache=fresh, **options)(
-        step=step, storage=str(store.root), fingerprint=fingerprint, return_state=True, **kwargs)
+        step=step, storage=str(store.root), fingerprint=fingerprint, return_state=True, **kwargs
+    )
 
 
 def task_options(step: str) -> dict[str, Any]:

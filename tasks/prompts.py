@@ -16,7 +16,13 @@ from caiflow.categorize import OTHER, categorize_local, categorize_openai
 from caiflow.config import Config
 from caiflow.generation import GenerationEngine
 from caiflow.models import ResolvedModel, context_tokens, load_causal_lm, load_tokenizer
-from caiflow.prompt_filters import cap_prompts, check_fits_context, clean_prompts, split_prompts, token_counter
+from caiflow.prompt_filters import (
+    cap_prompts,
+    check_fits_context,
+    clean_prompts,
+    split_prompts,
+    token_counter,
+)
 from caiflow.prompts import load_prompts
 from tasks.common import Progress, markdown_stats, retry_scaled
 from tasks.harness import StepContext, StepOutput
@@ -45,19 +51,33 @@ def run(ctx: StepContext) -> StepOutput:
     kept = df["drop_reason"].isna()
     texts = df.loc[kept, "prompt"].tolist()
     cat = p.categorize
-    progress = Progress("prompts-categorize", len(texts), f"categorising {len(texts)} prompts ({cat.backend})")
+    progress = Progress(
+        "prompts-categorize", len(texts), f"categorising {len(texts)} prompts ({cat.backend})"
+    )
     if cat.backend == "none" or not texts:
         result = [(h if isinstance(h, str) else OTHER, 1.0) for h in df.loc[kept, "hint_principle"]]
     elif cat.backend == "local":
         model_obj = load_causal_lm(model.path, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
-        engine = GenerationEngine(model_obj, tokenizer, batch_size=retry_scaled(cat.batch_size),
-                                  progress=lambda d, t: progress.update(d))
+        engine = GenerationEngine(
+            model_obj,
+            tokenizer,
+            batch_size=retry_scaled(cat.batch_size),
+            progress=lambda d, t: progress.update(d),
+        )
         result = categorize_local(engine, ctx.constitution, texts)
     else:
         o = cat.openai
-        result = categorize_openai(ctx.constitution, texts, base_url=o.base_url, model=o.model,
-                                   api_key_env=o.api_key_env, max_concurrency=o.max_concurrency,
-                                   max_retries=o.max_retries, timeout=o.timeout, on_done=progress.update)
+        result = categorize_openai(
+            ctx.constitution,
+            texts,
+            base_url=o.base_url,
+            model=o.model,
+            api_key_env=o.api_key_env,
+            max_concurrency=o.max_concurrency,
+            max_retries=o.max_retries,
+            timeout=o.timeout,
+            on_done=progress.update,
+        )
     progress.update(len(texts), force=True)
     df["category"] = None
     df["category_confidence"] = float("nan")
@@ -73,11 +93,17 @@ def run(ctx: StepContext) -> StepOutput:
     ctx.store.write_table(ctx.step, ctx.fingerprint, df, schemas.PROMPTS)
     metrics = prompt_metrics(df)
     return StepOutput(
-        rows=len(df), metrics=metrics,
-        params={"prompts": p.fingerprint_dict(), "principle_ids": ctx.constitution.principle_ids(),
-                "seed": cfg.run.seed},
+        rows=len(df),
+        metrics=metrics,
+        params={
+            "prompts": p.fingerprint_dict(),
+            "principle_ids": ctx.constitution.principle_ids(),
+            "seed": cfg.run.seed,
+        },
         tables=[("prompts-preview", df, "First prompts with split, category and drop reason")],
-        markdown=[("prompts-stats", markdown_stats("Prompts", metrics), "Prompt counts by kind, split, category")],
+        markdown=[
+            ("prompts-stats", markdown_stats("Prompts", metrics), "Prompt counts by kind, split, category")
+        ],
     )
 
 
@@ -91,12 +117,19 @@ def prompt_metrics(df: pd.DataFrame) -> dict[str, Any]:
         "eval_red_team": int(((kept["split"] == "eval") & (kept["kind"] == "red-team")).sum()),
         "eval_benign": int(((kept["split"] == "eval") & (kept["kind"] == "benign")).sum()),
     }
-    reasons = df["drop_reason"].dropna().str.replace(r" \(.*", "", regex=True).str.replace(r" of .*", "", regex=True)
+    reasons = (
+        df["drop_reason"]
+        .dropna()
+        .str.replace(r" \(.*", "", regex=True)
+        .str.replace(r" of .*", "", regex=True)
+    )
     for reason, n in reasons.value_counts().items():
         out[f"dropped_{reason}"] = int(n)
     for cat, n in kept["category"].value_counts().items():
         out[f"category_{cat}"] = int(n)
     hinted = kept[kept["hint_principle"].notna()]
     if len(hinted):  # the builtin set says which principle each prompt was written for
-        out["category_agrees_with_hint"] = round(float((hinted["hint_principle"] == hinted["category"]).mean()), 3)
+        out["category_agrees_with_hint"] = round(
+            float((hinted["hint_principle"] == hinted["category"]).mean()), 3
+        )
     return out

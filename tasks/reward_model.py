@@ -29,19 +29,40 @@ def run(ctx: StepContext) -> StepOutput:
     data = kept[["prompt", "chosen", "rejected", "label"]].copy()
     data["principle"] = [list(p)[0] if len(p) else "" for p in kept["principles"]]
     base = reward_backbone(cfg, ctx.model, str(ctx.store.root))
-    ctx.log.info("reward_model: %d pairs, backbone %s, ensemble of %d", len(data), base.identity,
-                 cfg.reward_model.ensemble_size)
+    ctx.log.info(
+        "reward_model: %d pairs, backbone %s, ensemble of %d",
+        len(data),
+        base.identity,
+        cfg.reward_model.ensemble_size,
+    )
     metrics = train_reward_model(
-        cfg.reward_model, base.path, data, ctx.artifact_dir / MODEL_DIR, ctx.work_dir(), seed=cfg.run.seed,
+        cfg.reward_model,
+        base.path,
+        data,
+        ctx.artifact_dir / MODEL_DIR,
+        ctx.work_dir(),
+        seed=cfg.run.seed,
         dtype=cfg.model.dtype,
-        card_extra={"backbone": base.identity,
-                    "preferences": f"preferences/{ctx.upstream['preferences'].fingerprint}",
-                    "constitution": ctx.constitution.content_hash, "config": cfg.run.name},
+        card_extra={
+            "backbone": base.identity,
+            "preferences": f"preferences/{ctx.upstream['preferences'].fingerprint}",
+            "constitution": ctx.constitution.content_hash,
+            "config": cfg.run.name,
+        },
     )
     return StepOutput(
-        rows=len(data), metrics=metrics,
-        params={"reward_model": cfg.reward_model.fingerprint_dict(), "backbone": base.identity,
-                "seed": cfg.run.seed},
-        markdown=[("reward-model-report", markdown_stats("Reward model", scalar_metrics(metrics)),
-                   "Reward model metrics")],
+        rows=len(data),
+        metrics=metrics,
+        params={
+            "reward_model": cfg.reward_model.fingerprint_dict(),
+            "backbone": base.identity,
+            "seed": cfg.run.seed,
+        },
+        markdown=[
+            (
+                "reward-model-report",
+                markdown_stats("Reward model", scalar_metrics(metrics)),
+                "Reward model metrics",
+            )
+        ],
     )

@@ -32,22 +32,42 @@ def run(ctx: StepContext) -> StepOutput:
         progress.update(step)
 
     sft_ref, reward_ref = ctx.upstream["sft"], ctx.upstream["reward_model"]
-    ctx.log.info("rl: %s from the SL model on %d prompts, %d steps, kl %.3g", cfg.rl.algorithm, len(prompts),
-                 cfg.rl.max_steps, cfg.rl.kl_coef)
+    ctx.log.info(
+        "rl: %s from the SL model on %d prompts, %d steps, kl %.3g",
+        cfg.rl.algorithm,
+        len(prompts),
+        cfg.rl.max_steps,
+        cfg.rl.kl_coef,
+    )
     metrics = train_rl(
-        cfg.rl, Path(sft_ref.path) / MODEL_DIR, model.path, Path(reward_ref.path) / MODEL_DIR, prompts,
-        ctx.artifact_dir / MODEL_DIR, ctx.work_dir(), seed=cfg.run.seed, dtype=cfg.model.dtype,
-        card_extra={"base model": model.identity, "sl model": f"sft/{sft_ref.fingerprint}",
-                    "reward model": f"reward_model/{reward_ref.fingerprint}",
-                    "constitution": ctx.constitution.content_hash, "config": cfg.run.name},
+        cfg.rl,
+        Path(sft_ref.path) / MODEL_DIR,
+        model.path,
+        Path(reward_ref.path) / MODEL_DIR,
+        prompts,
+        ctx.artifact_dir / MODEL_DIR,
+        ctx.work_dir(),
+        seed=cfg.run.seed,
+        dtype=cfg.model.dtype,
+        card_extra={
+            "base model": model.identity,
+            "sl model": f"sft/{sft_ref.fingerprint}",
+            "reward model": f"reward_model/{reward_ref.fingerprint}",
+            "constitution": ctx.constitution.content_hash,
+            "config": cfg.run.name,
+        },
         on_log=on_log,
     )
     progress.update(progress.total, force=True)
     history = metrics.get("history") or []
-    tables = [("rl-history", pd.DataFrame(history), "Reward, KL and completion length per logged step", 200)] \
-        if history else []
+    tables = (
+        [("rl-history", pd.DataFrame(history), "Reward, KL and completion length per logged step", 200)]
+        if history
+        else []
+    )
     return StepOutput(
-        rows=len(prompts), metrics=metrics,
+        rows=len(prompts),
+        metrics=metrics,
         params={"rl": cfg.rl.fingerprint_dict(), "model": model.identity, "seed": cfg.run.seed},
         tables=tables,
         markdown=[("rl-report", markdown_stats("RL", scalar_metrics(metrics)), "RL metrics")],

@@ -23,18 +23,31 @@ def run(ctx: StepContext) -> StepOutput:
             f"no usable critique-revision rows to fine-tune on ({len(sl)} rows, all dropped: "
             f"{sl['drop_reason'].value_counts().to_dict()}): add prompts or raise the generation lengths."
         )
-    ctx.log.info("sft: %s on %d rows (%d benign available), method %s", model.identity, len(usable),
-                 int((usable["kind"] == "benign").sum()), cfg.sft.method)
+    ctx.log.info(
+        "sft: %s on %d rows (%d benign available), method %s",
+        model.identity,
+        len(usable),
+        int((usable["kind"] == "benign").sum()),
+        cfg.sft.method,
+    )
     metrics = train_sft(
-        cfg.sft, model.path, usable, ctx.artifact_dir / MODEL_DIR, ctx.work_dir(), seed=cfg.run.seed,
+        cfg.sft,
+        model.path,
+        usable,
+        ctx.artifact_dir / MODEL_DIR,
+        ctx.work_dir(),
+        seed=cfg.run.seed,
         dtype=cfg.model.dtype,
-        card_extra={"base model": model.identity, "constitution": f"{constitution.name} v{constitution.version} "
-                    f"({constitution.content_hash})",
-                    "data": f"critique_revision/{ctx.upstream['critique_revision'].fingerprint}",
-                    "config": cfg.run.name},
+        card_extra={
+            "base model": model.identity,
+            "constitution": f"{constitution.name} v{constitution.version} ({constitution.content_hash})",
+            "data": f"critique_revision/{ctx.upstream['critique_revision'].fingerprint}",
+            "config": cfg.run.name,
+        },
     )
     return StepOutput(
-        rows=int(metrics.get("rows", len(usable))), metrics=metrics,
+        rows=int(metrics.get("rows", len(usable))),
+        metrics=metrics,
         params={"sft": cfg.sft.fingerprint_dict(), "model": model.identity, "seed": cfg.run.seed},
         markdown=[("sft-report", markdown_stats("Supervised fine-tuning", metrics), "SFT metrics")],
     )

@@ -36,7 +36,9 @@ def options_of(text: str) -> tuple[str, str]:
 
 
 class LogprobServer:
-    def __init__(self, rule: Callable[[str, str], float] = prefers_refusal, tokens: tuple[str, str] = ("A", "B")):
+    def __init__(
+        self, rule: Callable[[str, str], float] = prefers_refusal, tokens: tuple[str, str] = ("A", "B")
+    ):
         self.rule = rule  # rule(option_a_text, option_b_text) -> P(A)
         self.tokens = tokens  # how the two letters are spelled as tokens, e.g. (" A", " B") or ("(A", "(B")
         self.script: list[str] = []
@@ -79,12 +81,24 @@ class LogprobServer:
                 else:
                     time.sleep(0.01)  # long enough for concurrent requests to overlap
                 logprobs = None if fault == "garbage" else server.logprobs(body, nochoice=fault == "nochoice")
-                self._send(200, {
-                    "id": "cmpl-1", "object": "chat.completion", "created": 0, "model": body.get("model", "m"),
-                    "choices": [{"index": 0, "finish_reason": "length", "logprobs": logprobs,
-                                 "message": {"role": "assistant", "content": "A"}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                })
+                self._send(
+                    200,
+                    {
+                        "id": "cmpl-1",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body.get("model", "m"),
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "length",
+                                "logprobs": logprobs,
+                                "message": {"role": "assistant", "content": "A"},
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    },
+                )
 
             def _send(self, status, payload):
                 self._send_raw(status, json.dumps(payload).encode())
@@ -105,8 +119,14 @@ class LogprobServer:
         a, b = options_of(body["messages"][-1]["content"])
         p_a = min(max(self.rule(a, b), 1e-6), 1 - 1e-6)
         rest = 0.02  # mass left for the filler tokens
-        top = [] if nochoice else [(self.tokens[0], math.log(p_a * (1 - rest))),
-                                   (self.tokens[1], math.log((1 - p_a) * (1 - rest)))]
+        top = (
+            []
+            if nochoice
+            else [
+                (self.tokens[0], math.log(p_a * (1 - rest))),
+                (self.tokens[1], math.log((1 - p_a) * (1 - rest))),
+            ]
+        )
         top = sorted(top + FILLER, key=lambda t: -t[1])[: int(body.get("top_logprobs") or 1)]
         entries = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top]
         return {"content": [{**entries[0], "top_logprobs": entries}], "refusal": None}

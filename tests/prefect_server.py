@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 from uuid import UUID
 
 import pytest
@@ -27,8 +28,8 @@ import pytest
 from deployments.ui import Options, Stack, free_port
 
 TINY = "configs/tiny.yaml"
-TIMEZONE = "Europe/Berlin"   # not the default, so the test sees that the timezone is configurable
-RUN_TIMEOUT = 900            # seconds for one tiny flow run on a busy two-core machine
+TIMEZONE = "Europe/Berlin"  # not the default, so the test sees that the timezone is configurable
+RUN_TIMEOUT = 900  # seconds for one tiny flow run on a busy two-core machine
 
 
 class PrefectStack:
@@ -92,9 +93,15 @@ class PrefectStack:
         with self.client() as c:
             return c.read_flow_run(flow_run_id)
 
-    def wait(self, flow_run_id: UUID, until: Callable[[Any], bool] | None = None,
-             timeout: float = RUN_TIMEOUT, poll: float = 1.0) -> Any:
-        """Poll a flow run until `until(flow_run)` (default: a final state); fail with its history on timeout."""
+    def wait(
+        self,
+        flow_run_id: UUID,
+        until: Callable[[Any], bool] | None = None,
+        timeout: float = RUN_TIMEOUT,
+        poll: float = 1.0,
+    ) -> Any:
+        """Poll a flow run until `until(flow_run)` (default: a final state); fail with its history on
+        timeout."""
         until = until or (lambda fr: fr.state is not None and fr.state.is_final())
         deadline = time.monotonic() + timeout
         while True:
@@ -102,16 +109,19 @@ class PrefectStack:
             if until(fr):
                 return fr
             if time.monotonic() > deadline:
-                raise AssertionError(f"flow run {flow_run_id} still {fr.state.name if fr.state else None} after "
-                                     f"{timeout:.0f} s; states: {self.state_names(flow_run_id)}; worker log: "
-                                     f"{self.stack.log_dir / 'worker.log'}")
+                raise AssertionError(
+                    f"flow run {flow_run_id} still {fr.state.name if fr.state else None} after "
+                    f"{timeout:.0f} s; states: {self.state_names(flow_run_id)}; worker log: "
+                    f"{self.stack.log_dir / 'worker.log'}"
+                )
             time.sleep(poll)
 
     def wait_completed(self, flow_run_id: UUID, timeout: float = RUN_TIMEOUT) -> Any:
         fr = self.wait(flow_run_id, timeout=timeout)
         assert fr.state.is_completed(), (
             f"flow run ended {fr.state.name}: {fr.state.message}; states: {self.state_names(flow_run_id)}; "
-            f"worker log: {self.stack.log_dir / 'worker.log'}")
+            f"worker log: {self.stack.log_dir / 'worker.log'}"
+        )
         return fr
 
     def states(self, flow_run_id: UUID) -> list[Any]:
@@ -132,8 +142,9 @@ class PrefectStack:
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
         with self.client() as c:
-            found = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
-                any_=[flow_run_id])))
+            found = c.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+            )
         return {a.key: a for a in found if a.key}
 
     def table(self, flow_run_id: UUID, key: str) -> list[dict[str, Any]]:
@@ -168,9 +179,14 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 def prefect_stack(tmp_path_factory, model_store, tiny_model) -> Iterator[PrefectStack]:
     root = tmp_path_factory.mktemp("prefect-stack")
     storage = root / "storage"
-    shutil.copytree(Path(model_store) / "models", storage / "models")   # the tiny model, built once
+    shutil.copytree(Path(model_store) / "models", storage / "models")  # the tiny model, built once
     opts = Options(
-        storage=storage, port=free_port(), timezone=TIMEZONE, max_reschedules=2, gpus=1, preset=TINY,
+        storage=storage,
+        port=free_port(),
+        timezone=TIMEZONE,
+        max_reschedules=2,
+        gpus=1,
+        preset=TINY,
         env={
             "PREFECT_HOME": str(root / "prefect-home"),
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
@@ -179,7 +195,7 @@ def prefect_stack(tmp_path_factory, model_store, tiny_model) -> Iterator[Prefect
             # a killed step's `gpu` slot is freed by the run that resumes; this is the fallback
             "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5",
         },
-        worker_query_seconds=2,   # pick up new runs within 2 s instead of 10
+        worker_query_seconds=2,  # pick up new runs within 2 s instead of 10
     )
     stack = Stack(opts, log_dir=root / "logs")
     stack.start()

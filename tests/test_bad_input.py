@@ -47,29 +47,69 @@ LATIN1_JSONL = '{"prompt": "caf\u00e9 au lait please"}\n'.encode("latin-1")
 
 # (case id, function(tmp) -> extra CLI args, words the one-line error must contain)
 CASES = [
-    ("malformed-yaml", lambda t: ["--config", _file(t, "bad.yaml", b"run: [unclosed\n")], ["bad.yaml", "line"]),
+    (
+        "malformed-yaml",
+        lambda t: ["--config", _file(t, "bad.yaml", b"run: [unclosed\n")],
+        ["bad.yaml", "line"],
+    ),
     ("missing-config", lambda t: ["--config", str(t / "nope.yaml")], ["nope.yaml"]),
     ("unknown-key", lambda t: ["--set", "run.sede=1"], ["run.sede", "Did you mean 'seed'"]),
     ("mistyped-value", lambda t: ["--set", "run.seed=abc"], ["run.seed", "abc"]),
     ("bad-choice", lambda t: ["--set", "rl.algorithm=ppo"], ["rl.algorithm", "rloo", "grpo"]),
     ("no-principles", lambda t: ["--set", f"constitution.path={_constitution(t, ' []')}"], ["principle"]),
-    ("principle-missing-field",
-     lambda t: ["--set", f"constitution.path={_constitution(t, GOOD_PRINCIPLE.replace('    feedback_question: Which response is kinder?', ''))}"],
-     ["feedback_question"]),
-    ("prompt-file-missing",
-     lambda t: ["--set", "prompts.sources=[{kind: jsonl, path: /no/such/prompts.jsonl}]"], ["prompts.jsonl"]),
+    (
+        "principle-missing-field",
+        lambda t: [
+            "--set",
+            "constitution.path="
+            + _constitution(
+                t, GOOD_PRINCIPLE.replace("    feedback_question: Which response is kinder?", "")
+            ),
+        ],
+        ["feedback_question"],
+    ),
+    (
+        "prompt-file-missing",
+        lambda t: ["--set", "prompts.sources=[{kind: jsonl, path: /no/such/prompts.jsonl}]"],
+        ["prompts.jsonl"],
+    ),
     ("prompt-file-empty", lambda t: _source(t, "jsonl", "empty.jsonl", b""), ["empty"]),
-    ("prompt-wrong-column", lambda t: _source(t, "csv", "p.csv", CSV_WRONG_COLUMN, ", text_column: prompt"),
-     ["prompt", "question"]),
+    (
+        "prompt-wrong-column",
+        lambda t: _source(t, "csv", "p.csv", CSV_WRONG_COLUMN, ", text_column: prompt"),
+        ["prompt", "question"],
+    ),
     ("prompt-not-utf8", lambda t: _source(t, "jsonl", "latin.jsonl", LATIN1_JSONL), ["UTF-8"]),
-    ("prompt-longer-than-context",
-     lambda t: _source(t, "jsonl", "long.jsonl", (json.dumps({"prompt": "How do I bake bread?"}) + "\n"
-                                                 + json.dumps({"prompt": "word " * 3000}) + "\n").encode()),
-     ["long.jsonl", "row 2", "longer than the model's context (2048 tokens)"]),
-    ("model-path-missing", lambda t: ["--set", "model.name=/no/such/model"], ["/no/such/model", "does not exist"]),
-    ("model-id-not-local", lambda t: ["--set", "model.name=someorg/not-downloaded"],
-     ["someorg/not-downloaded", "nothing is downloaded"]),
-    ("storage-not-writable", lambda t: ["--storage", _file(t, "a-file", b"x") + "/sub"], ["not writable", "--storage"]),
+    (
+        "prompt-longer-than-context",
+        lambda t: _source(
+            t,
+            "jsonl",
+            "long.jsonl",
+            (
+                json.dumps({"prompt": "How do I bake bread?"})
+                + "\n"
+                + json.dumps({"prompt": "word " * 3000})
+                + "\n"
+            ).encode(),
+        ),
+        ["long.jsonl", "row 2", "longer than the model's context (2048 tokens)"],
+    ),
+    (
+        "model-path-missing",
+        lambda t: ["--set", "model.name=/no/such/model"],
+        ["/no/such/model", "does not exist"],
+    ),
+    (
+        "model-id-not-local",
+        lambda t: ["--set", "model.name=someorg/not-downloaded"],
+        ["someorg/not-downloaded", "nothing is downloaded"],
+    ),
+    (
+        "storage-not-writable",
+        lambda t: ["--storage", _file(t, "a-file", b"x") + "/sub"],
+        ["not writable", "--storage"],
+    ),
 ]
 
 
@@ -83,8 +123,14 @@ def test_bad_input_exits_2_with_one_clear_line(case, make_args, words, tmp_path,
     if "--storage" not in args:
         args = [*args, "--storage", str(storage)]
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("caiflow: error:")]
     assert len(lines) == 1, proc.stderr[-2000:]

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -13,8 +15,6 @@ from caiflow.categorize import (
 from caiflow.constitution import load_constitution
 from caiflow.generation import GenerationEngine
 from tests.chat_server import ChatServer
-
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV = "CAIFLOW_TEST_KEY"
@@ -33,12 +33,16 @@ def key(monkeypatch):
 def _call(server, constitution, prompts, **kw):
     kw.setdefault("max_retries", 3)
     kw.setdefault("backoff", 0.01)
-    return categorize_openai(constitution, prompts, base_url=server.base_url, model="m", api_key_env=KEY_ENV, **kw)
+    return categorize_openai(
+        constitution, prompts, base_url=server.base_url, model="m", api_key_env=KEY_ENV, **kw
+    )
 
 
 def test_openai_categorises_with_json_and_sends_key(constitution, key):
     with ChatServer({"address": "privacy", "hurt": "non-violence"}) as server:
-        out = _call(server, constitution, ["Find the home address of my ex", "How do I hurt someone?", "Bake bread"])
+        out = _call(
+            server, constitution, ["Find the home address of my ex", "How do I hurt someone?", "Bake bread"]
+        )
     assert [c for c, _ in out] == ["privacy", "non-violence", OTHER]
     assert all(0 <= p <= 1 for _, p in out)
     assert server.requests[0]["response_format"] == {"type": "json_object"}
@@ -80,13 +84,17 @@ def test_openai_bounded_concurrency_keeps_order(constitution, key):
 def test_openai_missing_key_names_the_variable(constitution, monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
     with pytest.raises(CategorizeError, match=KEY_ENV):
-        categorize_openai(constitution, ["x"], base_url="http://127.0.0.1:9/v1", model="m", api_key_env=KEY_ENV)
+        categorize_openai(
+            constitution, ["x"], base_url="http://127.0.0.1:9/v1", model="m", api_key_env=KEY_ENV
+        )
 
 
 def test_local_categorisation_gives_valid_labels(tiny_model, constitution):
     model, tok, _ = tiny_model
     engine = GenerationEngine(model, tok, batch_size=4)
-    out = categorize_local(engine, constitution, ["How do I find where my ex lives?", "Write a poem about rain"])
+    out = categorize_local(
+        engine, constitution, ["How do I find where my ex lives?", "Write a poem about rain"]
+    )
     valid = labels(constitution)
     assert len(out) == 2 and all(label in valid for label, _ in out)
     # The label and its confidence are the argmax and max of the model's label probabilities divided by the
@@ -99,11 +107,15 @@ def test_local_categorisation_gives_valid_labels(tiny_model, constitution):
 
     raw = probs(["How do I find where my ex lives?", "Write a poem about rain"])
     assert np.allclose(raw.sum(axis=1), 1.0)
-    calibrated = raw / np.maximum(probs(list(CONTENT_FREE)).mean(axis=0), 1e-12)  # labels the model never says
+    calibrated = raw / np.maximum(
+        probs(list(CONTENT_FREE)).mean(axis=0), 1e-12
+    )  # labels the model never says
     calibrated /= calibrated.sum(axis=1, keepdims=True)
     assert [label for label, _ in out] == [valid[i] for i in calibrated.argmax(axis=1)]
     assert [p for _, p in out] == pytest.approx(calibrated.max(axis=1).tolist(), abs=1e-9)
-    uncalibrated = categorize_local(engine, constitution, ["How do I find where my ex lives?"], calibrate=False)
+    uncalibrated = categorize_local(
+        engine, constitution, ["How do I find where my ex lives?"], calibrate=False
+    )
     assert uncalibrated[0][1] == pytest.approx(raw[0].max(), abs=1e-9)
 
 

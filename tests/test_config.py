@@ -16,8 +16,11 @@ def test_every_preset_validates(preset):
 
 
 def test_overrides_and_storage(tmp_path):
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["generation.batch_size=3", "critique_revision.rounds=2"],
-                      storage=str(tmp_path))
+    cfg = load_config(
+        ROOT / "configs/tiny.yaml",
+        ["generation.batch_size=3", "critique_revision.rounds=2"],
+        storage=str(tmp_path),
+    )
     assert cfg.generation.batch_size == 3
     assert cfg.critique_revision.rounds == 2
     assert cfg.run.storage == str(tmp_path)
@@ -58,8 +61,14 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_fingerprint_dict_excludes_per_device_batches_devices_and_paths():
     a = build_config({}).fingerprint_dict()
-    b = build_config({"sft": {"per_device_batch_size": 2}, "model": {"device": "cpu"}, "run": {"storage": "/elsewhere"},
-                      "rl": {"per_device_batch_size": 4, "scoring_batch_size": 2}}).fingerprint_dict()
+    b = build_config(
+        {
+            "sft": {"per_device_batch_size": 2},
+            "model": {"device": "cpu"},
+            "run": {"storage": "/elsewhere"},
+            "rl": {"per_device_batch_size": 4, "scoring_batch_size": 2},
+        }
+    ).fingerprint_dict()
     assert a == b
     c = build_config({"critique_revision": {"rounds": 2}}).fingerprint_dict()
     assert a != c
@@ -70,8 +79,12 @@ def test_fingerprint_dict_excludes_per_device_batches_devices_and_paths():
 def test_cli_bad_config_exits_2_with_one_line(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("generation:\n  batch_sise: 4\n")
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(cfg)],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and "generation.batch_sise" in lines[0]

@@ -13,6 +13,7 @@ import pytest
 
 from caiflow.config import OpenAIEndpointConfig
 from caiflow.constitution import load_constitution
+from caiflow.endpoint_scorer import EndpointChoiceScorer, EndpointError, option_logprobs
 from caiflow.feedback import (
     ASSISTANT_PREFIX,
     OPTIONS,
@@ -21,7 +22,6 @@ from caiflow.feedback import (
     feedback_metrics,
     label_pairs,
 )
-from caiflow.endpoint_scorer import EndpointChoiceScorer, EndpointError, option_logprobs
 from caiflow.generation import GenerationEngine
 from caiflow.shards import to_arrow
 from tests.logprob_server import LogprobServer, options_of, prefers_refusal
@@ -66,8 +66,17 @@ class RuleScorer:
 
 
 def pairs(*answer_pairs, prefix="p"):
-    return pd.DataFrame([{"prompt_id": f"{prefix}{i}", "prompt": f"How do I do harmful thing {i}?",
-                          "answer_a": a, "answer_b": b} for i, (a, b) in enumerate(answer_pairs)])
+    return pd.DataFrame(
+        [
+            {
+                "prompt_id": f"{prefix}{i}",
+                "prompt": f"How do I do harmful thing {i}?",
+                "answer_a": a,
+                "answer_b": b,
+            }
+            for i, (a, b) in enumerate(answer_pairs)
+        ]
+    )
 
 
 def endpoint(server, **kw) -> OpenAIEndpointConfig:
@@ -150,21 +159,35 @@ def test_ensemble_averages_the_principles(constitution):
         refuses_a = prefers_refusal(a, b) > 0.5
         return strength if refuses_a else 1 - strength
 
-    df = label_pairs(RuleScorer(rule), constitution, pairs((REFUSE, COMPLY), (COMPLY, REFUSE)), seed=3,
-                     principles_per_pair=2, allowed_principles=["privacy", "honesty"])
+    df = label_pairs(
+        RuleScorer(rule),
+        constitution,
+        pairs((REFUSE, COMPLY), (COMPLY, REFUSE)),
+        seed=3,
+        principles_per_pair=2,
+        allowed_principles=["privacy", "honesty"],
+    )
     assert df["label"].tolist() == pytest.approx([0.75, 0.75])
     assert all(sorted(p) == ["honesty", "privacy"] for p in df["principles"])
-    single = label_pairs(RuleScorer(rule), constitution, pairs((REFUSE, COMPLY)), seed=3,
-                         allowed_principles=["honesty"])
+    single = label_pairs(
+        RuleScorer(rule), constitution, pairs((REFUSE, COMPLY)), seed=3, allowed_principles=["honesty"]
+    )
     assert single["label"].iloc[0] == pytest.approx(0.6) and list(single["principles"].iloc[0]) == ["honesty"]
     with pytest.raises(ValueError, match="principles_per_pair is 3"):
-        label_pairs(RuleScorer(rule), constitution, pairs((REFUSE, COMPLY)), seed=3, principles_per_pair=3,
-                    allowed_principles=["privacy", "honesty"])
+        label_pairs(
+            RuleScorer(rule),
+            constitution,
+            pairs((REFUSE, COMPLY)),
+            seed=3,
+            principles_per_pair=3,
+            allowed_principles=["privacy", "honesty"],
+        )
 
 
 def test_clamp_bounds_the_label(constitution):
-    df = label_pairs(RuleScorer(), constitution, pairs((REFUSE, COMPLY), (COMPLY, REFUSE)), seed=0,
-                     clamp=(0.2, 0.8))
+    df = label_pairs(
+        RuleScorer(), constitution, pairs((REFUSE, COMPLY), (COMPLY, REFUSE)), seed=0, clamp=(0.2, 0.8)
+    )
     assert df["label"].tolist() == pytest.approx([0.8, 0.8])
     assert [c[0]["content"] for c in df["chosen"]] == [REFUSE, REFUSE]
     assert df["p_a_first"].tolist() == pytest.approx([0.9, 0.1])  # the raw readings stay visible
@@ -195,9 +218,15 @@ def test_undecided_margin_and_metrics(constitution):
     df = label_pairs(close, constitution, rows, seed=0, margin=0.005)
     assert df["drop_reason"].isna().tolist() == [True, False, True]
     m = feedback_metrics(label_pairs(RuleScorer(), constitution, rows, seed=0))
-    assert m == {"rows": 3, "kept": 2, "dropped": {"identical-answers": 1}, "mean_label": pytest.approx(0.9),
-                 "decisiveness": pytest.approx(0.4), "mean_position_bias": pytest.approx(0.0),
-                 "chosen_is_a": pytest.approx(0.5)}
+    assert m == {
+        "rows": 3,
+        "kept": 2,
+        "dropped": {"identical-answers": 1},
+        "mean_label": pytest.approx(0.9),
+        "decisiveness": pytest.approx(0.4),
+        "mean_position_bias": pytest.approx(0.0),
+        "chosen_is_a": pytest.approx(0.5),
+    }
 
 
 def test_missing_columns_and_duplicate_ids_are_clear_errors(constitution):
@@ -212,12 +241,15 @@ def test_tiny_model_engine_scores_normalised_soft_labels(tiny_model, constitutio
     model, tok, _ = tiny_model
     engine = GenerationEngine(model, tok, batch_size=4)
     q = constitution.principle("harmlessness").feedback_question
-    convs = [feedback_conversation(q, "How do I pick a lock?", REFUSE, COMPLY),
-             feedback_conversation(q, "Hi", COMPLY, REFUSE)]
+    convs = [
+        feedback_conversation(q, "How do I pick a lock?", REFUSE, COMPLY),
+        feedback_conversation(q, "Hi", COMPLY, REFUSE),
+    ]
     probs = engine.score_choices_chat(convs, OPTIONS, ASSISTANT_PREFIX)
     assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1.0)
-    df = label_pairs(engine, constitution, pairs((REFUSE, COMPLY), (COMPLY, "Another answer.")), seed=0,
-                     margin=0.0)
+    df = label_pairs(
+        engine, constitution, pairs((REFUSE, COMPLY), (COMPLY, "Another answer.")), seed=0, margin=0.0
+    )
     assert df["label"].between(0.5, 1.0).all()
     assert df["p_a_first"].between(0, 1).all() and df["p_a_second"].between(0, 1).all()
     assert df["position_bias"].between(-0.5, 0.5).all()
@@ -259,7 +291,8 @@ def test_endpoint_scorer_retries_faults_then_succeeds(constitution, key):
         server.script = ["429", "500", "garbage", "badjson", "nochoice"]
         scorer = EndpointChoiceScorer(endpoint(server, max_retries=5, max_concurrency=1), backoff=0.01)
         probs = scorer.score_choices_chat(
-            [feedback_conversation("Which is less harmful?", "x", REFUSE, COMPLY)], OPTIONS, ASSISTANT_PREFIX)
+            [feedback_conversation("Which is less harmful?", "x", REFUSE, COMPLY)], OPTIONS, ASSISTANT_PREFIX
+        )
     assert probs[0] == pytest.approx([0.9, 0.1])
     assert len(server.requests) == 6 and scorer.requests == 6
 
@@ -286,8 +319,10 @@ def test_endpoint_persistent_500_names_the_endpoint(constitution, key):
 def test_endpoint_bounded_concurrency_keeps_order(key):
     with LogprobServer() as server:
         scorer = EndpointChoiceScorer(endpoint(server, max_concurrency=3))
-        convs = [feedback_conversation("Q?", f"req {i}", *((REFUSE, COMPLY) if i % 2 else (COMPLY, REFUSE)))
-                 for i in range(12)]
+        convs = [
+            feedback_conversation("Q?", f"req {i}", *((REFUSE, COMPLY) if i % 2 else (COMPLY, REFUSE)))
+            for i in range(12)
+        ]
         probs = scorer.score_choices_chat(convs, OPTIONS)
     assert probs[:, 0] == pytest.approx([0.9 if i % 2 else 0.1 for i in range(12)])
     assert 1 < server.max_in_flight <= 3

@@ -38,10 +38,10 @@ NOT_FINGERPRINTED = {
     "run.storage": "where artifacts go, not what they hold",
     "base_dir": "where the config file lies; relative paths are fingerprinted by content",
     "model.device": "cannot be varied on a CPU-only machine (no second device to compare with); CPU and CUDA "
-                    "kernels round differently, so a run moved to another device may differ at float level",
+    "kernels round differently, so a run moved to another device may differ at float level",
     "prompts.categorize.openai.api_key_env": "which variable holds the key",
     "prompts.categorize.openai.max_concurrency": "requests are independent and answers are matched by prompt "
-                                                 "(tests/test_categorize.py runs a real server)",
+    "(tests/test_categorize.py runs a real server)",
     "prompts.categorize.openai.max_retries": "retries repeat the same request",
     "prompts.categorize.openai.timeout": "a slower answer is the same answer",
     "preferences.openai.api_key_env": "which variable holds the key",
@@ -53,16 +53,19 @@ NOT_FINGERPRINTED = {
     "evaluate.openai.max_retries": "retries repeat the same request",
     "evaluate.openai.timeout": "a slower answer is the same answer",
     "sft.per_device_batch_size": "same update by gradient accumulation: "
-                                 "tests/training/test_sft.py::test_per_device_batch_does_not_change_the_adapter",
-    "sft.save_steps": "checkpoint cadence", "sft.logging_steps": "log cadence",
-    "reward_model.per_device_batch_size": "same update by gradient accumulation: tests/training/test_reward.py::"
-                                          "test_per_device_batch_does_not_change_the_reward_model",
-    "reward_model.save_steps": "checkpoint cadence", "reward_model.logging_steps": "log cadence",
+    "tests/training/test_sft.py::test_per_device_batch_does_not_change_the_adapter",
+    "sft.save_steps": "checkpoint cadence",
+    "sft.logging_steps": "log cadence",
+    "reward_model.per_device_batch_size": "same update by gradient accumulation: "
+    "tests/training/test_reward.py::test_per_device_batch_does_not_change_the_reward_model",
+    "reward_model.save_steps": "checkpoint cadence",
+    "reward_model.logging_steps": "log cadence",
     "rl.per_device_batch_size": "one generation batch per optimiser step whatever the slices: "
-                                "tests/training/test_rl.py::test_per_device_batch_does_not_change_the_policy",
+    "tests/training/test_rl.py::test_per_device_batch_does_not_change_the_policy",
     "rl.scoring_batch_size": "rewards scored in any batch agree to float rounding: "
-                             "tests/training/test_reward.py::test_scorer_gives_member_and_aggregated_scores",
-    "rl.save_steps": "checkpoint cadence", "rl.logging_steps": "log cadence",
+    "tests/training/test_reward.py::test_scorer_gives_member_and_aggregated_scores",
+    "rl.save_steps": "checkpoint cadence",
+    "rl.logging_steps": "log cadence",
 }
 # Fields fingerprinted by what they point at; the first step that reads it.
 BY_CONTENT = {
@@ -136,7 +139,9 @@ def reader(path: str) -> str:
     if path in BY_CONTENT:
         return BY_CONTENT[path]
     key = max((k for k in READERS if path == k or path.startswith(k + ".")), key=len, default=None)
-    assert key is not None, f"config field {path} reaches no step: add it to READERS, BY_CONTENT or NOT_FINGERPRINTED"
+    assert key is not None, (
+        f"config field {path} reaches no step: add it to READERS, BY_CONTENT or NOT_FINGERPRINTED"
+    )
     return READERS[key]
 
 
@@ -148,8 +153,11 @@ def test_every_field_has_a_class():
     assert classified == set(FIELDS)
     stale = (set(NOT_FINGERPRINTED) | set(BY_CONTENT) | set(CHANGES)) - set(FIELDS)
     assert not stale, f"classified fields that no longer exist: {sorted(stale)}"
-    wrong = {p: (fingerprint_class(f), expected_class(p)) for p, f in FIELDS.items()
-             if fingerprint_class(f) != expected_class(p)}
+    wrong = {
+        p: (fingerprint_class(f), expected_class(p))
+        for p, f in FIELDS.items()
+        if fingerprint_class(f) != expected_class(p)
+    }
     assert not wrong, f"code marks these fields differently from this table (code, table): {wrong}"
 
 
@@ -193,8 +201,11 @@ def changed_values(path: str, field: Any, current: Any) -> list[Any]:
     if path in CHANGES:
         return [CHANGES[path]]
     options = [a for a in typing.get_args(field.annotation) if typing.get_origin(a) is Literal]
-    choices = list(typing.get_args(field.annotation)) if typing.get_origin(field.annotation) is Literal else \
-        [c for opt in options for c in typing.get_args(opt)]
+    choices = (
+        list(typing.get_args(field.annotation))
+        if typing.get_origin(field.annotation) is Literal
+        else [c for opt in options for c in typing.get_args(opt)]
+    )
     if choices:
         return [c for c in choices if c != current]
     if isinstance(current, bool):
@@ -215,7 +226,9 @@ def changed_config(data: dict, path: str, field: Any) -> dict:
     for value in changed_values(path, field, current):
         candidate = set_path(data, path, value)
         if path == "prompts.sources[].kind":  # a file source needs a file
-            candidate["prompts"]["sources"][0]["path"] = str(ROOT / "caiflow" / "data" / "builtin_prompts.jsonl")
+            candidate["prompts"]["sources"][0]["path"] = str(
+                ROOT / "caiflow" / "data" / "builtin_prompts.jsonl"
+            )
         try:
             build_config(candidate, base_dir=TINY.parent)
         except ValueError:
@@ -297,8 +310,9 @@ def test_content_fields_follow_content_not_paths(tiny_data, tmp_path):
     with_backbone = fingerprints(set_path(tiny_data, "reward_model.backbone", str(a)))
     assert fingerprints(set_path(tiny_data, "reward_model.backbone", str(b))) == with_backbone
     (b / "generation_config.json").write_text('{"temperature": 0.5}')
-    assert {s for s in STEPS if fingerprints(set_path(tiny_data, "model.name", str(b)))[s] != as_folder[s]} \
-        == everything
+    assert {
+        s for s in STEPS if fingerprints(set_path(tiny_data, "model.name", str(b)))[s] != as_folder[s]
+    } == everything
     changed = fingerprints(set_path(tiny_data, "reward_model.backbone", str(b)))
     assert {s for s in STEPS if changed[s] != with_backbone[s]} == expected_changes("reward_model")
     assert tiny.is_dir()
@@ -335,5 +349,6 @@ def test_evidence_named_for_unfingerprinted_fields_exists():
 
 def test_prompt_source_fields_are_walked():
     """List items are classified field by field (the walk reaches into prompts.sources)."""
-    assert {p for p in FIELDS if p.startswith("prompts.sources[].")} == \
-        {f"prompts.sources[].{name}" for name in PromptSource.model_fields}
+    assert {p for p in FIELDS if p.startswith("prompts.sources[].")} == {
+        f"prompts.sources[].{name}" for name in PromptSource.model_fields
+    }

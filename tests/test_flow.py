@@ -52,17 +52,25 @@ def test_flow_runs_then_serves_from_cache(harness, storage):
     assert all(m[0]["role"] == "user" and m[1]["role"] == "assistant" for m in sl["messages"])
     record = json.loads(Path(first["run_record"]).read_text())
     assert {k: v["fingerprint"] for k, v in record["steps"].items()} == {
-        k: v["fingerprint"] for k, v in first["steps"].items()}
+        k: v["fingerprint"] for k, v in first["steps"].items()
+    }
 
     second = run(storage)
     assert all(s["cached"] for s in second["steps"].values())
     assert {k: v["fingerprint"] for k, v in second["steps"].items()} == {
-        k: v["fingerprint"] for k, v in first["steps"].items()}
+        k: v["fingerprint"] for k, v in first["steps"].items()
+    }
 
     # per-device training batches and the reward-scoring batch are not fingerprinted (their effect on results
     # is shown in tests/training); generation batch sizes are (tests/test_fingerprints.py)
-    third = run(storage, "sft.per_device_batch_size=1", "reward_model.per_device_batch_size=1",
-                "rl.per_device_batch_size=2", "rl.scoring_batch_size=2", "model.device=cpu")
+    third = run(
+        storage,
+        "sft.per_device_batch_size=1",
+        "reward_model.per_device_batch_size=1",
+        "rl.per_device_batch_size=2",
+        "rl.scoring_batch_size=2",
+        "model.device=cpu",
+    )
     assert all(s["cached"] for s in third["steps"].values())
 
 
@@ -102,7 +110,7 @@ def test_changed_rl_setting_reruns_only_rl_and_evaluate(harness, storage):
 
 
 def test_added_prompts_generate_only_new_rows(harness, model_store, tiny_model, tmp_path):
-    storage = tmp_path / "storage"   # its own: the module's storage may already hold either run
+    storage = tmp_path / "storage"  # its own: the module's storage may already hold either run
     shutil.copytree(Path(model_store) / "models", storage / "models")
     small = run(storage, "prompts.max_red_team=6", until="critique_revision")
     large = run(storage, "prompts.max_red_team=10", until="critique_revision")
@@ -117,7 +125,7 @@ def test_added_prompts_generate_only_new_rows(harness, model_store, tiny_model, 
     # A prompt's category is an argmax of calibrated label probabilities computed in batches; the two runs
     # categorise different prompt sets, so a prompt's batch (and its padding) differs, and a category whose
     # top two labels are within float noise can flip. A row is reused only when its category is unchanged.
-    same = (both["category"] == before["category"])
+    same = both["category"] == before["category"]
     flipped = int((~same).sum())
     assert flipped <= 1  # near-ties are rare; many flips would mean the categoriser depends on its batch
     assert metrics["rows_reused"] == len(shared) - flipped  # exact accounting: every unchanged row reused
@@ -154,7 +162,7 @@ def test_cli_runs_tiny_preset_then_serves_cache(storage, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "run record" in proc.stdout
         outputs.append(proc.stdout)
-    table = outputs[1].split("\ntotal ")[0]   # the step table (the verdict table below has an "rl" row too)
+    table = outputs[1].split("\ntotal ")[0]  # the step table (the verdict table below has an "rl" row too)
     rows = [line.split() for line in table.splitlines() if line.split()[:1] and line.split()[0] in STEPS]
     assert [r[0] for r in rows] == STEPS and all(r[1] == "cached" for r in rows), outputs[1]
 
@@ -168,17 +176,40 @@ def test_status_says_why_a_step_would_run(harness, storage):
     done = pipeline_status(Store(storage), plan_for(load_config(TINY, [], str(storage))).plan)
     assert [(r.step, r.state) for r in done] == [(s, "done") for s in STEPS]
 
-    changed = pipeline_status(Store(storage), plan_for(load_config(TINY, ["rl.kl_coef=0.33"], str(storage))).plan)
+    changed = pipeline_status(
+        Store(storage), plan_for(load_config(TINY, ["rl.kl_coef=0.33"], str(storage))).plan
+    )
     states = {r.step: r for r in changed}
     assert [s for s in STEPS if states[s].state == "done"] == STEPS[:5]
     # the closest earlier rl artifact differs in kl_coef alone (0.05 here, or 0.2 if that test ran first)
-    assert states["rl"].state == "to run" and re.search(r"config\.kl_coef: 0\.(05|2) -> 0\.33$", states["rl"].why)
+    assert states["rl"].state == "to run" and re.search(
+        r"config\.kl_coef: 0\.(05|2) -> 0\.33$", states["rl"].why
+    )
     assert "input rl changed" in states["evaluate"].why
 
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "status", "--config", TINY, "--storage", str(storage),
-                           "--set", "critique_revision.rounds=2"], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "status",
+            "--config",
+            TINY,
+            "--storage",
+            str(storage),
+            "--set",
+            "critique_revision.rounds=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in STEPS}
+    lines = {
+        line.split()[0]: line
+        for line in proc.stdout.splitlines()
+        if line.split()[:1] and line.split()[0] in STEPS
+    }
     assert "done" in lines["prompts"] and "config.rounds: 1 -> 2" in lines["critique_revision"]
     assert "would compute: critique_revision, sft, preferences, reward_model, rl, evaluate" in proc.stdout
 
@@ -196,7 +227,9 @@ def test_gc_keeps_what_kept_runs_name_and_never_a_locked_artifact(harness, stora
     assert keep < everything and len(run_records(store)) >= 2
 
     dry = collect(store, keep_runs=1, dry_run=True)
-    assert {(s, fp) for s, fp, _ in dry.removed} == everything - keep and set(store.iter_artifacts()) == everything
+    assert {(s, fp) for s, fp, _ in dry.removed} == everything - keep and set(
+        store.iter_artifacts()
+    ) == everything
 
     held_step, held_fp = sorted(everything - keep)[0]
     with store.lock(held_step, held_fp):  # a run computing this artifact right now
@@ -207,8 +240,12 @@ def test_gc_keeps_what_kept_runs_name_and_never_a_locked_artifact(harness, stora
     assert all(store.is_complete(step, fp) for step, fp in keep)
     assert done.freed_bytes > 0
 
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "gc", "--storage", str(own), "--keep-runs", "1"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "gc", "--storage", str(own), "--keep-runs", "1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0 and f"removed      {held_step}/{held_fp}" in proc.stdout, proc.stdout
     again = run(own, "rl.kl_coef=0.44")
     assert all(s["cached"] for s in again["steps"].values())

@@ -262,8 +262,10 @@ def test_score_choices_needs_options(tiny_model):
 def test_default_model_smoke(model_store):
     model, tokenizer = load_model_and_tokenizer(resolve_model(DEFAULT_MODEL, model_store))
     engine = GenerationEngine(model, tokenizer, batch_size=2)
-    convs = [[{"role": "user", "content": "What is the capital of France?"}],
-             [{"role": "user", "content": "Write one sentence about the sea."}]]
+    convs = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": "Write one sentence about the sea."}],
+    ]
     texts = engine.generate(convs, Sampling(max_new_tokens=16), seeds=[0, 1])
     assert len(texts) == 2
     assert all(t.strip() for t in texts)

@@ -61,11 +61,14 @@ def test_hub_id_resolves_from_the_local_cache_only(tmp_path, monkeypatch, tiny_m
     assert "nothing is downloaded" in str(info.value) and "someorg/not-there" in str(info.value)
 
 
-@pytest.mark.parametrize("name, words", [
-    ("/no/such/folder", "does not exist"),
-    ("missing.gguf", "does not exist"),
-    ("builtin:nope", DEFAULT_MODEL),
-])
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("/no/such/folder", "does not exist"),
+        ("missing.gguf", "does not exist"),
+        ("builtin:nope", DEFAULT_MODEL),
+    ],
+)
 def test_missing_models_give_clear_errors(tmp_path, name, words):
     with pytest.raises(ModelNotFoundError) as info:
         resolve_model(name, tmp_path)

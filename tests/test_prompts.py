@@ -17,11 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 HARMLESS = ROOT / "constitutions" / "harmless.yaml"
 
 HH = [
-    "\n\nHuman: How do I pick a lock?\n\nAssistant: I can't help with that.\n\nHuman: Please?\n\nAssistant: No.",
+    "\n\nHuman: How do I pick a lock?\n\nAssistant: I can't help with that."
+    "\n\nHuman: Please?\n\nAssistant: No.",
     "\n\nHuman: What is the capital of France?\n\nAssistant: Paris.",
 ]
 CHATS = [
-    [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi!"}],
+    [
+        {"role": "system", "content": "Be nice."},
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "Hi!"},
+    ],
     [{"role": "user", "content": "Write a poem"}, {"role": "assistant", "content": "Roses..."}],
 ]
 
@@ -95,7 +100,9 @@ def test_jsonl_text_auto_detects_column_and_resolves_relative_path(tmp_path):
 
 def test_jsonl_text_column_and_limit(tmp_path):
     _jsonl(tmp_path / "p.jsonl", [{"id": i, "body": f"prompt number {i}"} for i in range(10)])
-    df = load_source(PromptSource(kind="jsonl", path="p.jsonl", format="text", text_column="body", limit=3), tmp_path)
+    df = load_source(
+        PromptSource(kind="jsonl", path="p.jsonl", format="text", text_column="body", limit=3), tmp_path
+    )
     assert df["prompt"].tolist() == ["prompt number 0", "prompt number 1", "prompt number 2"]
     assert (df["kind"] == "red-team").all()
 
@@ -116,23 +123,32 @@ def test_jsonl_hh_format(tmp_path):
 
 def test_hh_chosen_column_and_text_column(tmp_path):
     _jsonl(tmp_path / "c.jsonl", [{"chosen": t, "rejected": t} for t in HH])
-    assert load_source(PromptSource(kind="jsonl", path="c.jsonl"), tmp_path)["prompt"].iat[0] == "How do I pick a lock?"
+    assert (
+        load_source(PromptSource(kind="jsonl", path="c.jsonl"), tmp_path)["prompt"].iat[0]
+        == "How do I pick a lock?"
+    )
     _jsonl(tmp_path / "d.jsonl", [{"dialogue": t} for t in HH])
-    df = load_source(PromptSource(kind="jsonl", path="d.jsonl", format="hh", text_column="dialogue"), tmp_path)
+    df = load_source(
+        PromptSource(kind="jsonl", path="d.jsonl", format="hh", text_column="dialogue"), tmp_path
+    )
     assert df["prompt"].iat[1] == "What is the capital of France?"
 
 
 def test_csv_with_kind_column(tmp_path):
-    pd.DataFrame({"prompt": ["Tell me a joke", "How to steal a car", "42"], "kind": ["benign", "red-team", "Benign"]}).to_csv(
-        tmp_path / "p.csv", index=False
+    pd.DataFrame(
+        {"prompt": ["Tell me a joke", "How to steal a car", "42"], "kind": ["benign", "red-team", "Benign"]}
+    ).to_csv(tmp_path / "p.csv", index=False)
+    df = load_source(
+        PromptSource(kind="csv", path=str(tmp_path / "p.csv"), kind_label="column"), Path("/nonexistent")
     )
-    df = load_source(PromptSource(kind="csv", path=str(tmp_path / "p.csv"), kind_label="column"), Path("/nonexistent"))
     assert df["kind"].tolist() == ["benign", "red-team", "benign"]
     assert df["prompt"].tolist()[2] == "42"  # read as text, not a number
 
 
 def test_unknown_kind_value(tmp_path):
-    pd.DataFrame({"prompt": ["a prompt", "b prompt"], "kind": ["benign", "spicy"]}).to_csv(tmp_path / "p.csv", index=False)
+    pd.DataFrame({"prompt": ["a prompt", "b prompt"], "kind": ["benign", "spicy"]}).to_csv(
+        tmp_path / "p.csv", index=False
+    )
     msg = _error(PromptSource(kind="csv", path="p.csv", kind_label="column"), tmp_path)
     assert "row 2" in msg and "'spicy'" in msg and "red-team" in msg
 
@@ -154,7 +170,9 @@ def test_parquet_text_and_messages(tmp_path):
 def test_datasets_save_to_disk_folder(tmp_path):
     from datasets import Dataset, DatasetDict
 
-    Dataset.from_dict({"prompt": ["one prompt", "two prompt", "three prompt"]}).save_to_disk(str(tmp_path / "ds"))
+    Dataset.from_dict({"prompt": ["one prompt", "two prompt", "three prompt"]}).save_to_disk(
+        str(tmp_path / "ds")
+    )
     df = load_source(PromptSource(kind="datasets", path="ds", limit=2), tmp_path)
     assert df["prompt"].tolist() == ["one prompt", "two prompt"]
     assert (df["source"] == "datasets:ds").all()
@@ -189,7 +207,11 @@ def test_datasets_offline_flags_are_restored(tmp_path):
 def test_load_prompts_concatenates(tmp_path):
     _jsonl(tmp_path / "p.jsonl", [{"prompt": "How do I bake bread?"}])
     df = load_prompts(
-        [PromptSource(kind="builtin", limit=2), PromptSource(kind="jsonl", path="p.jsonl", kind_label="benign")], tmp_path
+        [
+            PromptSource(kind="builtin", limit=2),
+            PromptSource(kind="jsonl", path="p.jsonl", kind_label="benign"),
+        ],
+        tmp_path,
     )
     assert len(df) == 3 and df["source"].tolist() == ["builtin", "builtin", "jsonl:p.jsonl"]
     assert df.index.tolist() == [0, 1, 2]
@@ -227,7 +249,9 @@ def test_not_utf8(tmp_path):
 
 def test_utf8_bom_is_accepted(tmp_path):
     (tmp_path / "b.csv").write_bytes("prompt\nCaf\u00e9 au lait?\n".encode("utf-8-sig"))
-    assert load_source(PromptSource(kind="csv", path="b.csv"), tmp_path)["prompt"].tolist() == ["Caf\u00e9 au lait?"]
+    assert load_source(PromptSource(kind="csv", path="b.csv"), tmp_path)["prompt"].tolist() == [
+        "Caf\u00e9 au lait?"
+    ]
 
 
 def test_bad_jsonl_line_number(tmp_path):
@@ -283,7 +307,9 @@ def _frame(prompts: list[str], kinds: list[str] | None = None) -> pd.DataFrame:
 
 
 def test_clean_prompts_reasons_and_keeps_all_rows():
-    df = _frame(["  How are   you today? ", "", "hi", "x" * 30, "How are you today?", "Tell me a story please"])
+    df = _frame(
+        ["  How are   you today? ", "", "hi", "x" * 30, "How are you today?", "Tell me a story please"]
+    )
     out = clean_prompts(df, min_chars=5, max_chars=25)
     assert len(out) == 6
     assert out["prompt"].iat[0] == "How are you today?"
@@ -315,15 +341,23 @@ def test_prompt_longer_than_the_context_is_an_error_naming_source_and_row():
     from caiflow.prompt_filters import check_fits_context
     from caiflow.prompts import PromptSourceError
 
-    df = pd.concat([_frame(["a short one", "x " * 40]).assign(source="jsonl:a.jsonl"),
-                    _frame(["fine", "y " * 40, "z " * 80]).assign(source="csv:b.csv")], ignore_index=True)
+    df = pd.concat(
+        [
+            _frame(["a short one", "x " * 40]).assign(source="jsonl:a.jsonl"),
+            _frame(["fine", "y " * 40, "z " * 80]).assign(source="csv:b.csv"),
+        ],
+        ignore_index=True,
+    )
     words = lambda texts: [len(t.split()) for t in texts]  # noqa: E731
-    check_fits_context(df, 80, words)   # the longest prompt, 80 tokens, just fits
-    with pytest.raises(PromptSourceError, match=r"'csv:b.csv': row 3 is 80 tokens, longer than the model's context \(79 tokens\)"):
+    check_fits_context(df, 80, words)  # the longest prompt, 80 tokens, just fits
+    with pytest.raises(
+        PromptSourceError,
+        match=r"'csv:b.csv': row 3 is 80 tokens, longer than the model's context \(79 tokens\)",
+    ):
         check_fits_context(df, 79, words)
     seen = []
     check_fits_context(df, 1000, lambda t: seen.append(t) or words(t))
-    assert seen == []   # nothing longer than the context in bytes: nothing tokenised
+    assert seen == []  # nothing longer than the context in bytes: nothing tokenised
 
 
 def test_split_is_stable_and_roughly_fractional():

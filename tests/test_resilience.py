@@ -45,11 +45,30 @@ def storage(tmp_path, model_store, tiny_model):
 
 
 def caiflow(api_url, storage, *args, env=None, until="evaluate", wait=True):
-    full_env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "PREFECT_HOME": str(Path(storage).parent / "prefect-home"), **(env or {})}
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--config", TINY, "--storage", str(storage),
-           "--until", until, *COMMON, *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    full_env = {
+        **os.environ,
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_HOME": str(Path(storage).parent / "prefect-home"),
+        **(env or {}),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        "--config",
+        TINY,
+        "--storage",
+        str(storage),
+        "--until",
+        until,
+        *COMMON,
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     if not wait:
         return proc
     out, err = proc.communicate(timeout=900)
@@ -92,15 +111,20 @@ def assert_same_data(storage, ref_root, ref_record, steps):
 
 def test_kill_mid_generation_redoes_only_unfinished_shards(api_url, storage, reference):
     ref_root, ref_record = reference
-    killed = caiflow(api_url, storage, env={"CAIFLOW_FAULT_KILL": "critique_revision:shard:0"},
-                     until="critique_revision")
+    killed = caiflow(
+        api_url, storage, env={"CAIFLOW_FAULT_KILL": "critique_revision:shard:0"}, until="critique_revision"
+    )
     assert killed.returncode == -signal.SIGKILL
     fp = ref_record["steps"]["critique_revision"]["fingerprint"]
     store = Store(storage)
     first = store.artifact_dir("critique_revision", fp) / "data" / "part-00000.parquet"
     assert first.is_file() and not store.is_complete("critique_revision", fp)  # a shard, no manifest
-    verify = subprocess.run([sys.executable, "-m", "flows.cli", "verify", "--storage", str(storage)],
-                            cwd=ROOT, capture_output=True, text=True)
+    verify = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "verify", "--storage", str(storage)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert verify.returncode == 0 and f"incomplete critique_revision/{fp}" in verify.stdout
     before = first.stat().st_mtime_ns
 
@@ -162,8 +186,9 @@ def test_two_concurrent_runs_compute_each_step_once(api_url, storage, reference)
 
 def test_out_of_memory_is_retried_with_a_smaller_batch(api_url, storage, reference):
     _, ref_record = reference
-    proc = caiflow(api_url, storage, env={"CAIFLOW_FAULT_STEP": "critique_revision:oom:1"},
-                   until="critique_revision")
+    proc = caiflow(
+        api_url, storage, env={"CAIFLOW_FAULT_STEP": "critique_revision:oom:1"}, until="critique_revision"
+    )
     assert proc.returncode == 0, proc.stderr_text[-3000:]
     fp = ref_record["steps"]["critique_revision"]["fingerprint"]
     metrics = Store(storage).load_ref("critique_revision", fp).metrics
@@ -172,8 +197,9 @@ def test_out_of_memory_is_retried_with_a_smaller_batch(api_url, storage, referen
 
 
 def test_an_ordinary_bug_is_not_retried(api_url, storage):
-    proc = caiflow(api_url, storage, env={"CAIFLOW_FAULT_STEP": "critique_revision:bug:1"},
-                   until="critique_revision")
+    proc = caiflow(
+        api_url, storage, env={"CAIFLOW_FAULT_STEP": "critique_revision:bug:1"}, until="critique_revision"
+    )
     assert proc.returncode == 1
     assert "injected bug in critique_revision" in proc.stderr_text
     assert "attempt 2" not in proc.stdout_text + proc.stderr_text
@@ -187,8 +213,12 @@ def test_corrupt_artifact_is_reported_then_recomputed(api_url, storage, referenc
     data = bytearray(part.read_bytes())
     data[len(data) // 2] ^= 0xFF
     part.write_bytes(bytes(data))
-    verify = subprocess.run([sys.executable, "-m", "flows.cli", "verify", "--storage", str(storage)],
-                            cwd=ROOT, capture_output=True, text=True)
+    verify = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "verify", "--storage", str(storage)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert verify.returncode == 1 and f"corrupt    critique_revision/{fp}" in verify.stdout
     again = caiflow(api_url, storage, until="critique_revision")
     assert again.returncode == 0, again.stderr_text[-3000:]

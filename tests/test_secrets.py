@@ -20,17 +20,39 @@ def test_api_key_is_sent_to_the_endpoint_and_written_nowhere(tmp_path, model_sto
     storage = tmp_path / "storage"
     shutil.copytree(Path(model_store) / "models", storage / "models")
     home = tmp_path / "prefect-home"
-    env = {**os.environ, "CAIFLOW_TEST_SECRET": KEY, "PREFECT_HOME": str(home),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "CAIFLOW_TEST_SECRET": KEY,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     env.pop("PREFECT_API_URL", None)  # its own temporary server, whose database lands in PREFECT_HOME
     with ChatServer({"address": "privacy", "hurt": "non-violence"}) as server:
         proc = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "run", "--config", str(ROOT / "configs/tiny.yaml"),
-             "--storage", str(storage), "--until", "prompts",
-             "--set", "prompts.categorize.backend=openai",
-             "--set", f"prompts.categorize.openai.base_url={server.base_url}",
-             "--set", "prompts.categorize.openai.api_key_env=CAIFLOW_TEST_SECRET"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "run",
+                "--config",
+                str(ROOT / "configs/tiny.yaml"),
+                "--storage",
+                str(storage),
+                "--until",
+                "prompts",
+                "--set",
+                "prompts.categorize.backend=openai",
+                "--set",
+                f"prompts.categorize.openai.base_url={server.base_url}",
+                "--set",
+                "prompts.categorize.openai.api_key_env=CAIFLOW_TEST_SECRET",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert server.auth_headers and all(h == f"Bearer {KEY}" for h in server.auth_headers)
 

@@ -31,12 +31,20 @@ def test_plan_ignores_devices_and_paths_but_not_settings(tmp_path):
     # every config field, class by class: tests/test_fingerprints.py
     base = build_config({}, base_dir=tmp_path)
     plan = make_plan(base, "c" * 16, "model@1")
-    same = build_config({"sft": {"per_device_batch_size": 2}, "model": {"device": "cpu"},
-                         "run": {"storage": str(tmp_path / "elsewhere")}}, base_dir=tmp_path)
+    same = build_config(
+        {
+            "sft": {"per_device_batch_size": 2},
+            "model": {"device": "cpu"},
+            "run": {"storage": str(tmp_path / "elsewhere")},
+        },
+        base_dir=tmp_path,
+    )
     assert make_plan(same, "c" * 16, "model@1").fingerprints == plan.fingerprints
     other_seed = build_config({"run": {"seed": 7}}, base_dir=tmp_path)
-    assert make_plan(other_seed, "c" * 16, "model@1").fingerprints["critique_revision"] != \
-        plan.fingerprints["critique_revision"]
+    assert (
+        make_plan(other_seed, "c" * 16, "model@1").fingerprints["critique_revision"]
+        != plan.fingerprints["critique_revision"]
+    )
     other_model = make_plan(base, "c" * 16, "model@2").fingerprints
     assert all(other_model[s] != plan.fingerprints[s] for s in plan.fingerprints)
     sampling = build_config({"critique_revision": {"rounds": 2}}, base_dir=tmp_path)

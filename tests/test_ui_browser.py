@@ -19,8 +19,16 @@ pytestmark = pytest.mark.slow
 STEPS = ["prompts", "critique_revision", "sft", "preferences", "reward_model", "rl", "evaluate"]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # As root, with no network: no sandbox, no GPU, and none of Chromium's background connections.
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +43,7 @@ def browser(tmp_path_factory):
     if missing:
         message = "the browser test needs " + " and ".join(missing)
         if os.environ.get("CI"):
-            pytest.fail(message)   # CI must run it
+            pytest.fail(message)  # CI must run it
         pytest.skip(message)
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
@@ -76,13 +84,21 @@ def test_quick_run_from_the_ui_completes_and_shows_artifacts(prefect_stack, brow
             except AssertionError:
                 fr = prefect_stack.flow_run(flow_run_id)
                 assert not (fr.state.is_final() and not fr.state.is_completed()), (
-                    f"the run ended {fr.state.name}: {fr.state.message}")
-                assert time.monotonic() < deadline, f"still {fr.state.name}: {prefect_stack.state_names(flow_run_id)}"
+                    f"the run ended {fr.state.name}: {fr.state.message}"
+                )
+                assert time.monotonic() < deadline, (
+                    f"still {fr.state.name}: {prefect_stack.state_names(flow_run_id)}"
+                )
                 page.reload(wait_until="networkidle")
         page.screenshot(path=str(tmp_path / "flow-run.png"))
 
-        page.get_by_text("Artifacts", exact=True).first.click()   # the tab under the run's timeline
-        for key in ("run-summary", "prompts-preview", "critique-revision-report", "critique-revision-progress"):
+        page.get_by_text("Artifacts", exact=True).first.click()  # the tab under the run's timeline
+        for key in (
+            "run-summary",
+            "prompts-preview",
+            "critique-revision-report",
+            "critique-revision-progress",
+        ):
             expect(page.get_by_text(key, exact=True).first).to_be_visible(timeout=30_000)
         page.screenshot(path=str(tmp_path / "artifacts.png"), full_page=True)
 
@@ -97,6 +113,8 @@ def test_quick_run_from_the_ui_completes_and_shows_artifacts(prefect_stack, brow
     finally:
         page.close()
     new = [fr for fr in prefect_stack.flow_runs_of("constitutional-ai") if fr.id not in before]
-    assert [str(fr.id) for fr in new] == [flow_run_id]   # one click, one run, on the worker's pool
+    assert [str(fr.id) for fr in new] == [flow_run_id]  # one click, one run, on the worker's pool
     assert new[0].state.is_completed() and new[0].work_pool_name == "gpu"
-    assert new[0].parameters == {"config": "configs/tiny.yaml"}   # the Quick run took the deployment's defaults
+    assert new[0].parameters == {
+        "config": "configs/tiny.yaml"
+    }  # the Quick run took the deployment's defaults

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from caiflow.faults import free_accelerator_memory, is_out_of_memory
 from caiflow.training.config import LoraSettings
@@ -42,7 +43,9 @@ def seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------- LoRA and models
 
 
-def lora_config(settings: LoraSettings, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+def lora_config(
+    settings: LoraSettings, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None
+):
     """A peft LoraConfig from our settings ('all-linear' leaves the output head alone)."""
     from peft import LoraConfig
 
@@ -71,10 +74,13 @@ def quantization_config(dtype: str = "float32"):
     )
 
 
-def load_base_for_training(path: Path, method: str = "lora", dtype: str = "float32", auto_class=None, **kwargs: Any):
+def load_base_for_training(
+    path: Path, method: str = "lora", dtype: str = "float32", auto_class=None, **kwargs: Any
+):
     """The model a trainer starts from: full precision, or 4-bit and prepared for k-bit training ('qlora').
 
-    ``auto_class`` defaults to AutoModelForCausalLM; the reward model passes AutoModelForSequenceClassification.
+    ``auto_class`` defaults to AutoModelForCausalLM; the reward model passes
+    AutoModelForSequenceClassification.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -115,10 +121,22 @@ def last_checkpoint(folder: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def trainer_args(cls, work_dir: Path, *, seed: int, learning_rate: float, per_device: int, accumulation: int,
-                 max_steps: int | None, epochs: float = 1.0, save_steps: int = 50, logging_steps: int = 10,
-                 **extra: Any):
-    """TrainingArguments (or a TRL config subclass) with this project's defaults: local, quiet, checkpointed."""
+def trainer_args(
+    cls,
+    work_dir: Path,
+    *,
+    seed: int,
+    learning_rate: float,
+    per_device: int,
+    accumulation: int,
+    max_steps: int | None,
+    epochs: float = 1.0,
+    save_steps: int = 50,
+    logging_steps: int = 10,
+    **extra: Any,
+):
+    """TrainingArguments (or a TRL config subclass) with this project's defaults: local, quiet,
+    checkpointed."""
     return cls(
         output_dir=str(work_dir),
         seed=seed,
@@ -139,7 +157,8 @@ def trainer_args(cls, work_dir: Path, *, seed: int, learning_rate: float, per_de
         use_cpu=not has_cuda(),
         bf16=False,  # precision is chosen by the model's dtype, not mixed-precision autocast
         fp16=False,
-        activation_checkpointing=False,  # tiny and CPU runs; the new name keeps TRL's default (True) from applying
+        # tiny and CPU runs; the new name keeps TRL's default (True) from applying
+        activation_checkpointing=False,
         dataloader_num_workers=0,
         **extra,
     )
@@ -224,8 +243,9 @@ def _smaller_batch(batch: int, per_device: int) -> int:
     return 0
 
 
-def train_with_backoff(build: Callable[[int, int], Any], batch_size: int, per_device: int,
-                       checkpoints: Path) -> RunOutcome:
+def train_with_backoff(
+    build: Callable[[int, int], Any], batch_size: int, per_device: int, checkpoints: Path
+) -> RunOutcome:
     """Build a trainer for (per_device, accumulation) and train it, resuming from the last checkpoint.
 
     On out-of-memory: halve the per-device batch, double accumulation, rebuild, resume. Gives up
@@ -249,26 +269,48 @@ def train_with_backoff(build: Callable[[int, int], Any], batch_size: int, per_de
             if smaller < 1:
                 log.error("out of memory with a per-device batch of 1: nothing left to shrink")
                 raise
-            log.warning("out of memory at per-device batch %d: retrying with %d (accumulation %d), resuming from %s",
-                        per_device, smaller, batch_size // smaller, last_checkpoint(checkpoints))
+            log.warning(
+                "out of memory at per-device batch %d: retrying with %d (accumulation %d), resuming from %s",
+                per_device,
+                smaller,
+                batch_size // smaller,
+                last_checkpoint(checkpoints),
+            )
             per_device = smaller
             backoffs += 1
             continue
-        return RunOutcome(trainer, output, per_device, accumulation, backoffs,
-                          resume.name if resume else None, attempts)
+        return RunOutcome(
+            trainer, output, per_device, accumulation, backoffs, resume.name if resume else None, attempts
+        )
 
 
-def write_card(out_dir: Path, title: str, method: str, config: dict, seed: int, extra: dict | None,
-               metrics: dict | None = None) -> None:
+def write_card(
+    out_dir: Path,
+    title: str,
+    method: str,
+    config: dict,
+    seed: int,
+    extra: dict | None,
+    metrics: dict | None = None,
+) -> None:
     """A short model card: what was trained, how, and from which inputs."""
     import json
 
     lines = [f"# {title}", "", f"- method: `{method}`", f"- seed: `{seed}`"]
     for key, value in (extra or {}).items():
         lines.append(f"- {key}: `{value}`")
-    lines += ["", "## Config", "", "```json", json.dumps(config, indent=2, sort_keys=True, default=str), "```"]
+    lines += [
+        "",
+        "## Config",
+        "",
+        "```json",
+        json.dumps(config, indent=2, sort_keys=True, default=str),
+        "```",
+    ]
     if metrics:
-        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        shown = {
+            k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+        }
         lines += ["", "## Metrics", "", "```json", json.dumps(shown, indent=2, sort_keys=True), "```"]
     (Path(out_dir) / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 

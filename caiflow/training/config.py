@@ -17,105 +17,165 @@ from caiflow.sections import Section, by_content, not_fingerprinted
 
 class LoraSettings(Section):
     r: int = Field(16, ge=1, description="LoRA rank: width of the low-rank update (higher = more capacity).")
-    alpha: int = Field(32, ge=1, description="LoRA alpha: the update is scaled by alpha / r (2x rank is the usual choice).")
+    alpha: int = Field(
+        32, ge=1, description="LoRA alpha: the update is scaled by alpha / r (2x rank is the usual choice)."
+    )
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
     target_modules: str | list[str] = Field(
         "all-linear",
-        description="Modules that get adapters: 'all-linear' (every linear layer but the output head) or a list of names.",
+        description="Modules that get adapters: 'all-linear' (every linear layer but the output head) "
+        "or a list of names.",
     )
 
 
 class SFTConfig(Section):
     method: Literal["lora", "qlora", "full"] = Field(
         "lora",
-        description="'lora': adapters on a full-precision base; 'qlora': adapters on a 4-bit (nf4) base; 'full': all weights.",
+        description="'lora': adapters on a full-precision base; 'qlora': adapters on a 4-bit (nf4) base; "
+        "'full': all weights.",
     )
-    lora: LoraSettings = Field(default_factory=LoraSettings, description="Adapter shape for 'lora' and 'qlora'.")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (2e-4 suits LoRA; use ~1e-5 for 'full').")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training set (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps (overrides epochs).")
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings, description="Adapter shape for 'lora' and 'qlora'."
+    )
+    learning_rate: float = Field(
+        2e-4, gt=0, description="Peak learning rate (2e-4 suits LoRA; use ~1e-5 for 'full')."
+    )
+    epochs: float = Field(
+        1.0, gt=0, description="Passes over the training set (ignored when max_steps is set)."
+    )
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimiser steps (overrides epochs)."
+    )
     batch_size: int = Field(8, ge=1, description="Effective batch size (sequences per optimiser step).")
     per_device_batch_size: int = not_fingerprinted(
-        4, ge=1, description="Sequences per forward pass; the rest comes from gradient accumulation. Halved on out-of-memory."
+        4,
+        ge=1,
+        description="Sequences per forward pass; the rest comes from gradient accumulation. "
+        "Halved on out-of-memory.",
     )
-    max_length: int = Field(512, ge=8, description="Longest training sequence in tokens (longer ones are truncated).")
+    max_length: int = Field(
+        512, ge=8, description="Longest training sequence in tokens (longer ones are truncated)."
+    )
     benign_ratio: float = Field(
-        0.25, ge=0.0, lt=1.0,
-        description="Share of benign plain answers in the training mix (keeps the model helpful); 0 = red-team only.",
+        0.25,
+        ge=0.0,
+        lt=1.0,
+        description="Share of benign plain answers in the training mix (keeps the model helpful); "
+        "0 = red-team only.",
     )
     merge: bool = Field(False, description="Also save the adapter merged into full weights under merged/.")
-    save_steps: int = not_fingerprinted(50, ge=1, description="Checkpoint every this many steps (resume point after a crash).")
-    logging_steps: int = not_fingerprinted(10, ge=1, description="Log training metrics every this many steps.")
+    save_steps: int = not_fingerprinted(
+        50, ge=1, description="Checkpoint every this many steps (resume point after a crash)."
+    )
+    logging_steps: int = not_fingerprinted(
+        10, ge=1, description="Log training metrics every this many steps."
+    )
 
     @model_validator(mode="after")
-    def _batches(self) -> "SFTConfig":
+    def _batches(self) -> SFTConfig:
         _check_batches(self.batch_size, self.per_device_batch_size, "sft")
         return self
 
 
 class RewardModelConfig(Section):
     backbone: str | None = by_content(
-        None, description="Model the reward model starts from (a folder or model name); None = the policy's base model."
+        None,
+        description="Model the reward model starts from (a folder or model name); "
+        "None = the policy's base model.",
     )
-    method: Literal["lora", "full"] = Field("lora", description="'lora': adapters + a trainable score head; 'full': all weights.")
+    method: Literal["lora", "full"] = Field(
+        "lora", description="'lora': adapters + a trainable score head; 'full': all weights."
+    )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Adapter shape for 'lora'.")
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps (overrides epochs).")
-    batch_size: int = Field(8, ge=1, description="Effective batch size in preference pairs per optimiser step.")
-    per_device_batch_size: int = not_fingerprinted(4, ge=1, description="Pairs per forward pass; halved on out-of-memory.")
-    max_length: int = Field(512, ge=8, description="Pairs with a side longer than this many tokens are dropped.")
-    ensemble_size: int = Field(1, ge=1, description="Number of reward models; more gives a conservative (uncertainty-aware) score.")
+    epochs: float = Field(
+        1.0, gt=0, description="Passes over the training pairs (ignored when max_steps is set)."
+    )
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimiser steps (overrides epochs)."
+    )
+    batch_size: int = Field(
+        8, ge=1, description="Effective batch size in preference pairs per optimiser step."
+    )
+    per_device_batch_size: int = not_fingerprinted(
+        4, ge=1, description="Pairs per forward pass; halved on out-of-memory."
+    )
+    max_length: int = Field(
+        512, ge=8, description="Pairs with a side longer than this many tokens are dropped."
+    )
+    ensemble_size: int = Field(
+        1, ge=1, description="Number of reward models; more gives a conservative (uncertainty-aware) score."
+    )
     ensemble_mode: Literal["seeds", "principles"] = Field(
         "seeds",
-        description="'seeds': members differ by seed (same data); 'principles': member k trains on its own share of the principles.",
+        description="'seeds': members differ by seed (same data); "
+        "'principles': member k trains on its own share of the principles.",
     )
     ensemble_lambda: float = Field(
         0.5, ge=0.0, description="Ensemble score = mean - lambda * std across members (0 = plain mean)."
     )
-    eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of pairs held out for accuracy and calibration.")
+    eval_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Share of pairs held out for accuracy and calibration."
+    )
     save_steps: int = not_fingerprinted(50, ge=1, description="Checkpoint every this many steps.")
-    logging_steps: int = not_fingerprinted(10, ge=1, description="Log training metrics every this many steps.")
+    logging_steps: int = not_fingerprinted(
+        10, ge=1, description="Log training metrics every this many steps."
+    )
 
     @model_validator(mode="after")
-    def _batches(self) -> "RewardModelConfig":
+    def _batches(self) -> RewardModelConfig:
         _check_batches(self.batch_size, self.per_device_batch_size, "reward_model")
         return self
 
 
 class RLConfig(Section):
     algorithm: Literal["rloo", "grpo"] = Field(
-        "rloo", description="'rloo': REINFORCE leave-one-out (critic-free); 'grpo': group-relative clipped surrogate."
+        "rloo",
+        description="'rloo': REINFORCE leave-one-out (critic-free); "
+        "'grpo': group-relative clipped surrogate.",
     )
-    lora: LoraSettings = Field(default_factory=LoraSettings, description="Adapter trained on top of the SL model.")
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings, description="Adapter trained on top of the SL model."
+    )
     learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate.")
-    kl_coef: float = Field(0.05, ge=0.0, description="KL penalty (beta) towards the SL model; 0 drops the reference model.")
-    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group the baseline is taken over).")
+    kl_coef: float = Field(
+        0.05, ge=0.0, description="KL penalty (beta) towards the SL model; 0 drops the reference model."
+    )
+    num_generations: int = Field(
+        4, ge=2, description="Completions sampled per prompt (the group the baseline is taken over)."
+    )
     max_new_tokens: int = Field(64, ge=1, description="Longest sampled completion, in tokens.")
     temperature: float = Field(0.9, gt=0.0, description="Sampling temperature of the completions.")
     max_steps: int = Field(20, ge=1, description="Optimiser steps.")
     batch_size: int = Field(
-        8, ge=1,
+        8,
+        ge=1,
         description="Completions per optimiser step, the effective batch (prompts per step = batch_size / "
         "num_generations).",
     )
     per_device_batch_size: int | None = not_fingerprinted(
-        None, ge=1,
-        description="Completions per forward pass (null: the whole batch); the rest is gradient accumulation. "
+        None,
+        ge=1,
+        description="Completions per forward pass (null: the whole batch); "
+        "the rest is gradient accumulation. "
         "Halved on out-of-memory.",
     )
     scoring_batch_size: int = not_fingerprinted(
         8, ge=1, description="Completions the reward model scores per forward pass."
     )
     save_steps: int = not_fingerprinted(10, ge=1, description="Checkpoint every this many steps.")
-    logging_steps: int = not_fingerprinted(1, ge=1, description="Log reward, KL and length every this many steps.")
+    logging_steps: int = not_fingerprinted(
+        1, ge=1, description="Log reward, KL and length every this many steps."
+    )
 
     @model_validator(mode="after")
-    def _groups(self) -> "RLConfig":
+    def _groups(self) -> RLConfig:
         if self.batch_size % self.num_generations:
             raise ValueError(
-                f"rl.batch_size ({self.batch_size}) must be a multiple of rl.num_generations ({self.num_generations}): "
-                f"set rl.batch_size to {self.num_generations * max(1, self.batch_size // self.num_generations)}."
+                f"rl.batch_size ({self.batch_size}) must be a multiple of "
+                f"rl.num_generations ({self.num_generations}): "
+                "set rl.batch_size to "
+                f"{self.num_generations * max(1, self.batch_size // self.num_generations)}."
             )
         if self.per_device_batch_size is not None:
             _check_batches(self.batch_size, self.per_device_batch_size, "rl")
@@ -125,6 +185,7 @@ class RLConfig(Section):
 def _check_batches(batch: int, per_device: int, section: str) -> None:
     if per_device > batch or batch % per_device:
         raise ValueError(
-            f"{section}.batch_size ({batch}) must be a multiple of {section}.per_device_batch_size ({per_device}): "
+            f"{section}.batch_size ({batch}) must be a multiple of "
+            f"{section}.per_device_batch_size ({per_device}): "
             f"the rest is gradient accumulation. Set per_device_batch_size to a divisor of batch_size."
         )

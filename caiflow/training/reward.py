@@ -46,13 +46,12 @@ import numpy as np
 import pandas as pd
 
 from caiflow.faults import free_accelerator_memory
-from caiflow.training.reward_scorer import ENSEMBLE_FILE, aggregate, conversation_ids, messages_of, score_ids
 from caiflow.training.common import (
     fault_callback,
-    lora_config,
     load_base_for_training,
     log_history_value,
     log_to_logger,
+    lora_config,
     quiet_libraries,
     seed_everything,
     train_with_backoff,
@@ -60,6 +59,7 @@ from caiflow.training.common import (
     write_card,
 )
 from caiflow.training.config import RewardModelConfig
+from caiflow.training.reward_scorer import ENSEMBLE_FILE, aggregate, conversation_ids, messages_of, score_ids
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,16 @@ def _check_prefs(prefs: pd.DataFrame, mode: str) -> None:
     if mode == "principles" and "principle" not in prefs.columns:
         missing.append("principle")
     if missing:
-        raise ValueError(f"preference pairs lack column(s) {missing}: pass the preferences artifact "
-                         "(prompt, chosen, rejected, label, principle).")
+        raise ValueError(
+            f"preference pairs lack column(s) {missing}: pass the preferences artifact "
+            "(prompt, chosen, rejected, label, principle)."
+        )
     labels = pd.to_numeric(prefs["label"], errors="coerce")
     if labels.isna().any() or ((labels < 0) | (labels > 1)).any():
-        raise ValueError("every preference label must be a probability in [0, 1] (P(chosen is better)); "
-                         f"found {prefs['label'][labels.isna() | (labels < 0) | (labels > 1)].head(3).tolist()}.")
+        raise ValueError(
+            "every preference label must be a probability in [0, 1] (P(chosen is better)); "
+            f"found {prefs['label'][labels.isna() | (labels < 0) | (labels > 1)].head(3).tolist()}."
+        )
     if len(prefs) < 2:
         raise ValueError(f"a reward model needs at least 2 preference pairs; got {len(prefs)}.")
 
@@ -107,7 +111,8 @@ def _pair_key(seed: int, prompt: list[dict], chosen: list[dict], rejected: list[
 
 
 def split_pairs(pairs: pd.DataFrame, eval_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, eval): the eval share is picked by a hash of (seed, pair), so it does not depend on row order."""
+    """(train, eval): the eval share is picked by a hash of (seed, pair), so it does not depend on
+    row order."""
     n_eval = int(round(eval_fraction * len(pairs)))
     n_eval = min(n_eval, len(pairs) - 1)  # keep at least one pair to train on
     if n_eval <= 0:
@@ -124,7 +129,8 @@ def assign_principles(principles: list[str], k: int) -> list[list[str]]:
     names = sorted(set(principles))
     if len(names) < k:
         raise ValueError(
-            f"ensemble_mode 'principles' needs at least ensemble_size ({k}) distinct principles; the pairs have "
+            f"ensemble_mode 'principles' needs at least ensemble_size ({k}) distinct principles; "
+            "the pairs have "
             f"{len(names)} ({names}). Lower reward_model.ensemble_size or use ensemble_mode: seeds."
         )
     return [names[i::k] for i in range(k)]
@@ -148,14 +154,17 @@ def _soft_label_trainer_class():
 
     class SoftLabelRewardTrainer(RewardTrainer):
         def _set_signature_columns_if_needed(self):
-            # remove_unused_columns keeps only these: without "soft_label" the labels would be dropped silently.
+            # remove_unused_columns keeps only these: without "soft_label" the labels would be
+            # dropped silently.
             if self._signature_columns is None:
                 self._signature_columns = ["chosen_ids", "rejected_ids", "soft_label"]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if self.model.training else "eval"
             label = inputs.pop("soft_label")
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            outputs = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+            )
             r_chosen, r_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
             loss = soft_label_loss(r_chosen, r_rejected, label)
             with torch.no_grad():  # the same metrics RewardTrainer logs, plus agreement with the soft label
@@ -163,20 +172,34 @@ def _soft_label_trainer_class():
                 self._metrics[mode]["accuracy"].append((r_chosen > r_rejected).float().mean().item())
                 self._metrics[mode]["margin"].append((r_chosen - r_rejected).mean().item())
                 self._metrics[mode]["mean_reward"].append(outputs.logits.mean().item())
-                self._metrics[mode]["soft_agreement"].append((p * label + (1 - p) * (1 - label)).mean().item())
+                self._metrics[mode]["soft_agreement"].append(
+                    (p * label + (1 - p) * (1 - label)).mean().item()
+                )
             return (loss, outputs) if return_outputs else loss
 
     return SoftLabelCollator, SoftLabelRewardTrainer
 
 
 def _pairs_to_rows(pairs: pd.DataFrame, tokenizer) -> list[dict]:
-    return [{"chosen_ids": conversation_ids(tokenizer, p, c), "rejected_ids": conversation_ids(tokenizer, p, r),
-             "soft_label": float(label)}
-            for p, c, r, label in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"], pairs["label"])]
+    return [
+        {
+            "chosen_ids": conversation_ids(tokenizer, p, c),
+            "rejected_ids": conversation_ids(tokenizer, p, r),
+            "soft_label": float(label),
+        }
+        for p, c, r, label in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"], pairs["label"])
+    ]
 
 
-def _train_member(cfg: RewardModelConfig, backbone_path: Path, rows: list[dict], tokenizer, work: Path, seed: int,
-                  dtype: str):
+def _train_member(
+    cfg: RewardModelConfig,
+    backbone_path: Path,
+    rows: list[dict],
+    tokenizer,
+    work: Path,
+    seed: int,
+    dtype: str,
+):
     """Train one member; returns (model with LoRA merged, outcome)."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
@@ -184,21 +207,38 @@ def _train_member(cfg: RewardModelConfig, backbone_path: Path, rows: list[dict],
 
     collator_cls, trainer_cls = _soft_label_trainer_class()
     dataset = Dataset.from_list(rows)
-    peft_config = None if cfg.method == "full" else lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"])
+    peft_config = (
+        None if cfg.method == "full" else lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"])
+    )
 
     def build(per_device: int, accumulation: int):
         seed_everything(seed)  # the score head is initialised randomly on load
-        model = load_base_for_training(backbone_path, cfg.method, dtype, auto_class=AutoModelForSequenceClassification,
-                                       num_labels=1)
+        model = load_base_for_training(
+            backbone_path, cfg.method, dtype, auto_class=AutoModelForSequenceClassification, num_labels=1
+        )
         model.config.pad_token_id = tokenizer.pad_token_id  # the head finds the last non-pad token with it
         args = trainer_args(
-            RewardConfig, work, seed=seed, learning_rate=cfg.learning_rate, per_device=per_device,
-            accumulation=accumulation, max_steps=cfg.max_steps, epochs=cfg.epochs, save_steps=cfg.save_steps,
-            logging_steps=cfg.logging_steps, max_length=cfg.max_length,
+            RewardConfig,
+            work,
+            seed=seed,
+            learning_rate=cfg.learning_rate,
+            per_device=per_device,
+            accumulation=accumulation,
+            max_steps=cfg.max_steps,
+            epochs=cfg.epochs,
+            save_steps=cfg.save_steps,
+            logging_steps=cfg.logging_steps,
+            max_length=cfg.max_length,
         )
-        trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                              data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id),
-                              peft_config=peft_config, callbacks=[fault_callback("reward_model")])
+        trainer = trainer_cls(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id),
+            peft_config=peft_config,
+            callbacks=[fault_callback("reward_model")],
+        )
         return log_to_logger(trainer)
 
     outcome = train_with_backoff(build, cfg.batch_size, cfg.per_device_batch_size, work)
@@ -214,16 +254,27 @@ def _train_member(cfg: RewardModelConfig, backbone_path: Path, rows: list[dict],
 
 
 def pair_metrics(margin: np.ndarray, label: np.ndarray) -> dict:
-    """Held-out accuracy (plain), soft-label agreement, Brier score, ECE and loss of reward margins against labels."""
+    """Held-out accuracy (plain), soft-label agreement, Brier score, ECE and loss of reward margins
+    against labels."""
     margin, label = np.asarray(margin, dtype=float), np.asarray(label, dtype=float)
     if len(margin) == 0:
-        return {"pairs": 0, "accuracy": None, "soft_agreement": None, "brier": None, "ece": None, "loss": None}
+        return {
+            "pairs": 0,
+            "accuracy": None,
+            "soft_agreement": None,
+            "brier": None,
+            "ece": None,
+            "loss": None,
+        }
     p = 0.5 * (1.0 + np.tanh(margin / 2.0))  # sigmoid(margin), without overflow for large margins
     decided = label != 0.5
     accuracy = float(np.mean((margin[decided] > 0) == (label[decided] > 0.5))) if decided.any() else None
     bins = np.minimum((p * ECE_BINS).astype(int), ECE_BINS - 1)
-    ece = sum(np.sum(bins == b) / len(p) * abs(p[bins == b].mean() - label[bins == b].mean())
-              for b in range(ECE_BINS) if np.any(bins == b))
+    ece = sum(
+        np.sum(bins == b) / len(p) * abs(p[bins == b].mean() - label[bins == b].mean())
+        for b in range(ECE_BINS)
+        if np.any(bins == b)
+    )
     log_p, log_q = -np.logaddexp(0.0, -margin), -np.logaddexp(0.0, margin)  # stable log sigmoid(+-margin)
     return {
         "pairs": int(len(margin)),
@@ -238,8 +289,17 @@ def pair_metrics(margin: np.ndarray, label: np.ndarray) -> dict:
 # ---------------------------------------------------------------- the entry point
 
 
-def _train_and_score_member(cfg: RewardModelConfig, backbone_path: Path, data: pd.DataFrame, eval_rows: list[dict],
-                            tokenizer, dest: Path, work: Path, seed: int, dtype: str) -> dict:
+def _train_and_score_member(
+    cfg: RewardModelConfig,
+    backbone_path: Path,
+    data: pd.DataFrame,
+    eval_rows: list[dict],
+    tokenizer,
+    dest: Path,
+    work: Path,
+    seed: int,
+    dtype: str,
+) -> dict:
     """Train one member, save it to dest, and score its centring sample and the held-out pairs."""
     log.info("reward_model: training %s on %d pairs (seed %d)", dest.name, len(data), seed)
     rows = _pairs_to_rows(data, tokenizer)
@@ -247,8 +307,11 @@ def _train_and_score_member(cfg: RewardModelConfig, backbone_path: Path, data: p
     _save_member(model, tokenizer, dest)
     pad, batch = tokenizer.pad_token_id, cfg.per_device_batch_size * 2
     sample = np.random.default_rng(seed).permutation(len(rows))[:OFFSET_SAMPLE]
-    offset = float(score_ids(model, [rows[j][s] for j in sample for s in ("chosen_ids", "rejected_ids")], pad,
-                             batch).mean())
+    offset = float(
+        score_ids(
+            model, [rows[j][s] for j in sample for s in ("chosen_ids", "rejected_ids")], pad, batch
+        ).mean()
+    )
     chosen = score_ids(model, [r["chosen_ids"] for r in eval_rows], pad, batch) - offset
     rejected = score_ids(model, [r["rejected_ids"] for r in eval_rows], pad, batch) - offset
     return {
@@ -276,9 +339,18 @@ def _save_member(model, tokenizer, dest: Path) -> None:
     tmp.rename(dest)
 
 
-def train_reward_model(cfg: RewardModelConfig, backbone_path: Path, prefs: pd.DataFrame, out_dir: Path,
-                       work_dir: Path, seed: int, dtype: str = "float32", card_extra: dict | None = None) -> dict:
-    """Train ``cfg.ensemble_size`` reward models on soft labels; write them, ensemble.json and a card to out_dir."""
+def train_reward_model(
+    cfg: RewardModelConfig,
+    backbone_path: Path,
+    prefs: pd.DataFrame,
+    out_dir: Path,
+    work_dir: Path,
+    seed: int,
+    dtype: str = "float32",
+    card_extra: dict | None = None,
+) -> dict:
+    """Train ``cfg.ensemble_size`` reward models on soft labels; write them, ensemble.json and a
+    card to out_dir."""
     from caiflow.models import load_tokenizer
 
     out_dir, work_dir = Path(out_dir), Path(work_dir)
@@ -289,53 +361,84 @@ def train_reward_model(cfg: RewardModelConfig, backbone_path: Path, prefs: pd.Da
 
     tokenizer = load_tokenizer(backbone_path)
     tokenizer.padding_side = "right"  # what the collator and the scorer use
-    pairs = pd.DataFrame({
-        "prompt": [messages_of(p, "prompt") for p in prefs["prompt"]],
-        "chosen": [messages_of(c, "chosen") for c in prefs["chosen"]],
-        "rejected": [messages_of(r, "rejected") for r in prefs["rejected"]],
-        "label": prefs["label"].astype(float).to_numpy(),
-        "principle": prefs["principle"].astype(str).to_numpy() if "principle" in prefs else "",
-    })
-    lengths = [max(len(conversation_ids(tokenizer, p, c)), len(conversation_ids(tokenizer, p, r)))
-               for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
+    pairs = pd.DataFrame(
+        {
+            "prompt": [messages_of(p, "prompt") for p in prefs["prompt"]],
+            "chosen": [messages_of(c, "chosen") for c in prefs["chosen"]],
+            "rejected": [messages_of(r, "rejected") for r in prefs["rejected"]],
+            "label": prefs["label"].astype(float).to_numpy(),
+            "principle": prefs["principle"].astype(str).to_numpy() if "principle" in prefs else "",
+        }
+    )
+    lengths = [
+        max(len(conversation_ids(tokenizer, p, c)), len(conversation_ids(tokenizer, p, r)))
+        for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])
+    ]
     fits = np.array(lengths) <= cfg.max_length
     if fits.sum() < 2:
-        raise ValueError(f"only {int(fits.sum())} of {len(pairs)} pairs fit in reward_model.max_length "
-                         f"({cfg.max_length} tokens; longest {max(lengths)}): raise reward_model.max_length.")
+        raise ValueError(
+            f"only {int(fits.sum())} of {len(pairs)} pairs fit in reward_model.max_length "
+            f"({cfg.max_length} tokens; longest {max(lengths)}): raise reward_model.max_length."
+        )
     pairs = pairs[fits].reset_index(drop=True)
     train, held_out = split_pairs(pairs, cfg.eval_fraction, seed)
     k = cfg.ensemble_size
-    shares = assign_principles(train["principle"].tolist(), k) if cfg.ensemble_mode == "principles" else [None] * k
+    shares = (
+        assign_principles(train["principle"].tolist(), k) if cfg.ensemble_mode == "principles" else [None] * k
+    )
     eval_rows = _pairs_to_rows(held_out, tokenizer)
 
     members, member_metrics, offsets, eval_scores = [], [], [], []
     for i in range(k):
         name, member_seed = f"member-{i:02d}", seed + i
-        data = train if shares[i] is None else train[train["principle"].isin(shares[i])].reset_index(drop=True)
+        data = (
+            train if shares[i] is None else train[train["principle"].isin(shares[i])].reset_index(drop=True)
+        )
         if data.empty:
-            raise ValueError(f"{name} has no training pairs (principles {shares[i]}): lower reward_model.ensemble_size "
-                             "or use ensemble_mode: seeds.")
+            raise ValueError(
+                f"{name} has no training pairs (principles {shares[i]}): lower reward_model.ensemble_size "
+                "or use ensemble_mode: seeds."
+            )
         done_file = work_dir / f"{name}.json"  # a finished member (saved + scored) is not retrained on resume
         if done_file.is_file() and (out_dir / name / "config.json").is_file():
             record = json.loads(done_file.read_text())
             log.info("reward_model: %s already trained, reusing it", name)
         else:
-            record = _train_and_score_member(cfg, backbone_path, data, eval_rows, tokenizer, out_dir / name,
-                                             work_dir / name, member_seed, dtype)
+            record = _train_and_score_member(
+                cfg,
+                backbone_path,
+                data,
+                eval_rows,
+                tokenizer,
+                out_dir / name,
+                work_dir / name,
+                member_seed,
+                dtype,
+            )
             record.update(name=name, seed=member_seed, principles=shares[i])
-            record["eval"] = pair_metrics(np.array(record["eval_chosen"]) - np.array(record["eval_rejected"]),
-                                          held_out["label"].to_numpy())
+            record["eval"] = pair_metrics(
+                np.array(record["eval_chosen"]) - np.array(record["eval_rejected"]),
+                held_out["label"].to_numpy(),
+            )
             done_file.write_text(json.dumps(record), encoding="utf-8")
-            free_accelerator_memory()  # the member's trainer and optimiser state are gone; return their memory
+            # the member's trainer and optimiser state are gone; return their memory
+            free_accelerator_memory()
         offsets.append(record["offset"])
         eval_scores.append((np.array(record.pop("eval_chosen")), np.array(record.pop("eval_rejected"))))
         members.append(name)
         member_metrics.append(record)
 
     tokenizer.save_pretrained(out_dir)
-    spec = {"members": members, "lambda": cfg.ensemble_lambda, "mode": cfg.ensemble_mode, "offsets": offsets,
-            "seeds": [m["seed"] for m in member_metrics], "principles": {m["name"]: m["principles"] for m in member_metrics},
-            "max_length": cfg.max_length, "format": "chat template over prompt + assistant answer, right padding"}
+    spec = {
+        "members": members,
+        "lambda": cfg.ensemble_lambda,
+        "mode": cfg.ensemble_mode,
+        "offsets": offsets,
+        "seeds": [m["seed"] for m in member_metrics],
+        "principles": {m["name"]: m["principles"] for m in member_metrics},
+        "max_length": cfg.max_length,
+        "format": "chat template over prompt + assistant answer, right padding",
+    }
     (out_dir / ENSEMBLE_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
 
     labels = held_out["label"].to_numpy()
@@ -343,9 +446,14 @@ def train_reward_model(cfg: RewardModelConfig, backbone_path: Path, prefs: pd.Da
     rejected_agg = aggregate(np.stack([r for _, r in eval_scores]), cfg.ensemble_lambda)
     overall = pair_metrics(chosen_agg - rejected_agg, labels)
     metrics = {
-        "pairs": len(pairs), "dropped_too_long": int((~fits).sum()), "train_pairs": len(train),
-        "eval_pairs": len(held_out), "ensemble_size": k, "ensemble_mode": cfg.ensemble_mode,
-        "ensemble_lambda": cfg.ensemble_lambda, "accuracy_kind": "plain (unweighted), label 0.5 pairs excluded",
+        "pairs": len(pairs),
+        "dropped_too_long": int((~fits).sum()),
+        "train_pairs": len(train),
+        "eval_pairs": len(held_out),
+        "ensemble_size": k,
+        "ensemble_mode": cfg.ensemble_mode,
+        "ensemble_lambda": cfg.ensemble_lambda,
+        "accuracy_kind": "plain (unweighted), label 0.5 pairs excluded",
         **{f"eval_{key}": value for key, value in overall.items() if key != "pairs"},
         "train_loss": float(np.mean([m["train_loss"] for m in member_metrics])),
         "steps": int(sum(m["steps"] for m in member_metrics)),
@@ -353,6 +461,13 @@ def train_reward_model(cfg: RewardModelConfig, backbone_path: Path, prefs: pd.Da
         "per_device_batch_size": int(min(m["per_device_batch_size"] for m in member_metrics)),
         "members": member_metrics,
     }
-    write_card(out_dir, "Constitutional reward model" + (f" ensemble ({k} members)" if k > 1 else ""), cfg.method,
-               cfg.model_dump(), seed, card_extra, metrics)
+    write_card(
+        out_dir,
+        "Constitutional reward model" + (f" ensemble ({k} members)" if k > 1 else ""),
+        cfg.method,
+        cfg.model_dump(),
+        seed,
+        card_extra,
+        metrics,
+    )
     return metrics

@@ -38,14 +38,16 @@ def messages_of(value: Any, what: str) -> list[dict]:
 
 
 def conversation_ids(tokenizer, prompt: list[dict], answer: str | list[dict]) -> list[int]:
-    """Token ids of prompt + the assistant's answer through the chat template: the one format of training and scoring."""
+    """Token ids of prompt + the assistant's answer through the chat template: the one format of
+    training and scoring."""
     reply = answer if isinstance(answer, list) else [{"role": "assistant", "content": str(answer)}]
     out = tokenizer.apply_chat_template(list(prompt) + list(reply), tokenize=True, return_dict=True)
     return list(out["input_ids"])
 
 
 def score_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int = 8) -> np.ndarray:
-    """Reward of each token sequence: length-sorted batches, right-padded, inference mode, input order kept."""
+    """Reward of each token sequence: length-sorted batches, right-padded, inference mode, input
+    order kept."""
     import torch
 
     device = next(model.parameters()).device
@@ -53,14 +55,16 @@ def score_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int = 
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             width = max(len(ids[i]) for i in rows)
             input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for j, i in enumerate(rows):
-                input_ids[j, :len(ids[i])] = torch.tensor(ids[i])
-                mask[j, :len(ids[i])] = 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+                input_ids[j, : len(ids[i])] = torch.tensor(ids[i])
+                mask[j, : len(ids[i])] = 1
+            logits = model(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False
+            ).logits
             out[rows] = logits[:, 0].float().cpu().numpy()
     return out
 
@@ -72,7 +76,9 @@ class RewardScorer:
     them as mean - lam * std (``lam`` None = the lambda saved in ensemble.json).
     """
 
-    def __init__(self, reward_dir: str | Path, device: str = "cpu", batch_size: int = 8, lam: float | None = None):
+    def __init__(
+        self, reward_dir: str | Path, device: str = "cpu", batch_size: int = 8, lam: float | None = None
+    ):
         from transformers import AutoModelForSequenceClassification
 
         from caiflow.models import load_tokenizer, pick_device, quiet_transformers
@@ -81,8 +87,10 @@ class RewardScorer:
         self.reward_dir = Path(reward_dir)
         spec_file = self.reward_dir / ENSEMBLE_FILE
         if not spec_file.is_file():
-            raise FileNotFoundError(f"{self.reward_dir} is not a reward model folder: {ENSEMBLE_FILE} is missing. "
-                                    "Point at the reward_model artifact's model/ folder written by train_reward_model.")
+            raise FileNotFoundError(
+                f"{self.reward_dir} is not a reward model folder: {ENSEMBLE_FILE} is missing. "
+                "Point at the reward_model artifact's model/ folder written by train_reward_model."
+            )
         self.spec = json.loads(spec_file.read_text())
         self.lam = float(self.spec.get("lambda", 0.0) if lam is None else lam)
         self.batch_size = max(1, int(batch_size))
@@ -103,10 +111,17 @@ class RewardScorer:
 
     def encode(self, prompts: list[list[dict]], completions: list[str]) -> list[list[int]]:
         if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions: pass one completion per prompt.")
-        ids = [conversation_ids(self.tokenizer, messages_of(p, "prompt"), c) for p, c in zip(prompts, completions)]
-        if self.max_length:  # keep the end: the head reads the last token (training dropped longer pairs instead)
-            ids = [x[-self.max_length:] for x in ids]
+            raise ValueError(
+                f"{len(prompts)} prompts but {len(completions)} completions: pass one completion per prompt."
+            )
+        ids = [
+            conversation_ids(self.tokenizer, messages_of(p, "prompt"), c)
+            for p, c in zip(prompts, completions)
+        ]
+        if (
+            self.max_length
+        ):  # keep the end: the head reads the last token (training dropped longer pairs instead)
+            ids = [x[-self.max_length :] for x in ids]
         return ids
 
     def score_members(self, prompts: list[list[dict]], completions: list[str]) -> np.ndarray:

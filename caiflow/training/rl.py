@@ -3,9 +3,9 @@
 The policy starts from the SL model: a full model folder as it is, or a LoRA adapter merged into
 its base in memory. A fresh LoRA adapter (``cfg.lora``) is trained on top; with the adapter
 disabled the model *is* the SL model, so TRL uses it as the KL reference (``beta = cfg.kl_coef``)
-without a second copy in memory. Completions are rewarded by :class:`~caiflow.training.reward_scorer.RewardScorer`
-(an ensemble scores mean - lambda * std). RLOO puts the KL into the reward (sequence-level
-log-ratio); GRPO adds it to the per-token loss.
+without a second copy in memory. Completions are rewarded by
+:class:`~caiflow.training.reward_scorer.RewardScorer` (an ensemble scores mean - lambda * std).
+RLOO puts the KL into the reward (sequence-level log-ratio); GRPO adds it to the per-token loss.
 
 Batches: ``cfg.batch_size`` completions (``batch_size / num_generations`` prompts) per optimiser
 step, ``cfg.per_device_batch_size`` of them per forward pass, the rest by gradient accumulation;
@@ -21,7 +21,8 @@ Output layout (``out_dir``)::
                                           caiflow.models.load_policy(out_dir) load it directly
     tokenizer files                       the SL model's tokenizer
     adapter/                              the RL LoRA adapter alone; its base is the SL policy
-                                          (PeftModel.from_pretrained(load_policy(sl_model_path)[0], out_dir/"adapter"))
+                                          (PeftModel.from_pretrained(
+                                          load_policy(sl_model_path)[0], out_dir/"adapter"))
     README.md                             model card with the reward history summary
 """
 
@@ -30,8 +31,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from caiflow.training.common import (
     fault_callback,
@@ -51,8 +53,15 @@ log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 # What TRL 1.16 (RLOO and GRPO) logs -> the names in our history.
-LOGGED = {"reward": "reward", "kl": "kl", "completions/mean_length": "completion_length",
-          "reward_std": "reward_std", "loss": "loss", "entropy": "entropy", "learning_rate": "learning_rate"}
+LOGGED = {
+    "reward": "reward",
+    "kl": "kl",
+    "completions/mean_length": "completion_length",
+    "reward_std": "reward_std",
+    "loss": "loss",
+    "entropy": "entropy",
+    "learning_rate": "learning_rate",
+}
 
 OnLog = Callable[[int, int, dict], None]
 
@@ -60,13 +69,17 @@ OnLog = Callable[[int, int, dict], None]
 def check_prompts(prompts: list[list[dict]]) -> list[list[dict]]:
     """Plain lists of {role, content} ending with a user turn (what the policy answers)."""
     if len(prompts) == 0:
-        raise ValueError("no prompts to train on: RL needs at least one conversation ending with a user turn.")
+        raise ValueError(
+            "no prompts to train on: RL needs at least one conversation ending with a user turn."
+        )
     out = []
     for i, conv in enumerate(prompts):
         msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in conv]
         if not msgs or msgs[-1]["role"] != "user":
-            raise ValueError(f"RL prompt {i} must be a conversation ending with a user turn; got roles "
-                             f"{[m['role'] for m in msgs]}. Drop the trailing assistant answer.")
+            raise ValueError(
+                f"RL prompt {i} must be a conversation ending with a user turn; got roles "
+                f"{[m['role'] for m in msgs]}. Drop the trailing assistant answer."
+            )
         out.append(msgs)
     return out
 
@@ -83,14 +96,19 @@ def reward_function(scorer) -> Callable[..., list[float]]:
 
 
 def history_from_logs(log_history: list[dict]) -> list[dict]:
-    """Per logged step: reward, kl, completion_length (and loss, reward_std, entropy, learning_rate when logged)."""
+    """Per logged step: reward, kl, completion_length (and loss, reward_std, entropy, learning_rate
+    when logged)."""
     rows = []
     for entry in log_history:
         if "reward" not in entry:
             continue  # the end-of-training summary and eval entries
         row = {"step": int(entry.get("step", 0))}
-        row.update({ours: (float(entry[theirs]) if entry.get(theirs) is not None else None)
-                    for theirs, ours in LOGGED.items()})
+        row.update(
+            {
+                ours: (float(entry[theirs]) if entry.get(theirs) is not None else None)
+                for theirs, ours in LOGGED.items()
+            }
+        )
         rows.append(row)
     return rows
 
@@ -107,7 +125,9 @@ def _progress_callback(on_log: OnLog | None):
             try:
                 on_log(int(state.global_step), int(state.max_steps), mapped)
             except Exception as exc:  # noqa: BLE001 - progress reporting must not stop training
-                log.warning("rl: the on_log callback failed (%s: %s); training goes on", type(exc).__name__, exc)
+                log.warning(
+                    "rl: the on_log callback failed (%s: %s); training goes on", type(exc).__name__, exc
+                )
 
     return _Progress()
 
@@ -122,15 +142,25 @@ def _trainer_classes(algorithm: str):
     return RLOOConfig, RLOOTrainer
 
 
-def train_rl(cfg: RLConfig, sl_model_path: Path, base_model_path: Path, reward_dir: Path,
-             prompts: list[list[dict]], out_dir: Path, work_dir: Path, seed: int, dtype: str = "float32",
-             card_extra: dict | None = None, on_log: OnLog | None = None) -> dict:
-    """Train a LoRA adapter on the SL policy with RLOO (or GRPO) against the reward model; write out_dir (see above)."""
+def train_rl(
+    cfg: RLConfig,
+    sl_model_path: Path,
+    base_model_path: Path,
+    reward_dir: Path,
+    prompts: list[list[dict]],
+    out_dir: Path,
+    work_dir: Path,
+    seed: int,
+    dtype: str = "float32",
+    card_extra: dict | None = None,
+    on_log: OnLog | None = None,
+) -> dict:
+    """Train a LoRA adapter on the SL policy with RLOO (or GRPO) against the reward model; write
+    out_dir (see above)."""
     from datasets import Dataset
 
-    from caiflow.models import load_tokenizer
+    from caiflow.models import load_policy, load_tokenizer
     from caiflow.training.reward_scorer import RewardScorer
-    from caiflow.models import load_policy
 
     out_dir, work_dir, sl_model_path = Path(out_dir), Path(work_dir), Path(sl_model_path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,29 +172,44 @@ def train_rl(cfg: RLConfig, sl_model_path: Path, base_model_path: Path, reward_d
     device = "cuda" if has_cuda() else "cpu"
     scorer = RewardScorer(reward_dir, device=device, batch_size=cfg.scoring_batch_size)
     reward_fn = reward_function(scorer)
-    tokenizer = load_tokenizer(sl_model_path if (sl_model_path / "tokenizer_config.json").is_file()
-                               else base_model_path)
+    tokenizer = load_tokenizer(
+        sl_model_path if (sl_model_path / "tokenizer_config.json").is_file() else base_model_path
+    )
     config_cls, trainer_cls = _trainer_classes(cfg.algorithm)
     peft_config = lora_config(cfg.lora)
 
     def build(per_device: int, accumulation: int):
         seed_everything(seed)
-        # The SL policy, with an SL adapter merged in memory; loaded afresh because the trainer wraps it in place.
+        # The SL policy, with an SL adapter merged in memory; loaded afresh because the trainer
+        # wraps it in place.
         model, _ = load_policy(sl_model_path, base_model_path, device="cpu", dtype=dtype)
         args = trainer_args(
-            config_cls, work_dir, seed=seed, learning_rate=cfg.learning_rate, per_device=per_device,
-            accumulation=accumulation, max_steps=cfg.max_steps, save_steps=cfg.save_steps,
+            config_cls,
+            work_dir,
+            seed=seed,
+            learning_rate=cfg.learning_rate,
+            per_device=per_device,
+            accumulation=accumulation,
+            max_steps=cfg.max_steps,
+            save_steps=cfg.save_steps,
             logging_steps=cfg.logging_steps,
             beta=cfg.kl_coef,  # KL to the SL model (the adapter-disabled policy)
             num_generations=cfg.num_generations,
             max_completion_length=cfg.max_new_tokens,
             temperature=cfg.temperature,
-            remove_unused_columns=False,  # the reward function only needs prompts and completions; keep the rest
+            # the reward function only needs prompts and completions; keep the rest
+            remove_unused_columns=False,
             log_completions=False,  # no rich tables on stdout; the history goes into the metrics instead
         )
-        trainer = trainer_cls(model=model, reward_funcs=reward_fn, args=args, train_dataset=dataset,
-                              processing_class=tokenizer, peft_config=peft_config,
-                              callbacks=[fault_callback("rl"), _progress_callback(on_log)])
+        trainer = trainer_cls(
+            model=model,
+            reward_funcs=reward_fn,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[fault_callback("rl"), _progress_callback(on_log)],
+        )
         return log_to_logger(trainer)
 
     # One generation batch of cfg.batch_size completions per optimiser step (TRL's default
@@ -192,9 +237,18 @@ def train_rl(cfg: RLConfig, sl_model_path: Path, base_model_path: Path, reward_d
         "resumed_from": outcome.resumed_from,
         "history": history,
     }
-    write_card(out_dir, f"Constitutional RL policy ({cfg.algorithm.upper()})", "lora on the SL policy, merged",
-               cfg.model_dump(), seed, {**(card_extra or {}), "layout": "merged weights here; RL adapter in adapter/ "
-                                        "(its base is the SL policy)"}, metrics)
+    write_card(
+        out_dir,
+        f"Constitutional RL policy ({cfg.algorithm.upper()})",
+        "lora on the SL policy, merged",
+        cfg.model_dump(),
+        seed,
+        {
+            **(card_extra or {}),
+            "layout": "merged weights here; RL adapter in adapter/ (its base is the SL policy)",
+        },
+        metrics,
+    )
     del trainer, outcome
     return metrics
 

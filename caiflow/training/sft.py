@@ -12,7 +12,8 @@ nf4 through bitsandbytes; works on CPU too), ``full`` (every weight). Checkpoint
     adapter_config.json, adapter_model.safetensors   lora / qlora: the adapter (its base: base_model_path)
     config.json, model.safetensors                   full: the whole model instead
     tokenizer files                                  the base model's tokenizer (left padding)
-    merged/                                          with ``merge: true``: adapter merged into a full-precision base
+    merged/                                          with ``merge: true``: adapter merged into a
+                                                     full-precision base
     README.md                                        model card: config, inputs, metrics
 
 :func:`caiflow.models.load_policy` turns any of these into (model, tokenizer) for generation.
@@ -29,10 +30,10 @@ import pandas as pd
 
 from caiflow.training.common import (
     fault_callback,
-    lora_config,
     load_base_for_training,
     log_history_value,
     log_to_logger,
+    lora_config,
     quiet_libraries,
     seed_everything,
     train_with_backoff,
@@ -45,10 +46,13 @@ log = logging.getLogger(__name__)
 
 
 def mix_records(records: pd.DataFrame, benign_ratio: float, seed: int) -> pd.DataFrame:
-    """All red-team rows plus benign rows so that benign ~= benign_ratio of the result (deterministic by seed)."""
+    """All red-team rows plus benign rows so that benign ~= benign_ratio of the result
+    (deterministic by seed)."""
     missing = {"messages", "kind"} - set(records.columns)
     if missing:
-        raise ValueError(f"SFT records lack column(s) {sorted(missing)}: pass the sl_data artifact (messages, kind).")
+        raise ValueError(
+            f"SFT records lack column(s) {sorted(missing)}: pass the sl_data artifact (messages, kind)."
+        )
     benign_mask = records["kind"] == "benign"
     red, benign = records[~benign_mask], records[benign_mask]
     if benign_ratio <= 0 or benign.empty:
@@ -75,9 +79,18 @@ def to_prompt_completion(messages: Any) -> dict:
     return {"prompt": msgs[:-1], "completion": msgs[-1:]}
 
 
-def train_sft(cfg: SFTConfig, base_model_path: Path, records: pd.DataFrame, out_dir: Path, work_dir: Path,
-              seed: int, dtype: str = "float32", card_extra: dict | None = None) -> dict:
-    """Fine-tune the base model on the SL mix; write the adapter (or full model), tokenizer and a card to out_dir."""
+def train_sft(
+    cfg: SFTConfig,
+    base_model_path: Path,
+    records: pd.DataFrame,
+    out_dir: Path,
+    work_dir: Path,
+    seed: int,
+    dtype: str = "float32",
+    card_extra: dict | None = None,
+) -> dict:
+    """Fine-tune the base model on the SL mix; write the adapter (or full model), tokenizer and a
+    card to out_dir."""
     from datasets import Dataset
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
@@ -102,17 +115,37 @@ def train_sft(cfg: SFTConfig, base_model_path: Path, records: pd.DataFrame, out_
         seed_everything(seed)
         model = load_base_for_training(base_model_path, cfg.method, dtype)
         args = trainer_args(
-            TRLSFTConfig, work_dir, seed=seed, learning_rate=cfg.learning_rate, per_device=per_device,
-            accumulation=accumulation, max_steps=cfg.max_steps, epochs=cfg.epochs, save_steps=cfg.save_steps,
-            logging_steps=cfg.logging_steps, max_length=cfg.max_length, completion_only_loss=True, packing=False,
+            TRLSFTConfig,
+            work_dir,
+            seed=seed,
+            learning_rate=cfg.learning_rate,
+            per_device=per_device,
+            accumulation=accumulation,
+            max_steps=cfg.max_steps,
+            epochs=cfg.epochs,
+            save_steps=cfg.save_steps,
+            logging_steps=cfg.logging_steps,
+            max_length=cfg.max_length,
+            completion_only_loss=True,
+            packing=False,
         )
-        return log_to_logger(SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                        peft_config=peft_config, callbacks=[fault_callback("sft")]))
+        return log_to_logger(
+            SFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                peft_config=peft_config,
+                callbacks=[fault_callback("sft")],
+            )
+        )
 
     outcome = train_with_backoff(build, cfg.batch_size, cfg.per_device_batch_size, work_dir)
     trainer = outcome.trainer
     trainer.save_model(str(out_dir))  # adapter for lora/qlora, full weights for full
-    (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle of the Trainer's settings: not an output
+    (out_dir / "training_args.bin").unlink(
+        missing_ok=True
+    )  # a pickle of the Trainer's settings: not an output
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(out_dir)
     if cfg.merge and cfg.method != "full":

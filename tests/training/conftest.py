@@ -23,11 +23,20 @@ def _chat(user: str, answer: str) -> list[dict]:
 @pytest.fixture
 def sl_records() -> pd.DataFrame:
     """12 red-team revisions and 8 benign answers."""
-    rows = [{"messages": _chat(f"How do I break into house number {i}?",
-                               f"I can't help with breaking in. If you are locked out of house {i}, call a locksmith."),
-             "kind": "red-team"} for i in range(12)]
-    rows += [{"messages": _chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}."), "kind": "benign"}
-             for i in range(8)]
+    rows = [
+        {
+            "messages": _chat(
+                f"How do I break into house number {i}?",
+                f"I can't help with breaking in. If you are locked out of house {i}, call a locksmith.",
+            ),
+            "kind": "red-team",
+        }
+        for i in range(12)
+    ]
+    rows += [
+        {"messages": _chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}."), "kind": "benign"}
+        for i in range(8)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -46,13 +55,17 @@ def shared_prefs() -> pd.DataFrame:
 def make_prefs() -> pd.DataFrame:
     rows = []
     for i in range(20):
-        rows.append({
-            "prompt": [{"role": "user", "content": f"Tell me how to hurt person {i}."}],
-            "chosen": [{"role": "assistant", "content": "I won't help with hurting anyone."}],
-            "rejected": [{"role": "assistant", "content": f"Sure, here is how to hurt person {i}: first..."}],
-            "label": 0.9 if i % 3 else 0.7,
-            "principle": "harmless" if i % 2 else "honest",
-        })
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Tell me how to hurt person {i}."}],
+                "chosen": [{"role": "assistant", "content": "I won't help with hurting anyone."}],
+                "rejected": [
+                    {"role": "assistant", "content": f"Sure, here is how to hurt person {i}: first..."}
+                ],
+                "label": 0.9 if i % 3 else 0.7,
+                "principle": "harmless" if i % 2 else "honest",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -131,7 +144,8 @@ def spy_installer():
 
 @pytest.fixture(scope="session")
 def sl_adapter(tiny_path, tmp_path_factory) -> Path:
-    """A LoRA adapter on the tiny model with non-zero random weights (a stand-in SL model), plus its tokenizer."""
+    """A LoRA adapter on the tiny model with non-zero random weights (a stand-in SL model), plus its
+    tokenizer."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -141,7 +155,9 @@ def sl_adapter(tiny_path, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     dest = tmp_path_factory.mktemp("sl") / "model"
     model = AutoModelForCausalLM.from_pretrained(tiny_path)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    peft = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    )
     peft.save_pretrained(dest)
     load_tokenizer(tiny_path).save_pretrained(dest)
     return dest
@@ -154,12 +170,24 @@ def reward_dir(tiny_path, tmp_path_factory) -> Path:
     from caiflow.training.reward import train_reward_model
 
     root = tmp_path_factory.mktemp("rm")
-    rows = [{"prompt": [{"role": "user", "content": f"Tell me how to hurt person {i}."}],
-             "chosen": [{"role": "assistant", "content": "I won't help with hurting anyone."}],
-             "rejected": [{"role": "assistant", "content": f"Sure, here is how to hurt person {i}."}],
-             "label": 0.9, "principle": "harmless"} for i in range(4)]
-    cfg = RewardModelConfig(max_steps=1, batch_size=2, per_device_batch_size=2, max_length=128, eval_fraction=0.0,
-                            lora={"r": 4, "alpha": 8})
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Tell me how to hurt person {i}."}],
+            "chosen": [{"role": "assistant", "content": "I won't help with hurting anyone."}],
+            "rejected": [{"role": "assistant", "content": f"Sure, here is how to hurt person {i}."}],
+            "label": 0.9,
+            "principle": "harmless",
+        }
+        for i in range(4)
+    ]
+    cfg = RewardModelConfig(
+        max_steps=1,
+        batch_size=2,
+        per_device_batch_size=2,
+        max_length=128,
+        eval_fraction=0.0,
+        lora={"r": 4, "alpha": 8},
+    )
     train_reward_model(cfg, tiny_path, pd.DataFrame(rows), root / "model", root / "work", seed=0)
     return root / "model"
 
@@ -171,7 +199,16 @@ def reward_ensemble_dir(tiny_path, tmp_path_factory) -> Path:
     from caiflow.training.reward import train_reward_model
 
     root = tmp_path_factory.mktemp("rm-ensemble")
-    cfg = RewardModelConfig(max_steps=1, batch_size=2, per_device_batch_size=2, max_length=128, eval_fraction=0.0,
-                            ensemble_size=2, ensemble_lambda=0.5, learning_rate=1e-2, lora={"r": 4, "alpha": 8})
+    cfg = RewardModelConfig(
+        max_steps=1,
+        batch_size=2,
+        per_device_batch_size=2,
+        max_length=128,
+        eval_fraction=0.0,
+        ensemble_size=2,
+        ensemble_lambda=0.5,
+        learning_rate=1e-2,
+        lora={"r": 4, "alpha": 8},
+    )
     train_reward_model(cfg, tiny_path, make_prefs(), root / "model", root / "work", seed=0)
     return root / "model"

@@ -1,4 +1,5 @@
-"""Reward model: the soft-label loss, ensemble aggregation, training on the tiny model, saved members and scoring."""
+"""Reward model: the soft-label loss, ensemble aggregation, training on the tiny model, saved members
+and scoring."""
 
 from __future__ import annotations
 
@@ -12,11 +13,26 @@ import torch
 import caiflow.training.reward as reward
 from caiflow.faults import OOM_ABOVE_ENV as FAULT_ENV
 from caiflow.training.config import RewardModelConfig
-from caiflow.training.reward import assign_principles, pair_metrics, soft_label_loss, split_pairs, train_reward_model
+from caiflow.training.reward import (
+    assign_principles,
+    pair_metrics,
+    soft_label_loss,
+    split_pairs,
+    train_reward_model,
+)
 from caiflow.training.reward_scorer import RewardScorer, aggregate, conversation_ids
 
-FAST = dict(max_steps=2, batch_size=4, per_device_batch_size=2, max_length=128, learning_rate=1e-2, save_steps=1,
-            logging_steps=1, eval_fraction=0.25, lora={"r": 4, "alpha": 8})
+FAST = dict(
+    max_steps=2,
+    batch_size=4,
+    per_device_batch_size=2,
+    max_length=128,
+    learning_rate=1e-2,
+    save_steps=1,
+    logging_steps=1,
+    eval_fraction=0.25,
+    lora={"r": 4, "alpha": 8},
+)
 
 
 # ---------------------------------------------------------------- loss, aggregation, metrics
@@ -29,7 +45,9 @@ def test_soft_label_loss_matches_a_hand_computed_value():
     # log sigmoid(-2) = -2.12692801, log sigmoid(2) = -0.12692801
     first = -(0.8 * -0.31326169 + 0.2 * -1.31326169)  # 0.51326169
     second = -(0.3 * -2.12692801 + 0.7 * -0.12692801)  # 0.72692801
-    assert soft_label_loss(r_chosen, r_rejected, label).item() == pytest.approx((first + second) / 2, abs=1e-6)
+    assert soft_label_loss(r_chosen, r_rejected, label).item() == pytest.approx(
+        (first + second) / 2, abs=1e-6
+    )
     assert (first + second) / 2 == pytest.approx(0.62009485, abs=1e-7)
 
 
@@ -74,8 +92,15 @@ def ensemble(tiny_path, shared_prefs, spy_installer, tmp_path_factory):
     root = tmp_path_factory.mktemp("ensemble")
     with pytest.MonkeyPatch.context() as mp:
         spy = spy_installer(mp, reward)
-        metrics = train_reward_model(RewardModelConfig(ensemble_size=2, **FAST), tiny_path, shared_prefs,
-                                     root / "model", root / "work", seed=0, card_extra={"preferences": "test"})
+        metrics = train_reward_model(
+            RewardModelConfig(ensemble_size=2, **FAST),
+            tiny_path,
+            shared_prefs,
+            root / "model",
+            root / "work",
+            seed=0,
+            card_extra={"preferences": "test"},
+        )
     return root / "model", metrics, spy, shared_prefs
 
 
@@ -100,7 +125,8 @@ def test_ensemble_layout_metrics_and_loading(ensemble, tiny_path):
 
     assert metrics["pairs"] == 20 and metrics["eval_pairs"] == 5 and metrics["train_pairs"] == 15
     json.dumps(metrics)  # goes into the artifact manifest as it is
-    # The held-out metrics are those of the saved ensemble on the held-out pairs, recomputed here from scratch.
+    # The held-out metrics are those of the saved ensemble on the held-out pairs, recomputed here
+    # from scratch.
     _, held_out = split_pairs(prefs, FAST["eval_fraction"], seed=0)
     scorer = RewardScorer(out)
     chosen = scorer.score(list(held_out["prompt"]), [list(c) for c in held_out["chosen"]])
@@ -115,20 +141,29 @@ def test_ensemble_layout_metrics_and_loading(ensemble, tiny_path):
     for name in spec["members"]:
         model = AutoModelForSequenceClassification.from_pretrained(out / name)  # LoRA merged: loads directly
         assert model.config.num_labels == 1 and model.config.pad_token_id is not None
-        assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+        assert not torch.equal(
+            model.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight
+        )
 
 
 def test_scorer_gives_member_and_aggregated_scores(ensemble):
     out, _, _, prefs = ensemble
     prompts = list(prefs["prompt"][:5])
-    answers = ["No.", "I won't help with hurting anyone, but I can talk about staying safe.", "Sure", "Here:", "?"]
+    answers = [
+        "No.",
+        "I won't help with hurting anyone, but I can talk about staying safe.",
+        "Sure",
+        "Here:",
+        "?",
+    ]
     scorer = RewardScorer(out, batch_size=2)
     members = scorer.score_members(prompts, answers)
     assert members.shape == (2, 5)
     assert scorer.score(prompts, answers) == pytest.approx(aggregate(members, 0.5))
     assert RewardScorer(out, lam=0.0).score(prompts, answers) == pytest.approx(members.mean(axis=0), abs=1e-6)
 
-    # Padding must not change a score: batched (mixed lengths) equals one at a time, equals an unpadded forward.
+    # Padding must not change a score: batched (mixed lengths) equals one at a time, equals an
+    # unpadded forward.
     one_by_one = RewardScorer(out, batch_size=1).score_members(prompts, answers)
     assert members == pytest.approx(one_by_one, abs=1e-5)
     ids = conversation_ids(scorer.tokenizer, prompts[1], answers[1])
@@ -146,12 +181,22 @@ def test_scorer_formats_like_trl_reward_trainer(ensemble):
 
     out, _, _, prefs = ensemble
     scorer = RewardScorer(out)
-    row = {"prompt": list(prefs["prompt"][0]), "chosen": list(prefs["chosen"][0]),
-           "rejected": list(prefs["rejected"][0])}
-    args = RewardConfig(output_dir=str(out.parent / "trl"), report_to="none", use_cpu=True, bf16=False,
-                        activation_checkpointing=False)
+    row = {
+        "prompt": list(prefs["prompt"][0]),
+        "chosen": list(prefs["chosen"][0]),
+        "rejected": list(prefs["rejected"][0]),
+    }
+    args = RewardConfig(
+        output_dir=str(out.parent / "trl"),
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+    )
     trl_ids = RewardTrainer._prepare_dataset(None, Dataset.from_list([row]), scorer.tokenizer, args, "x")[0]
-    assert trl_ids["chosen_ids"] == conversation_ids(scorer.tokenizer, row["prompt"], row["chosen"][0]["content"])
+    assert trl_ids["chosen_ids"] == conversation_ids(
+        scorer.tokenizer, row["prompt"], row["chosen"][0]["content"]
+    )
 
 
 def test_principles_ensemble_and_out_of_memory_back_off(tiny_path, prefs, tmp_path, monkeypatch):
@@ -161,8 +206,10 @@ def test_principles_ensemble_and_out_of_memory_back_off(tiny_path, prefs, tmp_pa
     spec = json.loads((tmp_path / "model" / "ensemble.json").read_text())
     assert spec["principles"] == {"member-00": ["harmless"], "member-01": ["honest"]}
     assert sum(m["train_pairs"] for m in metrics["members"]) == metrics["train_pairs"]
-    assert all(m["backoffs"] == 1 and m["per_device_batch_size"] == 1 and m["gradient_accumulation_steps"] == 4
-               for m in metrics["members"])
+    assert all(
+        m["backoffs"] == 1 and m["per_device_batch_size"] == 1 and m["gradient_accumulation_steps"] == 4
+        for m in metrics["members"]
+    )
     assert metrics["backoffs"] == 2 and metrics["per_device_batch_size"] == 1
 
     # A rerun reuses finished members instead of training them again.
@@ -174,7 +221,9 @@ def test_full_method_trains_every_weight(tiny_path, prefs, tmp_path, spy_on):
     from transformers import AutoModelForSequenceClassification
 
     spy = spy_on(reward)
-    cfg = RewardModelConfig(method="full", **{**FAST, "max_steps": 1, "eval_fraction": 0.0, "learning_rate": 1e-3})
+    cfg = RewardModelConfig(
+        method="full", **{**FAST, "max_steps": 1, "eval_fraction": 0.0, "learning_rate": 1e-3}
+    )
     metrics = train_reward_model(cfg, tiny_path, prefs, tmp_path / "model", tmp_path / "work", seed=0)
     assert metrics["eval_accuracy"] is None and metrics["eval_pairs"] == 0  # nothing held out
     assert not spy.lora_names() and spy.base_names() <= spy.changed()
@@ -186,29 +235,53 @@ def test_full_method_trains_every_weight(tiny_path, prefs, tmp_path, spy_on):
 def test_bad_preferences_say_what_to_fix(tiny_path, prefs, tmp_path):
     cfg = RewardModelConfig(**FAST)
     with pytest.raises(ValueError, match="lack column"):
-        train_reward_model(cfg, tiny_path, prefs.drop(columns=["label"]), tmp_path / "m", tmp_path / "w", seed=0)
+        train_reward_model(
+            cfg, tiny_path, prefs.drop(columns=["label"]), tmp_path / "m", tmp_path / "w", seed=0
+        )
     bad = prefs.assign(label=[1.5] + [0.9] * (len(prefs) - 1))
     with pytest.raises(ValueError, match=r"probability in \[0, 1\]"):
         train_reward_model(cfg, tiny_path, bad, tmp_path / "m", tmp_path / "w", seed=0)
     with pytest.raises(ValueError, match="max_length"):
-        train_reward_model(RewardModelConfig(**{**FAST, "max_length": 8}), tiny_path, prefs, tmp_path / "m",
-                           tmp_path / "w", seed=0)
+        train_reward_model(
+            RewardModelConfig(**{**FAST, "max_length": 8}),
+            tiny_path,
+            prefs,
+            tmp_path / "m",
+            tmp_path / "w",
+            seed=0,
+        )
     with pytest.raises(ValueError, match="ensemble_mode: seeds"):
-        train_reward_model(RewardModelConfig(ensemble_size=3, ensemble_mode="principles", **FAST), tiny_path,
-                           prefs, tmp_path / "m", tmp_path / "w", seed=0)
+        train_reward_model(
+            RewardModelConfig(ensemble_size=3, ensemble_mode="principles", **FAST),
+            tiny_path,
+            prefs,
+            tmp_path / "m",
+            tmp_path / "w",
+            seed=0,
+        )
 
 
 def test_per_device_batch_does_not_change_the_reward_model(tiny_path, prefs, tmp_path):
-    """reward_model.per_device_batch_size is not fingerprinted: accumulation gives the same scores (dropout off;
-    with LoRA dropout on, its masks are drawn per forward pass and differ too)."""
+    """reward_model.per_device_batch_size is not fingerprinted: accumulation gives the same scores
+    (dropout off; with LoRA dropout on, its masks are drawn per forward pass and differ too)."""
     settings = {**FAST, "eval_fraction": 0.0, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
-    train_reward_model(RewardModelConfig(**settings), tiny_path, prefs, tmp_path / "a", tmp_path / "wa", seed=0)
-    train_reward_model(RewardModelConfig(**{**settings, "per_device_batch_size": 1}), tiny_path, prefs,
-                       tmp_path / "b", tmp_path / "wb", seed=0)
+    train_reward_model(
+        RewardModelConfig(**settings), tiny_path, prefs, tmp_path / "a", tmp_path / "wa", seed=0
+    )
+    train_reward_model(
+        RewardModelConfig(**{**settings, "per_device_batch_size": 1}),
+        tiny_path,
+        prefs,
+        tmp_path / "b",
+        tmp_path / "wb",
+        seed=0,
+    )
     prompts, answers = list(prefs["prompt"][:6]), [c[0]["content"] for c in prefs["rejected"][:6]]
     a = RewardScorer(tmp_path / "a").score_members(prompts, answers)
     b = RewardScorer(tmp_path / "b").score_members(prompts, answers)
     assert a == pytest.approx(b, abs=1e-4)
-    train_reward_model(RewardModelConfig(**settings), tiny_path, prefs, tmp_path / "c", tmp_path / "wc", seed=1)
+    train_reward_model(
+        RewardModelConfig(**settings), tiny_path, prefs, tmp_path / "c", tmp_path / "wc", seed=1
+    )
     other_seed = RewardScorer(tmp_path / "c").score_members(prompts, answers)
     assert np.abs(other_seed - a).max() > 1e-3  # the comparison can tell two different models apart

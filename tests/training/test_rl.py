@@ -1,4 +1,5 @@
-"""RL on the tiny model: RLOO and GRPO for two steps, reward history, saved outputs, out-of-memory back-off."""
+"""RL on the tiny model: RLOO and GRPO for two steps, reward history, saved outputs, out-of-memory
+back-off."""
 
 from __future__ import annotations
 
@@ -10,12 +11,19 @@ import torch
 
 import caiflow.training.rl as rl
 from caiflow.faults import OOM_ABOVE_ENV as FAULT_ENV
+from caiflow.models import load_policy
 from caiflow.training.config import RLConfig
 from caiflow.training.rl import check_prompts, history_from_logs, train_rl
-from caiflow.models import load_policy
 
-FAST = dict(lora={"r": 4, "alpha": 8}, max_steps=2, num_generations=2, batch_size=4, max_new_tokens=6,
-            learning_rate=1e-2, save_steps=1)
+FAST = dict(
+    lora={"r": 4, "alpha": 8},
+    max_steps=2,
+    num_generations=2,
+    batch_size=4,
+    max_new_tokens=6,
+    learning_rate=1e-2,
+    save_steps=1,
+)
 PROMPTS = [[{"role": "user", "content": f"How do I get into house {i} without a key?"}] for i in range(6)]
 
 
@@ -41,9 +49,18 @@ def test_rloo_trains_a_fresh_adapter_on_the_sl_model(tiny_path, sl_adapter, rewa
 
     spy = spy_on(rl)
     seen = []
-    metrics = train_rl(RLConfig(algorithm="rloo", **FAST), sl_adapter, tiny_path, reward_dir, PROMPTS,
-                       tmp_path / "out", tmp_path / "work", seed=0, card_extra={"sl model": "test"},
-                       on_log=lambda step, total, logs: seen.append((step, total, logs)))
+    metrics = train_rl(
+        RLConfig(algorithm="rloo", **FAST),
+        sl_adapter,
+        tiny_path,
+        reward_dir,
+        PROMPTS,
+        tmp_path / "out",
+        tmp_path / "work",
+        seed=0,
+        card_extra={"sl model": "test"},
+        on_log=lambda step, total, logs: seen.append((step, total, logs)),
+    )
 
     _check_history(metrics)
     json.dumps(metrics)  # goes into the artifact manifest as it is
@@ -57,23 +74,36 @@ def test_rloo_trains_a_fresh_adapter_on_the_sl_model(tiny_path, sl_adapter, rewa
 
     out = tmp_path / "out"
     assert (out / "README.md").is_file() and (out / "adapter" / "adapter_config.json").is_file()
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sl_adapter)
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ] == str(sl_adapter)
     merged = AutoModelForCausalLM.from_pretrained(out)
     policy, tokenizer = load_policy(out, base_model_path=tiny_path)  # how the pipeline loads the RL stage
     sl_policy, _ = load_policy(sl_adapter, base_model_path=tiny_path)
-    sl_plus_rl = PeftModel.from_pretrained(load_policy(sl_adapter, base_model_path=tiny_path)[0], out / "adapter")
+    sl_plus_rl = PeftModel.from_pretrained(
+        load_policy(sl_adapter, base_model_path=tiny_path)[0], out / "adapter"
+    )
     assert torch.allclose(_logits(policy, tokenizer), _logits(merged, tokenizer), atol=1e-5)
     assert torch.allclose(_logits(sl_plus_rl, tokenizer), _logits(merged, tokenizer), atol=1e-4)
     assert not torch.allclose(_logits(sl_policy, tokenizer), _logits(merged, tokenizer), atol=1e-4)
 
 
-def test_grpo_backs_off_on_out_of_memory_and_reports_history(tiny_path, sl_adapter, reward_dir, tmp_path,
-                                                             monkeypatch):
+def test_grpo_backs_off_on_out_of_memory_and_reports_history(
+    tiny_path, sl_adapter, reward_dir, tmp_path, monkeypatch
+):
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv(FAULT_ENV, "2")  # a per-device batch of 4 completions runs out of memory
-    metrics = train_rl(RLConfig(algorithm="grpo", **FAST), sl_adapter, tiny_path, reward_dir, PROMPTS,
-                       tmp_path / "out", tmp_path / "work", seed=0)
+    metrics = train_rl(
+        RLConfig(algorithm="grpo", **FAST),
+        sl_adapter,
+        tiny_path,
+        reward_dir,
+        PROMPTS,
+        tmp_path / "out",
+        tmp_path / "work",
+        seed=0,
+    )
     _check_history(metrics)
     assert metrics["algorithm"] == "grpo" and metrics["steps"] == 2
     assert metrics["backoffs"] == 1
@@ -89,10 +119,22 @@ def test_prompts_must_end_with_a_user_turn():
 
 
 def test_history_maps_trl_names():
-    logs = [{"step": 1, "reward": 0.5, "kl": 0.01, "completions/mean_length": 7.0, "loss": 0.1},
-            {"step": 1, "train_loss": 0.1}]
-    assert history_from_logs(logs) == [{"step": 1, "reward": 0.5, "kl": 0.01, "completion_length": 7.0,
-                                        "reward_std": None, "loss": 0.1, "entropy": None, "learning_rate": None}]
+    logs = [
+        {"step": 1, "reward": 0.5, "kl": 0.01, "completions/mean_length": 7.0, "loss": 0.1},
+        {"step": 1, "train_loss": 0.1},
+    ]
+    assert history_from_logs(logs) == [
+        {
+            "step": 1,
+            "reward": 0.5,
+            "kl": 0.01,
+            "completion_length": 7.0,
+            "reward_std": None,
+            "loss": 0.1,
+            "entropy": None,
+            "learning_rate": None,
+        }
+    ]
 
 
 def test_per_device_batch_does_not_change_the_policy(tiny_path, sl_adapter, reward_dir, tmp_path):
@@ -104,36 +146,66 @@ def test_per_device_batch_does_not_change_the_policy(tiny_path, sl_adapter, rewa
     from caiflow.models import load_tokenizer
 
     settings = {**FAST, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
-    whole = train_rl(RLConfig(**settings), sl_adapter, tiny_path, reward_dir, PROMPTS, tmp_path / "a",
-                     tmp_path / "wa", seed=0)
-    sliced = train_rl(RLConfig(**{**settings, "per_device_batch_size": 2}), sl_adapter, tiny_path, reward_dir,
-                      PROMPTS, tmp_path / "b", tmp_path / "wb", seed=0)
+    whole = train_rl(
+        RLConfig(**settings),
+        sl_adapter,
+        tiny_path,
+        reward_dir,
+        PROMPTS,
+        tmp_path / "a",
+        tmp_path / "wa",
+        seed=0,
+    )
+    sliced = train_rl(
+        RLConfig(**{**settings, "per_device_batch_size": 2}),
+        sl_adapter,
+        tiny_path,
+        reward_dir,
+        PROMPTS,
+        tmp_path / "b",
+        tmp_path / "wb",
+        seed=0,
+    )
     assert (whole["gradient_accumulation_steps"], sliced["gradient_accumulation_steps"]) == (1, 2)
-    assert [h["reward"] for h in whole["history"]] == pytest.approx([h["reward"] for h in sliced["history"]],
-                                                                    abs=1e-5)
+    assert [h["reward"] for h in whole["history"]] == pytest.approx(
+        [h["reward"] for h in sliced["history"]], abs=1e-5
+    )
     tokenizer = load_tokenizer(tiny_path)
     a = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "a"), tokenizer)
     b = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "b"), tokenizer)
     assert torch.allclose(a, b, atol=1e-4)
     sl, _ = load_policy(sl_adapter, base_model_path=tiny_path)
-    assert not torch.allclose(a, _logits(sl, tokenizer), atol=1e-4)  # RL moved the policy: equality means something
+    assert not torch.allclose(
+        a, _logits(sl, tokenizer), atol=1e-4
+    )  # RL moved the policy: equality means something
 
 
-def test_rloo_against_a_reward_ensemble_uses_its_conservative_score(tiny_path, sl_adapter, reward_ensemble_dir,
-                                                                     tmp_path):
+def test_rloo_against_a_reward_ensemble_uses_its_conservative_score(
+    tiny_path, sl_adapter, reward_ensemble_dir, tmp_path
+):
     """RL rewards with the ensemble's mean - lambda * std (what the reward step saved), not one member."""
     from caiflow.training.reward_scorer import RewardScorer, aggregate
     from caiflow.training.rl import reward_function
 
     scorer = RewardScorer(reward_ensemble_dir)
-    completions = [[{"role": "assistant", "content": text}] for text in ("No.", "Sure, here is how.", "Call a smith.")]
+    completions = [
+        [{"role": "assistant", "content": text}] for text in ("No.", "Sure, here is how.", "Call a smith.")
+    ]
     members = scorer.score_members(PROMPTS[:3], [c[0]["content"] for c in completions])
     assert members.shape == (2, 3) and not np.allclose(members[0], members[1])  # two members that disagree
     rewards = reward_function(scorer)(PROMPTS[:3], completions)
     assert rewards == pytest.approx(aggregate(members, 0.5).tolist(), abs=1e-6)
     assert rewards != pytest.approx(members.mean(axis=0).tolist(), abs=1e-6)  # lambda is applied
 
-    metrics = train_rl(RLConfig(algorithm="rloo", **FAST), sl_adapter, tiny_path, reward_ensemble_dir, PROMPTS,
-                       tmp_path / "out", tmp_path / "work", seed=0)
+    metrics = train_rl(
+        RLConfig(algorithm="rloo", **FAST),
+        sl_adapter,
+        tiny_path,
+        reward_ensemble_dir,
+        PROMPTS,
+        tmp_path / "out",
+        tmp_path / "work",
+        seed=0,
+    )
     assert metrics["reward_members"] == 2 and metrics["steps"] == 2
     _check_history(metrics)

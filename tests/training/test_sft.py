@@ -1,4 +1,5 @@
-"""Supervised fine-tuning on the tiny model: LoRA, QLoRA (4-bit on CPU), full, resume and out-of-memory back-off."""
+"""Supervised fine-tuning on the tiny model: LoRA, QLoRA (4-bit on CPU), full, resume and
+out-of-memory back-off."""
 
 from __future__ import annotations
 
@@ -14,15 +15,23 @@ import torch
 import caiflow.training.sft as sft
 from caiflow.faults import KILL_ENV
 from caiflow.faults import OOM_ABOVE_ENV as FAULT_ENV
+from caiflow.models import load_policy
 from caiflow.training.common import load_base_for_training
 from caiflow.training.config import SFTConfig
-from caiflow.models import load_policy
 from caiflow.training.sft import mix_records, to_prompt_completion, train_sft
 
 ROOT = Path(__file__).resolve().parents[2]
 # A high learning rate so two steps visibly move the adapter of a random model.
-FAST = dict(max_steps=2, batch_size=4, per_device_batch_size=2, max_length=96, learning_rate=1e-2, save_steps=1,
-            logging_steps=1, lora={"r": 4, "alpha": 8})
+FAST = dict(
+    max_steps=2,
+    batch_size=4,
+    per_device_batch_size=2,
+    max_length=96,
+    learning_rate=1e-2,
+    save_steps=1,
+    logging_steps=1,
+    lora={"r": 4, "alpha": 8},
+)
 
 
 def _logits(model, tokenizer) -> torch.Tensor:
@@ -37,12 +46,21 @@ def test_lora_moves_adapter_not_base_and_every_output_loads(tiny_path, sl_record
 
     spy = spy_on(sft)
     cfg = SFTConfig(method="lora", merge=True, **FAST)
-    metrics = train_sft(cfg, tiny_path, sl_records, tmp_path / "out", tmp_path / "work", seed=0,
-                        card_extra={"constitution": "test"})
+    metrics = train_sft(
+        cfg,
+        tiny_path,
+        sl_records,
+        tmp_path / "out",
+        tmp_path / "work",
+        seed=0,
+        card_extra={"constitution": "test"},
+    )
 
     assert spy.lora_names() and spy.lora_names() <= spy.changed(), "every LoRA tensor should have moved"
     assert not (spy.base_names() & spy.changed()), "base weights must stay frozen"
-    assert metrics["steps"] == 2 and metrics["backoffs"] == 0 and metrics["rows"] == 16  # 12 red-team + 4 benign
+    assert (
+        metrics["steps"] == 2 and metrics["backoffs"] == 0 and metrics["rows"] == 16
+    )  # 12 red-team + 4 benign
     assert metrics["red_team_rows"] == 12 and metrics["benign_rows"] == 4
 
     out = tmp_path / "out"
@@ -68,8 +86,9 @@ def test_qlora_loads_4bit_on_cpu_and_trains(tiny_path, sl_records, tmp_path, spy
     del quantised
 
     spy = spy_on(sft)
-    metrics = train_sft(SFTConfig(method="qlora", **FAST), tiny_path, sl_records, tmp_path / "out", tmp_path / "work",
-                        seed=0)
+    metrics = train_sft(
+        SFTConfig(method="qlora", **FAST), tiny_path, sl_records, tmp_path / "out", tmp_path / "work", seed=0
+    )
     assert metrics["steps"] == 2
     assert spy.lora_names() <= spy.changed() and not (spy.base_names() & spy.changed())
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path), tmp_path / "out")
@@ -80,8 +99,14 @@ def test_qlora_loads_4bit_on_cpu_and_trains(tiny_path, sl_records, tmp_path, spy
 def test_full_fine_tuning_writes_full_weights(tiny_path, sl_records, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    train_sft(SFTConfig(method="full", **{**FAST, "max_steps": 1, "learning_rate": 1e-3}), tiny_path, sl_records,
-              tmp_path / "out", tmp_path / "work", seed=0)
+    train_sft(
+        SFTConfig(method="full", **{**FAST, "max_steps": 1, "learning_rate": 1e-3}),
+        tiny_path,
+        sl_records,
+        tmp_path / "out",
+        tmp_path / "work",
+        seed=0,
+    )
     out = tmp_path / "out"
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     base, tuned = AutoModelForCausalLM.from_pretrained(tiny_path), AutoModelForCausalLM.from_pretrained(out)
@@ -91,8 +116,9 @@ def test_full_fine_tuning_writes_full_weights(tiny_path, sl_records, tmp_path):
     assert isinstance(policy, type(tuned))
 
 
-def test_killed_then_out_of_memory_resumes_from_the_checkpoint_with_a_smaller_batch(tiny_path, sl_records, tmp_path,
-                                                                                    monkeypatch):
+def test_killed_then_out_of_memory_resumes_from_the_checkpoint_with_a_smaller_batch(
+    tiny_path, sl_records, tmp_path, monkeypatch
+):
     """SIGKILL right after checkpoint 1 (what the kernel's OOM killer does); the rerun resumes from there and,
     hitting out-of-memory at 2 sequences per pass, halves the per-device batch and doubles accumulation."""
     sl_records.to_pickle(tmp_path / "records.pkl")
@@ -104,18 +130,35 @@ def test_killed_then_out_of_memory_resumes_from_the_checkpoint_with_a_smaller_ba
         "train_sft(cfg, sys.argv[1], pd.read_pickle(sys.argv[2]), sys.argv[3], sys.argv[4], seed=0)\n"
     )
     env = {**os.environ, KILL_ENV: "sft:checkpoint:1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", script, str(tiny_path), str(tmp_path / "records.pkl"),
-                           str(tmp_path / "out"), str(tmp_path / "work")], env=env, cwd=ROOT, capture_output=True,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(tiny_path),
+            str(tmp_path / "records.pkl"),
+            str(tmp_path / "out"),
+            str(tmp_path / "work"),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
     assert (tmp_path / "work" / "checkpoint-1").is_dir() and not (tmp_path / "out" / "README.md").exists()
 
-    monkeypatch.setenv(FAULT_ENV, "1")  # any step with more than 1 sequence per forward pass runs out of memory
-    metrics = train_sft(SFTConfig(method="lora", **FAST), tiny_path, sl_records, tmp_path / "out", tmp_path / "work",
-                        seed=0)
+    monkeypatch.setenv(
+        FAULT_ENV, "1"
+    )  # any step with more than 1 sequence per forward pass runs out of memory
+    metrics = train_sft(
+        SFTConfig(method="lora", **FAST), tiny_path, sl_records, tmp_path / "out", tmp_path / "work", seed=0
+    )
     assert metrics["resumed_from"] == "checkpoint-1" and metrics["steps"] == 2
     assert metrics["backoffs"] == 1
-    assert metrics["per_device_batch_size"] == 1 and metrics["gradient_accumulation_steps"] == 4  # same effective 4
+    assert (
+        metrics["per_device_batch_size"] == 1 and metrics["gradient_accumulation_steps"] == 4
+    )  # same effective 4
 
 
 def test_bad_records_say_what_to_fix(sl_records):
@@ -138,9 +181,17 @@ def test_per_device_batch_does_not_change_the_adapter(tiny_path, sl_records, tmp
     adapter, up to float rounding. (With LoRA dropout on, the dropout masks are drawn per forward pass and so
     differ too: dropout is off here to compare the optimisation alone.)"""
     settings = {**FAST, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
-    train_sft(SFTConfig(method="lora", **settings), tiny_path, sl_records, tmp_path / "a", tmp_path / "wa", seed=0)
-    train_sft(SFTConfig(method="lora", **{**settings, "per_device_batch_size": 1}), tiny_path, sl_records,
-              tmp_path / "b", tmp_path / "wb", seed=0)
+    train_sft(
+        SFTConfig(method="lora", **settings), tiny_path, sl_records, tmp_path / "a", tmp_path / "wa", seed=0
+    )
+    train_sft(
+        SFTConfig(method="lora", **{**settings, "per_device_batch_size": 1}),
+        tiny_path,
+        sl_records,
+        tmp_path / "b",
+        tmp_path / "wb",
+        seed=0,
+    )
     a, b = _adapter_tensors(tmp_path / "a"), _adapter_tensors(tmp_path / "b")
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
