@@ -23,7 +23,7 @@ class StepSpec:
 
 
 PIPELINE: tuple[StepSpec, ...] = (
-    StepSpec("prompts", 3, (), False, "load, normalise, dedupe, split, categorise by principle"),
+    StepSpec("prompts", 4, (), False, "load, normalise, dedupe, split, categorise by principle"),
     StepSpec("critique_revision", 3, ("prompts",), True, "answer, critique, revise: SL-CAI data"),
     StepSpec("sft", 2, ("critique_revision",), True, "supervised fine-tuning on the revisions"),
     StepSpec("preferences", 3, ("prompts", "sft"), True, "AI-feedback preference pairs"),
@@ -31,8 +31,12 @@ PIPELINE: tuple[StepSpec, ...] = (
     StepSpec(
         "rl", 2, ("prompts", "sft", "reward_model"), True, "RL from the SL model against the reward model"
     ),
+    # The base model's answers depend on no constitution: a constitution and its inversion share them.
     StepSpec(
-        "evaluate", 3, ("prompts", "sft", "reward_model", "rl"), True, "base vs SL vs RL on held-out prompts"
+        "baseline", 1, ("prompts",), True, "the evaluation prompts and the base model's answers to them"
+    ),
+    StepSpec(
+        "evaluate", 4, ("sft", "reward_model", "rl", "baseline"), True, "base vs SL vs RL: metrics, report"
     ),
 )
 

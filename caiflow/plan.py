@@ -11,6 +11,7 @@ re-runs that step and everything downstream of it. The steps and what each reads
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,11 @@ class Plan:
 
 def source_digest(source: PromptSource, base_dir: Path) -> str:
     """What a prompt source holds now: file bytes, folder contents, or the builtin set."""
-    if source.kind == "builtin":
-        from caiflow.prompts import BUILTIN_PATH
+    if source.kind in ("builtin", "lookalike"):
+        from caiflow.prompts import BUILTIN_PATH, LOOKALIKE_PATH
 
-        return hashlib.sha256(Path(BUILTIN_PATH).read_bytes()).hexdigest()[:16]
+        path = BUILTIN_PATH if source.kind == "builtin" else LOOKALIKE_PATH
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     assert source.path is not None
     path = Path(source.path).expanduser()
     path = path if path.is_absolute() else base_dir / path
@@ -80,10 +82,22 @@ def reward_backbone(cfg: Config, model: ResolvedModel, storage: str) -> Resolved
 
 
 def make_plan(
-    cfg: Config, constitution_hash: str, model_identity: str, backbone_identity: str | None = None
+    cfg: Config,
+    constitution_hash: str,
+    model_identity: str,
+    backbone_identity: str | None = None,
+    *,
+    principle_labels: Sequence[tuple[str, str]] = (),
+    judge_identity: str | None = None,
+    judge_question: str = "",
 ) -> Plan:
-    """Fingerprints of every step. `backbone_identity`: the reward model's backbone when it
-    is not the policy's base model."""
+    """Fingerprints of every step.
+
+    `principle_labels`: (id, name) of each principle in use, all that categorising prompts reads
+    (so a constitution and its inversion share the prompts step); `backbone_identity`: the
+    reward model's backbone when it is not the policy's base model; `judge_identity`: a judge
+    given as a model spec; `judge_question`: the harmlessness question the judge asks.
+    """
     base = Path(cfg.base_dir)
     model = {"identity": model_identity, **model_settings(cfg)}
     generation = cfg.generation.fingerprint_dict()  # batch and shard size: see caiflow.config
@@ -92,7 +106,7 @@ def make_plan(
         "prompts": dict(
             config=cfg.prompts.fingerprint_dict(),
             sources=[source_digest(s, base) for s in cfg.prompts.sources],
-            constitution=constitution_hash,
+            principles=[list(label) for label in principle_labels],
             # The model counts the tokens of every prompt (over-long ones are dropped) and,
             # locally, categorises.
             model=model,
@@ -117,12 +131,20 @@ def make_plan(
             backbone=backbone_identity or model_identity,
         ),
         "rl": dict(config=cfg.rl.fingerprint_dict(), model=model),
+        "baseline": dict(
+            sampling=ev.sampling.fingerprint_dict(),
+            prompts=[s.fingerprint_dict() for s in ev.prompts],
+            sources=[source_digest(s, base) for s in ev.prompts],
+            generation=generation,
+            model=model,
+        ),
         "evaluate": dict(
             config=ev.fingerprint_dict(),
             generation=generation,
             constitution=constitution_hash,
             model=model,
-            judge=ev.judge if ev.judge != "openai" else _endpoint(ev.openai),
+            judge=judge_identity or (_endpoint(ev.openai) if ev.judge == "openai" else ev.judge),
+            judge_question=judge_question,
         ),
     }
     plan = Plan()
@@ -135,6 +157,10 @@ def make_plan(
     return plan
 
 
+# The judges named by role rather than by a model spec.
+JUDGE_ROLES = ("base", "sl", "openai")
+
+
 @dataclass
 class Resolved:
     """A config's constitution, model and plan: what a run needs before its first step."""
@@ -142,16 +168,47 @@ class Resolved:
     constitution: Any
     model: ResolvedModel
     plan: Plan
+    judge_question: str = ""  # the un-inverted harmlessness question the judge asks
+    judge_model: ResolvedModel | None = None  # the judge when it is given as a model spec
+
+
+def judge_question(cfg: Config) -> str:
+    """The harmlessness question of the whole, un-inverted constitution: what the judge always asks.
+
+    Checked before anything runs: a principle that does not exist is a ConstitutionError naming
+    the valid ones, even when training is restricted to other principles.
+    """
+    from caiflow.constitution import ConstitutionError, load_constitution
+
+    full = load_constitution(cfg.constitution_path(), invert=False, principles=[])
+    try:
+        return full.principle(cfg.evaluate.harmlessness_principle).feedback_question
+    except ConstitutionError as exc:
+        raise ConstitutionError(
+            f"evaluate.harmlessness_principle '{cfg.evaluate.harmlessness_principle}' is not a principle of "
+            f"{cfg.constitution_path()}: set it to one of {', '.join(full.principle_ids())}."
+        ) from exc
 
 
 def plan_for(cfg: Config) -> Resolved:
-    """Load the constitution, resolve the model (building or dequantising it once) and plan the run."""
+    """Load the constitution, resolve the models (building or dequantising once) and plan the run."""
     from caiflow.constitution import load_constitution
 
     storage = cfg.run.storage
     constitution = load_constitution(
         cfg.constitution_path(), cfg.constitution.invert, cfg.constitution.principles
     )
+    question = judge_question(cfg)
     model = resolve_model(cfg.model.name, storage, cfg.model.revision, cfg.model.tiny.model_dump())
     backbone = reward_backbone(cfg, model, storage).identity if cfg.reward_model.backbone else None
-    return Resolved(constitution, model, make_plan(cfg, constitution.content_hash, model.identity, backbone))
+    judge = None if cfg.evaluate.judge in JUDGE_ROLES else resolve_model(cfg.evaluate.judge, storage)
+    plan = make_plan(
+        cfg,
+        constitution.content_hash,
+        model.identity,
+        backbone,
+        principle_labels=[(p.id, p.name) for p in constitution.principles],
+        judge_identity=judge.identity if judge else None,
+        judge_question=question,
+    )
+    return Resolved(constitution, model, plan, question, judge)

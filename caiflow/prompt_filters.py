@@ -140,15 +140,26 @@ def clean_prompts(
     return out
 
 
-def split_prompts(df: pd.DataFrame, eval_fraction: float, seed: int) -> pd.DataFrame:
+def split_prompts(
+    df: pd.DataFrame, eval_fraction: float, seed: int, benign_eval_fraction: float | None = None
+) -> pd.DataFrame:
     """Add split ("train" / "eval") from a stable hash of (seed, prompt_id).
 
     A prompt lands in the same split on every run and machine, whatever else is in the set,
-    so adding prompts later never moves old ones between train and eval.
+    so adding prompts later never moves old ones between train and eval. Benign prompts use
+    `benign_eval_fraction` when given (they are few; training needs them for helpfulness).
     """
     out = df.copy()
     ids = out["prompt_id"] if "prompt_id" in out.columns else out["prompt"].map(prompt_id)
-    out["split"] = ["eval" if _stable_unit("split", seed, pid) < eval_fraction else "train" for pid in ids]
+    kinds = out["kind"] if "kind" in out.columns else pd.Series(["red-team"] * len(out), index=out.index)
+    fractions = [
+        benign_eval_fraction if (kind == "benign" and benign_eval_fraction is not None) else eval_fraction
+        for kind in kinds
+    ]
+    out["split"] = [
+        "eval" if _stable_unit("split", seed, pid) < fraction else "train"
+        for pid, fraction in zip(ids, fractions)
+    ]
     return out
 
 

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 # The built-in prompt set ships inside the package (package-data), so it is found when installed.
 BUILTIN_PATH: Path = Path(__file__).resolve().parent / "data" / "builtin_prompts.jsonl"
+# Benign prompts that only look harmful ("How do I kill a Python process?"): for measuring
+# over-refusal, never for training. Each row has a `part`: "report" (what the evaluation report
+# uses) or "tune" (for choosing settings without looking at the report's prompts).
+LOOKALIKE_PATH: Path = Path(__file__).resolve().parent / "data" / "lookalike_prompts.jsonl"
 
 KINDS = ("red-team", "benign")
 COLUMNS = ["prompt", "kind", "source", "hint_principle"]
@@ -48,6 +52,8 @@ class PromptSourceError(ValueError):
 
 
 def _label(source: PromptSource) -> str:
+    if source.kind == "lookalike":
+        return f"lookalike:{source.part}"
     return "builtin" if source.kind == "builtin" else f"{source.kind}:{source.path}"
 
 
@@ -210,6 +216,9 @@ def _read_datasets(source: PromptSource, base_dir: Path, label: str) -> pd.DataF
 def _read_raw(source: PromptSource, base_dir: Path, label: str) -> pd.DataFrame:
     if source.kind == "builtin":
         return _read_jsonl(BUILTIN_PATH, label, None)
+    if source.kind == "lookalike":
+        rows = _read_jsonl(LOOKALIKE_PATH, label, None)
+        return rows if source.part == "all" else rows[rows["part"] == source.part].reset_index(drop=True)
     if source.kind == "jsonl":
         return _read_jsonl(_resolve(source, base_dir, label), label, source.limit)
     if source.kind == "csv":
@@ -218,7 +227,9 @@ def _read_raw(source: PromptSource, base_dir: Path, label: str) -> pd.DataFrame:
         return _read_parquet(_resolve(source, base_dir, label), label)
     if source.kind == "datasets":
         return _read_datasets(source, base_dir, label)
-    raise _err(label, f"unknown kind '{source.kind}'", "use builtin, jsonl, csv, parquet or datasets")
+    raise _err(
+        label, f"unknown kind '{source.kind}'", "use builtin, lookalike, jsonl, csv, parquet or datasets"
+    )
 
 
 # ---------------------------------------------------------------- formats
@@ -356,7 +367,7 @@ def _extract(df: pd.DataFrame, source: PromptSource, label: str) -> pd.Series:
 
 
 def _kinds(df: pd.DataFrame, source: PromptSource, label: str) -> list[str]:
-    if source.kind == "builtin":
+    if source.kind in ("builtin", "lookalike"):
         raw = df["kind"].tolist()
     elif source.kind_label == "column":
         if "kind" not in df.columns:

@@ -73,19 +73,34 @@ PREFERENCES = pa.schema(
     ]
 )
 
-# Step 7: every stage's answer to each held-out prompt, with its reward.
+# Baseline: the evaluation prompts (held-out + evaluate.prompts) and the base model's answers.
+BASELINE = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("kind", pa.string()),  # red-team or benign
+        ("source", pa.string()),
+        ("lookalike", pa.bool_()),  # a benign prompt that only looks harmful
+        ("answer", pa.string()),
+        ("refused", pa.bool_()),  # caiflow.refusal.is_refusal(answer)
+    ]
+)
+
+# Evaluate: every stage's answer to each evaluation prompt, with its refusal flag and reward.
 ANSWERS = pa.schema(
     [
         ("prompt_id", pa.string()),
         ("kind", pa.string()),
+        ("lookalike", pa.bool_()),
         ("prompt", pa.string()),
         ("stage", pa.string()),
         ("answer", pa.string()),
+        ("refused", pa.bool_()),
         ("reward", pa.float64()),
     ]
 )
 
-# Step 7: every pairwise comparison the judge made.
+# Evaluate: every pairwise comparison the judge made, in both presentation orders.
 JUDGEMENTS = pa.schema(
     [
         ("prompt_id", pa.string()),
@@ -93,6 +108,34 @@ JUDGEMENTS = pa.schema(
         ("dimension", pa.string()),
         ("candidate", pa.string()),
         ("reference", pa.string()),
-        ("p_candidate_better", pa.float64()),
+        ("p_candidate_better", pa.float64()),  # the mean of the two orders
+        ("p_candidate_first", pa.float64()),  # P(candidate better) with the candidate shown as (A)
+        ("p_candidate_second", pa.float64()),  # ... shown as (B)
+        ("identical", pa.bool_()),  # the answers are the same: not sent to the judge
+    ]
+)
+
+# Evaluate: the judge on the calibration pairs (a known better answer), in both orders.
+CALIBRATION = pa.schema(
+    [
+        ("id", pa.string()),
+        ("kind", pa.string()),
+        ("dimension", pa.string()),
+        ("p_better_first", pa.float64()),
+        ("p_better_second", pa.float64()),
+        ("right", pa.bool_()),
+    ]
+)
+
+# compare: both arms' answers (the base stage once, under arm "shared") and refusal flags.
+COMPARE = pa.schema(
+    [
+        ("arm", pa.string()),
+        ("prompt_id", pa.string()),
+        ("kind", pa.string()),
+        ("lookalike", pa.bool_()),
+        ("stage", pa.string()),
+        ("answer", pa.string()),
+        ("refused", pa.bool_()),
     ]
 )

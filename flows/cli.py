@@ -1,6 +1,7 @@
 """The `caiflow` command line.
 
     caiflow run --config configs/demo.yaml [--storage DIR] [--set a.b=value ...] [--until STEP]
+    caiflow compare --config configs/demo.yaml [--storage DIR] [--set a.b=value ...]
     caiflow status --config configs/demo.yaml [--storage DIR] [--set a.b=value ...]
     caiflow verify [--storage DIR]
     caiflow gc [--storage DIR] [--keep-runs N] [--dry-run]
@@ -65,44 +66,48 @@ def _summary_table(result: dict[str, Any], seconds: float) -> str:
     lines.append(f"total {seconds:.1f} s; run record: {result['run_record']}")
     evaluation = result["steps"].get("evaluate")
     if evaluation:
-        from caiflow.report import verdict_rows
+        from caiflow.report import verdict_table
 
-        rows = verdict_rows(evaluation["metrics"]["win_rates"], evaluation["metrics"]["rewards"])
         lines += [
             "",
-            "verdict on held-out prompts: win rate vs base [95% interval]; 0.5 = no difference",
-            f"{'stage':<6} {'harmlessness (red-team)':<28} {'helpfulness (benign)':<28} "
-            f"{'reward (mean ± std)':<20} verdict",
+            verdict_table(evaluation["metrics"]),
+            f"report: {Path(evaluation['path']) / 'report.md'}",
         ]
-        lines += [
-            f"{r['stage']:<6} {r['harmlessness']:<28} {r['helpfulness']:<28} {r['reward']:<20} {r['verdict']}"
-            for r in rows
-        ]
-        lines.append(f"report: {Path(evaluation['path']) / 'report.md'}")
     return "\n".join(lines)
+
+
+def check_inputs(cfg: Any) -> None:
+    """Validate the cheap things before starting Prefect: constitution, the judge's principle, storage,
+    prompt sources (training and evaluation: readable, with the expected columns, within the context)
+    and the model. Raises one of `input_errors()`."""
+    from caiflow.constitution import load_constitution
+    from caiflow.models import context_tokens, load_tokenizer, resolve_model
+    from caiflow.plan import judge_question
+    from caiflow.prompt_filters import check_fits_context, token_counter
+    from caiflow.prompts import load_prompts
+    from caiflow.store import Store
+
+    load_constitution(cfg.constitution_path(), cfg.constitution.invert, cfg.constitution.principles)
+    judge_question(cfg)  # the judge's principle exists in the whole constitution
+    Store(cfg.run.storage)
+    model = resolve_model(cfg.model.name, cfg.run.storage, cfg.model.revision, cfg.model.tiny.model_dump())
+    count, context = (
+        token_counter(load_tokenizer(model.path, cfg.model.trust_remote_code)),
+        context_tokens(model.path),
+    )
+    for sources in (cfg.prompts.sources, cfg.evaluate.prompts):
+        if sources:
+            check_fits_context(load_prompts(sources, Path(cfg.base_dir)), context, count)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from caiflow.config import load_config
-    from caiflow.constitution import load_constitution
 
     errors = input_errors()
     t0 = time.monotonic()
-    try:  # validate the cheap things before starting Prefect
+    try:
         cfg = load_config(args.config, args.set or [], args.storage)
-        load_constitution(cfg.constitution_path(), cfg.constitution.invert, cfg.constitution.principles)
-        from caiflow.models import context_tokens, load_tokenizer, resolve_model
-        from caiflow.prompt_filters import check_fits_context, token_counter
-        from caiflow.prompts import load_prompts
-        from caiflow.store import Store
-
-        Store(cfg.run.storage)
-        prompts = load_prompts(cfg.prompts.sources, Path(cfg.base_dir))  # readable, with the expected columns
-        model = resolve_model(
-            cfg.model.name, cfg.run.storage, cfg.model.revision, cfg.model.tiny.model_dump()
-        )
-        tokenizer = load_tokenizer(model.path, cfg.model.trust_remote_code)
-        check_fits_context(prompts, context_tokens(model.path), token_counter(tokenizer))
+        check_inputs(cfg)
     except errors as exc:
         print(f"caiflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -152,6 +157,44 @@ def cmd_verify(args: argparse.Namespace) -> int:
         + ("; a run recomputes corrupt artifacts (moving them aside first)" if counts["corrupt"] else "")
     )
     return 1 if counts["corrupt"] else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The constitution and its inverted control through evaluate, then one side-by-side report."""
+    from caiflow.config import load_config
+
+    errors = input_errors()
+    t0 = time.monotonic()
+    try:
+        cfg = load_config(args.config, args.set or [], args.storage)
+        check_inputs(cfg)
+    except errors as exc:
+        print(f"caiflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    os.environ.setdefault(
+        "PREFECT_LOCAL_STORAGE_PATH", str(Path(cfg.run.storage).resolve() / "prefect-results")
+    )
+    from caiflow.compare import compare_table
+    from flows.constitutional_ai import compare
+
+    try:
+        result = compare(config=str(args.config), overrides=list(args.set or []), storage=args.storage)
+    except errors as exc:
+        print(f"caiflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - report and exit non-zero; Prefect logged the traceback
+        print(f"caiflow: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for arm, arm_result in result["arms"].items():
+        steps = arm_result["steps"]
+        computed = [step for step, s in steps.items() if not s["cached"]]
+        print(
+            f"{arm} arm: computed {', '.join(computed) or 'nothing'}; cached "
+            f"{', '.join(step for step in steps if step not in computed) or 'nothing'}"
+        )
+    print(compare_table(result["compare"]["metrics"]))
+    print(f"total {time.monotonic() - t0:.1f} s; report: {Path(result['compare']['path']) / 'report.md'}")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -228,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this step (default: evaluate, the whole pipeline)",
     )
     run.set_defaults(func=cmd_run)
+    cmp = sub.add_parser("compare", help="run the constitution and its inverted control, report side by side")
+    cmp.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
+    cmp.add_argument("--storage", help="artifact root (overrides run.storage)")
+    cmp.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)"
+    )
+    cmp.set_defaults(func=cmd_compare)
     status = sub.add_parser(
         "status", help="which steps the store has for a config, and why the others would run"
     )

@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import flow
 
+from caiflow import schemas
 from caiflow.config import Config, load_config
 from caiflow.environment import environment
 from caiflow.faults import kill_point
@@ -95,6 +96,70 @@ def run_pipeline(cfg: Config, until: str = "evaluate") -> dict[str, Any]:
     return {"run_id": run_id, "run_record": str(path), "steps": summary}
 
 
+def run_compare(cfg: Config) -> dict[str, Any]:
+    """The constitution and its inversion, each through evaluate (sharing the prompts and the base
+    answers), then one side-by-side report: a `compare` artifact and a run record naming it."""
+    from caiflow.compare import ARMS, compare_arms, compare_rows, render_compare
+    from caiflow.store import fingerprint
+    from tasks.common import publish_markdown, publish_table
+
+    log = logger()
+    arms: dict[str, Config] = {}
+    for arm, inverted in zip(ARMS, (False, True)):
+        arms[arm] = cfg.model_copy(deep=True)
+        arms[arm].constitution.invert = inverted
+    results = {}
+    for arm, arm_cfg in arms.items():
+        log.info("compare: the %s arm", arm)
+        results[arm] = run_pipeline(arm_cfg, "evaluate")
+    store = Store(cfg.run.storage)
+    evaluations = {arm: results[arm]["steps"]["evaluate"] for arm in ARMS}
+    fp = fingerprint(
+        "compare",
+        1,
+        arms={arm: e["fingerprint"] for arm, e in evaluations.items()},
+    )
+    answers = {arm: store.read_table(e["path"]) for arm, e in evaluations.items()}
+    metrics = compare_arms(
+        answers,
+        {arm: e["metrics"]["trained_by"]["rl"] for arm, e in evaluations.items()},
+    )
+    report = render_compare(metrics)
+    ref = store.load_ref("compare", fp)
+    if ref is None:
+        with store.lock("compare", fp):
+            table = compare_rows(answers)
+            store.write_table("compare", fp, table, schemas.COMPARE)
+            (store.artifact_dir("compare", fp) / "report.md").write_text(report, encoding="utf-8")
+            ref = store.finalize(
+                "compare",
+                fp,
+                rows=len(table),
+                metrics=metrics,
+                inputs={f"{arm}/evaluate": e["fingerprint"] for arm, e in evaluations.items()},
+                params={"arms": list(ARMS)},
+            )
+        publish_table("compare-answers", compare_rows(answers), "Both arms' answers and refusal flags")
+    publish_markdown("compare-report", report, "Constitution vs inverted control, side by side")
+    run_id = _run_id() + "-compare"
+    record = store.write_run_record(
+        run_id,
+        {
+            "run_id": run_id,
+            "name": cfg.run.name,
+            "finished": datetime.now(timezone.utc).isoformat(),
+            "arms": {arm: r["run_record"] for arm, r in results.items()},
+            "steps": {"compare": {"fingerprint": fp, "path": ref.path, "rows": ref.rows}},
+            "environment": environment(),
+        },
+    )
+    return {
+        "arms": results,
+        "compare": {"fingerprint": fp, "path": ref.path, "metrics": metrics},
+        "run_record": str(record),
+    }
+
+
 @flow(name="constitutional-ai", log_prints=False)
 def constitutional_ai(
     config: str = "configs/demo.yaml",
@@ -104,3 +169,11 @@ def constitutional_ai(
 ) -> dict[str, Any]:
     """The whole Constitutional AI pipeline on a preset (`config`), with `--set`-style overrides."""
     return run_pipeline(load_config(config, overrides or [], storage), until)
+
+
+@flow(name="compare", log_prints=False)
+def compare(
+    config: str = "configs/demo.yaml", overrides: list[str] | None = None, storage: str | None = None
+) -> dict[str, Any]:
+    """A constitution and its inverted control on a preset, side by side."""
+    return run_compare(load_config(config, overrides or [], storage))

@@ -61,8 +61,10 @@ class Settings(BaseModel):
         None, description="rl.algorithm: RLOO (default) or GRPO against the reward model."
     )
     rl_max_steps: int | None = Field(None, ge=1, description="rl.max_steps: RL optimiser steps.")
-    judge: Literal["base", "sl", "openai"] | None = Field(
-        None, description="evaluate.judge: who judges the pairwise comparisons."
+    judge: str | None = Field(
+        None,
+        description="evaluate.judge: who judges the pairwise comparisons: base, sl, openai or a model "
+        "spec (a local folder, .gguf file or cached hub id).",
     )
 
 
@@ -259,7 +261,9 @@ def missing_before_evaluate(cfg: Config) -> list[str]:
 
     store = Store(cfg.run.storage)
     plan = plan_for(cfg).plan
-    return [s for s in STEPS[:-1] if not store.is_complete(s, plan.fingerprints[s])]
+    # the evaluation steps themselves (baseline, evaluate) are cheap next to training: not "missing"
+    trained = [s for s in STEPS if s not in ("baseline", "evaluate")]
+    return [s for s in trained if not store.is_complete(s, plan.fingerprints[s])]
 
 
 @flow(name="evaluate", log_prints=False)
@@ -271,7 +275,8 @@ def evaluate(
     train_missing: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the base, SL and RL models of a preset: held-out prompts answered by each stage,
-    reward-model scores, AI-judged win rates with bootstrap intervals, Elo, a report.
+    refusal and over-refusal with intervals and paired differences, the judge measured on calibration
+    pairs and then its win rates, reward-model scores, Elo, pictures and a report.
 
     Args:
         config: The preset a constitutional-ai run trained (same settings, so the same artifacts).
@@ -293,4 +298,31 @@ def evaluate(
             )
     result = _pipeline(cfg, "evaluate")
     publish_summary(result, "evaluate")
+    return result
+
+
+@flow(name="compare", log_prints=False)
+def compare(
+    config: str = "configs/demo.yaml",
+    storage: str | None = None,
+    settings: Settings = Settings(),
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """The inverted-constitution control: the preset with its constitution and with the inverted one,
+    each through evaluate (sharing the prompts and the base model's answers), then a side-by-side
+    report (`compare-report`): refusal and over-refusal of base, constitution-trained and
+    inverted-trained stages on the same prompts, and the difference between the two arms.
+
+    Args:
+        config: The preset (see constitutional-ai); its constitution.invert is set for each arm.
+        storage: Artifact root folder. Empty: the worker's storage root, else the preset's run.storage.
+        settings: Optional overrides of the preset's main settings (invert_constitution is ignored).
+        overrides: More overrides as config.key=value (YAML values); they win over the settings above.
+    """
+    from flows.constitutional_ai import run_compare
+
+    release_crashed_steps()
+    result = run_compare(build_config(config, storage, settings, overrides))
+    for arm, arm_result in result["arms"].items():
+        publish_summary(arm_result, f"compare ({arm} arm)")
     return result

@@ -106,6 +106,27 @@ CASES = [
         ["someorg/not-downloaded", "nothing is downloaded"],
     ),
     (
+        # the judge's principle is checked before any step, even when training uses other principles
+        "judge-principle-missing",
+        lambda t: [
+            "--set",
+            "evaluate.harmlessness_principle=kindness",
+            "--set",
+            "constitution.principles=[privacy]",
+        ],
+        ["evaluate.harmlessness_principle 'kindness'", "harmlessness", "privacy"],
+    ),
+    (
+        "lookalikes-as-training-prompts",
+        lambda t: ["--set", "prompts.sources=[{kind: builtin}, {kind: lookalike}]"],
+        ["look-alike", "evaluate.prompts"],
+    ),
+    (
+        "evaluation-prompt-file-missing",
+        lambda t: ["--set", "evaluate.prompts=[{kind: jsonl, path: /no/such/eval.jsonl}]"],
+        ["eval.jsonl", "does not exist"],
+    ),
+    (
         "storage-not-writable",
         lambda t: ["--storage", _file(t, "a-file", b"x") + "/sub"],
         ["not writable", "--storage"],

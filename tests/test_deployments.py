@@ -17,8 +17,8 @@ import pytest
 pytest_plugins = ["tests.prefect_server"]
 
 TINY = "configs/tiny.yaml"  # the stack's default preset (tests/prefect_server.py)
-STEPS = ["prompts", "critique_revision", "sft", "preferences", "reward_model", "rl", "evaluate"]
-MODEL_STEPS = {"critique_revision", "sft", "preferences", "reward_model", "rl", "evaluate"}
+STEPS = ["prompts", "critique_revision", "sft", "preferences", "reward_model", "rl", "baseline", "evaluate"]
+MODEL_STEPS = {"critique_revision", "sft", "preferences", "reward_model", "rl", "baseline", "evaluate"}
 
 
 # ---------------------------------------------------------------- the flows' parameters, no server

@@ -71,28 +71,36 @@ NOT_FINGERPRINTED = {
 BY_CONTENT = {
     "model.name": "prompts",
     "model.revision": "prompts",
-    "constitution.path": "prompts",
+    "constitution.path": "critique_revision",  # categorising reads only principle ids and names
     "prompts.sources[].path": "prompts",
     "reward_model.backbone": "reward_model",
+    "evaluate.prompts[].path": "baseline",
+    "evaluate.judge": "evaluate",
 }
-# Every other field is fingerprinted by value; the first step that reads it, by longest prefix.
+# Every other field is fingerprinted by value; the steps that read it first, by longest prefix.
 READERS = {
     "run.seed": "prompts",
     "model": "prompts",
-    "constitution": "prompts",
+    "constitution": "critique_revision",  # its texts; a constitution and its inversion share prompts
+    "constitution.principles": "prompts",  # which principles exist: categorising reads their ids and names
     "prompts": "prompts",
-    "generation": "critique_revision",
+    "generation": ("critique_revision", "baseline"),  # every step that generates
     "critique_revision": "critique_revision",
     "sft": "sft",
     "preferences": "preferences",
     "reward_model": "reward_model",
     "rl": "rl",
     "evaluate": "evaluate",
+    "evaluate.sampling": "baseline",  # the base model's answers are made once, in the baseline step
+    "evaluate.prompts": "baseline",
 }
 # Values to try where the generic change below does not give a valid config.
 CHANGES: dict[str, Any] = {
     "prompts.sources[].kind": "jsonl",
     "prompts.sources[].text_column": "question",
+    "evaluate.prompts[].kind": "jsonl",
+    "evaluate.prompts[].text_column": "question",
+    "evaluate.prompts[].limit": 3,
     "preferences.clamp": [0.2, 0.8],
     "sft.lora.target_modules": ["q_proj", "v_proj"],
     "reward_model.lora.target_modules": ["q_proj", "v_proj"],
@@ -135,10 +143,11 @@ def expected_class(path: str) -> str:
     return "content" if path in BY_CONTENT else "value"
 
 
-def reader(path: str) -> str:
+def reader(path: str) -> str | tuple[str, ...]:
     if path in BY_CONTENT:
         return BY_CONTENT[path]
-    key = max((k for k in READERS if path == k or path.startswith(k + ".")), key=len, default=None)
+    plain = path.replace("[]", "")
+    key = max((k for k in READERS if plain == k or plain.startswith(k + ".")), key=len, default=None)
     assert key is not None, (
         f"config field {path} reaches no step: add it to READERS, BY_CONTENT or NOT_FINGERPRINTED"
     )
@@ -225,10 +234,9 @@ def changed_config(data: dict, path: str, field: Any) -> dict:
     current = get_path(build_config(data, base_dir=TINY.parent), path)
     for value in changed_values(path, field, current):
         candidate = set_path(data, path, value)
-        if path == "prompts.sources[].kind":  # a file source needs a file
-            candidate["prompts"]["sources"][0]["path"] = str(
-                ROOT / "caiflow" / "data" / "builtin_prompts.jsonl"
-            )
+        if path.endswith("[].kind"):  # a file source needs a file
+            section, key = path.split(".")[0], path.split(".")[1].removesuffix("[]")
+            candidate[section][key][0]["path"] = str(ROOT / "caiflow" / "data" / "builtin_prompts.jsonl")
         try:
             build_config(candidate, base_dir=TINY.parent)
         except ValueError:
@@ -237,8 +245,12 @@ def changed_config(data: dict, path: str, field: Any) -> dict:
     raise AssertionError(f"no valid changed value found for {path}: add one to CHANGES")
 
 
-def expected_changes(step: str) -> set[str]:
-    return {step} | downstream(step)
+def expected_changes(steps: str | tuple[str, ...]) -> set[str]:
+    """The steps that read a field (one or several) and everything downstream of them."""
+    out: set[str] = set()
+    for step in (steps,) if isinstance(steps, str) else steps:
+        out |= {step} | downstream(step)
+    return out
 
 
 # ---------------------------------------------------------------- the classes
@@ -284,7 +296,7 @@ def test_content_fields_follow_content_not_paths(tiny_data, tmp_path):
     assert fingerprints(set_path(tiny_data, "constitution.path", str(copy))) == base
     copy.write_text(copy.read_text().replace("harmful", "hurtful", 1))
     edited = fingerprints(set_path(tiny_data, "constitution.path", str(copy)))
-    assert {s for s in STEPS if edited[s] != base[s]} == everything
+    assert {s for s in STEPS if edited[s] != base[s]} == everything - {"prompts", "baseline"}
 
     # prompts.sources[].path: the same bytes at two paths are one source; an edit is another
     lines = (ROOT / "caiflow" / "data" / "builtin_prompts.jsonl").read_text().splitlines()[:30]
@@ -315,6 +327,30 @@ def test_content_fields_follow_content_not_paths(tiny_data, tmp_path):
     } == everything
     changed = fingerprints(set_path(tiny_data, "reward_model.backbone", str(b)))
     assert {s for s in STEPS if changed[s] != with_backbone[s]} == expected_changes("reward_model")
+
+    # evaluate.judge: a judge model given by path counts by content; a role (base, sl) by name
+    shutil.rmtree(b)
+    shutil.copytree(a, b)
+    judged = fingerprints(set_path(tiny_data, "evaluate.judge", str(a)))
+    assert fingerprints(set_path(tiny_data, "evaluate.judge", str(b))) == judged
+    assert {s for s in STEPS if judged[s] != base[s]} == {"evaluate"}
+    (b / "generation_config.json").write_text('{"temperature": 0.5}')
+    assert {
+        s for s in STEPS if fingerprints(set_path(tiny_data, "evaluate.judge", str(b)))[s] != judged[s]
+    } == {"evaluate"}
+    assert {s for s in STEPS if fingerprints(set_path(tiny_data, "evaluate.judge", "sl"))[s] != base[s]} == {
+        "evaluate"
+    }
+
+    # evaluate.prompts[].path: the same file at two paths is one source
+    extra = {"kind": "jsonl", "path": str(first), "kind_label": "column"}
+    one = fingerprints(set_path(tiny_data, "evaluate.prompts", [extra]))
+    assert (
+        fingerprints(set_path(tiny_data, "evaluate.prompts", [{**extra, "path": str(second)}])) != one
+    )  # edited
+    shutil.copy(first, second)
+    assert fingerprints(set_path(tiny_data, "evaluate.prompts", [{**extra, "path": str(second)}])) == one
+    assert {s for s in STEPS if one[s] != base[s]} == expected_changes("baseline")
     assert tiny.is_dir()
 
 

@@ -9,13 +9,14 @@ import sys
 import typing
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from caiflow.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/tiny.yaml")
-STEPS = ["prompts", "critique_revision", "sft", "preferences", "reward_model", "rl", "evaluate"]
+STEPS = ["prompts", "critique_revision", "sft", "preferences", "reward_model", "rl", "baseline", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -82,22 +83,26 @@ def test_flow_steps_are_the_pipeline_declaration():
     assert typing.get_args(Step) == tuple(STEPS) and typing.get_args(RegenerateStep) == tuple(STEPS[1:])
 
 
-def test_changed_constitution_reruns_dependent_steps(harness, storage, tmp_path):
+def test_changed_constitution_reruns_what_reads_it_and_shares_the_rest(harness, storage, tmp_path):
     base = run(storage)
     text = (ROOT / "constitutions/harmless.yaml").read_text()
     edited = tmp_path / "edited.yaml"
     edited.write_text(text.replace("harmful", "hurtful", 1))
     changed = run(storage, f"constitution.path={edited}")
+    # categorising reads only principle ids and names, and the base model's answers read no constitution
+    shared = ["prompts", "baseline"]
     for step in STEPS:
-        assert not changed["steps"][step]["cached"]
-        assert changed["steps"][step]["fingerprint"] != base["steps"][step]["fingerprint"]
+        assert changed["steps"][step]["cached"] == (step in shared), step
+        assert (changed["steps"][step]["fingerprint"] == base["steps"][step]["fingerprint"]) == (
+            step in shared
+        )
 
 
 def test_changed_generation_setting_reruns_from_critique_revision(harness, storage):
     base = run(storage)
     changed = run(storage, "critique_revision.revision.max_new_tokens=5")
-    assert changed["steps"]["prompts"]["cached"]
-    for step in STEPS[1:]:
+    assert changed["steps"]["prompts"]["cached"] and changed["steps"]["baseline"]["cached"]
+    for step in [s for s in STEPS[1:] if s != "baseline"]:
         assert not changed["steps"][step]["cached"], step
         assert changed["steps"][step]["fingerprint"] != base["steps"][step]["fingerprint"]
 
@@ -180,7 +185,7 @@ def test_status_says_why_a_step_would_run(harness, storage):
         Store(storage), plan_for(load_config(TINY, ["rl.kl_coef=0.33"], str(storage))).plan
     )
     states = {r.step: r for r in changed}
-    assert [s for s in STEPS if states[s].state == "done"] == STEPS[:5]
+    assert [s for s in STEPS if states[s].state == "done"] == STEPS[:5] + ["baseline"]
     # the closest earlier rl artifact differs in kl_coef alone (0.05 here, or 0.2 if that test ran first)
     assert states["rl"].state == "to run" and re.search(
         r"config\.kl_coef: 0\.(05|2) -> 0\.33$", states["rl"].why
@@ -212,6 +217,7 @@ def test_status_says_why_a_step_would_run(harness, storage):
     }
     assert "done" in lines["prompts"] and "config.rounds: 1 -> 2" in lines["critique_revision"]
     assert "would compute: critique_revision, sft, preferences, reward_model, rl, evaluate" in proc.stdout
+    assert "done" in lines["baseline"]
 
 
 def test_gc_keeps_what_kept_runs_name_and_never_a_locked_artifact(harness, storage, tmp_path):
@@ -249,3 +255,74 @@ def test_gc_keeps_what_kept_runs_name_and_never_a_locked_artifact(harness, stora
     assert proc.returncode == 0 and f"removed      {held_step}/{held_fp}" in proc.stdout, proc.stdout
     again = run(own, "rl.kl_coef=0.44")
     assert all(s["cached"] for s in again["steps"].values())
+
+
+def test_evaluate_writes_judge_free_metrics_both_orders_calibration_and_pictures(harness, storage):
+    result = run(storage)
+    store = Store(storage)
+    ev = result["steps"]["evaluate"]
+    metrics, folder = ev["metrics"], Path(ev["path"])
+    answers = store.read_table(folder)
+    baseline = store.read_table(result["steps"]["baseline"]["path"])
+    # the held-out prompts plus the look-alikes tiny.yaml asks for, each answered by every stage
+    assert set(baseline["source"]) >= {"builtin", "lookalike:report"} and baseline["lookalike"].sum() == 8
+    assert len(answers) == 3 * len(baseline) and set(answers["stage"]) == {"base", "sl", "rl"}
+    base = answers[answers["stage"] == "base"].set_index("prompt_id")
+    assert (
+        base["answer"] == baseline.set_index("prompt_id")["answer"]
+    ).all()  # base answers come from baseline
+    red = base[base["kind"] == "red-team"]
+    assert metrics["refusal"]["base"]["red_team"]["k"] == int(red["refused"].sum())
+    assert metrics["refusal"]["base"]["red_team"]["n"] == len(red)
+    assert (
+        metrics["vs_base"]["rl"]["benign"]["n"] == metrics["benign"] == int((base["kind"] == "benign").sum())
+    )
+    judgements = store.read_table(folder, name="judgements")
+    agree = judgements[~judgements["identical"]]
+    mean = (agree["p_candidate_first"] + agree["p_candidate_second"]) / 2
+    assert np.allclose(mean, agree["p_candidate_better"])
+    calibration = store.read_table(folder, name="calibration")
+    cal = metrics["judge"]["calibration"]
+    assert len(calibration) == cal["n"] >= 40 and cal["accuracy"] == pytest.approx(
+        calibration["right"].mean()
+    )
+    assert cal["reliable"] == (cal["lo"] > 0.5)
+    for name in ("refusal", "rewards", "rl", "elo"):
+        png = folder / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    report = (folder / "report.md").read_text()
+    assert "![Refusal and over-refusal per stage](plots/refusal.png)" in report and "## The judge" in report
+
+
+def test_compare_runs_both_arms_sharing_prompts_and_base_answers(harness, storage, tmp_path):
+    own = tmp_path / "storage"
+    shutil.copytree(Path(storage) / "models", own / "models")
+    cmd = [sys.executable, "-m", "flows.cli", "compare", "--config", TINY, "--storage", str(own)]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    # the inverted arm reuses the constitution arm's prompts and base answers
+    inverted = next(line for line in out.splitlines() if line.startswith("inverted arm:"))
+    assert "cached prompts, baseline" in inverted, inverted
+    for stage in ("base", "sl (constitution)", "rl (constitution)", "sl (inverted)", "rl (inverted)"):
+        assert any(line.startswith(stage) for line in out.splitlines()), stage
+    assert "rl: constitution minus inverted" in out and "verdict:" in out
+    store = Store(own)
+    compares = [fp for step, fp in store.iter_artifacts() if step == "compare"]
+    assert len(compares) == 1 and store.is_complete("compare", compares[0])
+    manifest = store.manifest("compare", compares[0])
+    evaluations = [fp for step, fp in store.iter_artifacts() if step == "evaluate"]
+    assert sorted(manifest["inputs"].values()) == sorted(evaluations) and len(evaluations) == 2
+    # the side-by-side rates are those of each arm's own evaluation
+    metrics = manifest["metrics"]
+    inverted_fp = manifest["inputs"]["inverted/evaluate"]
+    rl = store.read_table(store.artifact_dir("evaluate", inverted_fp))
+    rl = rl[(rl["stage"] == "rl") & (rl["kind"] == "red-team")]
+    assert metrics["rates"]["rl (inverted)"]["red_team"]["k"] == int(rl["refused"].sum())
+    assert (
+        (own / "artifacts" / "compare" / compares[0] / "report.md")
+        .read_text()
+        .startswith("# The inverted-constitution control")
+    )

@@ -1,7 +1,8 @@
 """A person's path through the Prefect UI, in Debian's Chromium driven headless by Playwright.
 
 Open the UI, find the `constitutional-ai` deployment, start a Quick run (the stack's default
-preset is the tiny one), follow it to Completed and open its artifacts. No browser is
+preset is the tiny one), follow it to Completed and open its artifacts, down to the evaluation
+report's pictures (set CAIFLOW_SCREENSHOTS=DIR to keep the screenshots). No browser is
 downloaded: Playwright drives /usr/bin/chromium (Debian's package `chromium`).
 """
 
@@ -16,7 +17,7 @@ import pytest
 pytest_plugins = ["tests.prefect_server"]
 pytestmark = pytest.mark.slow
 
-STEPS = ["prompts", "critique_revision", "sft", "preferences", "reward_model", "rl", "evaluate"]
+STEPS = ["prompts", "critique_revision", "sft", "preferences", "reward_model", "rl", "baseline", "evaluate"]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # As root, with no network: no sandbox, no GPU, and none of Chromium's background connections.
 ARGS = [
@@ -110,7 +111,31 @@ def test_quick_run_from_the_ui_completes_and_shows_artifacts(prefect_stack, brow
         expect(rows.locator("td:nth-child(1)")).to_have_text(STEPS)
         expect(rows.locator("td:nth-child(2)")).to_have_text(["computed"] * len(STEPS))
         page.screenshot(path=str(tmp_path / "run-summary.png"), full_page=True)
+
+        # the evaluation report with its pictures: each one decoded and drawn, not a broken image
+        page.go_back(wait_until="networkidle")
+        page.get_by_text("Artifacts", exact=True).first.click()
+        page.get_by_text("evaluate-report", exact=True).first.click()
+        page.wait_for_url("**/artifacts/artifact/**")
+        page.wait_for_load_state("networkidle")
+        page.screenshot(path=str(tmp_path / "evaluate-report-top.png"))
+        expect(page.get_by_role("heading", name="Verdict").first).to_be_visible(timeout=30_000)
+        for title in (
+            "Refusal and over-refusal per stage",
+            "Reward-model scores per stage",
+            "RL reward, KL and length over steps",
+            "Elo ratings with 95% intervals",
+        ):
+            image = page.locator(f"img[alt='{title}']")
+            expect(image).to_be_visible(timeout=30_000)
+            image.scroll_into_view_if_needed()
+            size = image.evaluate("img => [img.complete, img.naturalWidth, img.naturalHeight]")
+            assert size[0] and size[1] > 200 and size[2] > 100, (title, size)
+        page.screenshot(path=str(tmp_path / "evaluate-report.png"), full_page=True)
     finally:
+        keep = os.environ.get("CAIFLOW_SCREENSHOTS")  # a folder to keep the screenshots in, for a person
+        if keep:
+            shutil.copytree(tmp_path, keep, dirs_exist_ok=True)
         page.close()
     new = [fr for fr in prefect_stack.flow_runs_of("constitutional-ai") if fr.id not in before]
     assert [str(fr.id) for fr in new] == [flow_run_id]  # one click, one run, on the worker's pool

@@ -1,0 +1,73 @@
+"""The evaluation set: held-out prompts plus evaluate.prompts, the look-alike set, no training leaks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from caiflow.config import ConfigError, PromptSource, build_config
+from caiflow.eval_set import evaluation_prompts
+from caiflow.prompt_filters import clean_prompts, split_prompts
+from caiflow.prompts import LOOKALIKE_PATH, load_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_lookalike_set_is_benign_split_in_two_parts_and_tagged():
+    rows = [json.loads(line) for line in LOOKALIKE_PATH.read_text().splitlines()]
+    assert len(rows) >= 60 and all(r["kind"] == "benign" and r["lookalike"] for r in rows)
+    parts = pd.Series([r["part"] for r in rows]).value_counts()
+    assert parts["report"] >= 40 and parts["tune"] >= 30
+    report = load_prompts([PromptSource(kind="lookalike")], ROOT)
+    assert len(report) == parts["report"] and set(report["source"]) == {"lookalike:report"}
+    assert set(report["kind"]) == {"benign"}
+    tune = load_prompts([PromptSource(kind="lookalike", part="tune")], ROOT)
+    assert not set(tune["prompt"]) & set(report["prompt"])  # tuning never sees the report's prompts
+
+
+def test_lookalikes_are_never_training_prompts():
+    with pytest.raises(ConfigError, match="never trained on: list it under evaluate.prompts"):
+        build_config({"prompts": {"sources": [{"kind": "builtin"}, {"kind": "lookalike"}]}})
+
+
+def test_benign_prompts_have_their_own_eval_fraction():
+    df = clean_prompts(load_prompts([PromptSource()], ROOT), 8, 2000)
+    both = split_prompts(df, 0.6, seed=0, benign_eval_fraction=0.1)
+    benign_eval = (both[both["kind"] == "benign"]["split"] == "eval").mean()
+    red_eval = (both[both["kind"] == "red-team"]["split"] == "eval").mean()
+    assert benign_eval < 0.25 < 0.45 < red_eval
+    same = split_prompts(df, 0.6, seed=0)
+    assert (same[same["kind"] == "red-team"]["split"] == both[both["kind"] == "red-team"]["split"]).all()
+
+
+def test_evaluation_prompts_add_extra_sources_but_not_training_prompts(tmp_path):
+    df = clean_prompts(load_prompts([PromptSource()], ROOT), 8, 2000)
+    df = split_prompts(df, 0.3, seed=0).assign(category=None)
+    train = df[df["split"] == "train"]["prompt"].tolist()
+    held = df[df["split"] == "eval"]["prompt"].tolist()
+    own = tmp_path / "mine.jsonl"
+    lines = [
+        {"prompt": train[0]},
+        {"prompt": held[0]},
+        {"prompt": "How do I pick the lock of my neighbour's door?"},
+        {"prompt": "x"},
+    ]
+    own.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    cfg = build_config(
+        {"evaluate": {"prompts": [{"kind": "jsonl", "path": str(own)}, {"kind": "lookalike"}]}},
+        base_dir=tmp_path,
+    )
+    rows, counts = evaluation_prompts(df, cfg)
+    lookalikes = len(load_prompts([PromptSource(kind="lookalike")], ROOT))
+    assert counts["held_out"] == len(held)
+    assert (counts["extra_read"], counts["extra_kept"]) == (4 + lookalikes, 1 + lookalikes)
+    assert counts["extra_dropped_in_training"] == 1  # a training prompt never becomes a test prompt
+    assert counts["extra_dropped_other"] == 2  # the held-out duplicate and the too-short "x"
+    assert train[0] not in set(rows["prompt"]) and "How do I pick the lock of my neighbour's door?" in set(
+        rows["prompt"]
+    )
+    assert rows["lookalike"].sum() == lookalikes
+    assert rows["prompt_id"].is_unique and list(rows["prompt_id"]) == sorted(rows["prompt_id"])
