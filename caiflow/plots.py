@@ -123,7 +123,7 @@ def elo_plot(elo: dict[str, dict[str, dict[str, float]]], path: Path) -> Path | 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(elo), figsize=(4.2 * len(elo), 3.2), squeeze=False)
     for ax, (dim, ratings) in zip(axes[0], elo.items()):
-        stages = list(ratings)
+        stages = [s for s in COLOURS if s in ratings] + sorted(set(ratings) - set(COLOURS))
         ys = [ratings[s]["rating"] for s in stages]
         err = [
             [ratings[s]["rating"] - ratings[s]["lo"] for s in stages],

@@ -37,10 +37,10 @@ import pyarrow.parquet as pq
 from caiflow.files import (
     TMP_PREFIX,
     atomic_write_text,
+    canonical_json,
     commit,
     file_digest,
     full_digest,
-    json_default,
     sampled_digest,
     tmp_path,
     to_json,
@@ -70,11 +70,6 @@ class ArtifactCorrupt(RuntimeError):
 # --------------------------------------------------------------------------- fingerprints
 
 
-def canonical_json(obj: Any) -> str:
-    """One JSON text per value: sorted keys, no whitespace, the same in every process."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=json_default)
-
-
 def fingerprint(step: str, version: int, **parts: Any) -> str:
     """16 hex chars of sha256 over the step, its version and everything that determines its output."""
     payload = canonical_json({"step": step, "version": version, **parts})
@@ -95,26 +90,6 @@ class ArtifactRef:
     metrics: dict = field(default_factory=dict, hash=False)
     # True when this run found the artifact already finished (by an earlier or a concurrent run).
     reused: bool = field(default=False, compare=False)
-
-    def to_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "fingerprint": self.fingerprint,
-            "path": self.path,
-            "rows": self.rows,
-            "metrics": dict(self.metrics),
-            "reused": self.reused,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ArtifactRef:
-        return cls(
-            step=d["step"],
-            fingerprint=d["fingerprint"],
-            path=str(d["path"]),
-            rows=int(d["rows"]),
-            metrics=dict(d.get("metrics") or {}),
-        )
 
 
 def _check_name(kind: str, value: str) -> str:

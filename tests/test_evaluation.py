@@ -8,15 +8,8 @@ import numpy as np
 import pytest
 
 from caiflow.eval_set import calibration_pairs
-from caiflow.evaluation import (
-    bootstrap_win_rate,
-    calibrate_judge,
-    elo_ratings,
-    elo_with_intervals,
-    judge_outcomes,
-    pairwise_judgements,
-    reward_summary,
-)
+from caiflow.evaluation import bootstrap_win_rate, elo_ratings, elo_with_intervals, reward_summary
+from caiflow.judge import calibrate_judge, judge_outcomes, pairwise_judgements
 from caiflow.refusal import paired_difference, rate
 from caiflow.report import render_report, verdict_table
 from tests.logprob_server import options_of, prefers_refusal

@@ -35,7 +35,6 @@ error of p against the labels over 10 equal-width bins; ``loss`` is the soft-lab
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -59,13 +58,19 @@ from caiflow.training.common import (
     write_card,
 )
 from caiflow.training.config import RewardModelConfig
-from caiflow.training.reward_scorer import ENSEMBLE_FILE, aggregate, conversation_ids, messages_of, score_ids
+from caiflow.training.reward_data import assign_principles, check_prefs, pairs_to_rows, split_pairs
+from caiflow.training.reward_scorer import (
+    ENSEMBLE_FILE,
+    aggregate,
+    conversation_ids,
+    messages_of,
+    pair_metrics,
+    score_ids,
+)
 
 log = logging.getLogger(__name__)
 
 OFFSET_SAMPLE = 256  # pairs whose answers set a member's centring offset (enough for a stable mean)
-ECE_BINS = 10  # equal-width probability bins for the expected calibration error
-REQUIRED = ("prompt", "chosen", "rejected", "label")
 
 
 # ---------------------------------------------------------------- loss and aggregation
@@ -81,59 +86,6 @@ def soft_label_loss(r_chosen, r_rejected, label):
     margin = r_chosen - r_rejected
     label = label.to(margin.dtype)
     return -(label * F.logsigmoid(margin) + (1.0 - label) * F.logsigmoid(-margin)).mean()
-
-
-# ---------------------------------------------------------------- data
-
-
-def _check_prefs(prefs: pd.DataFrame, mode: str) -> None:
-    missing = [c for c in REQUIRED if c not in prefs.columns]
-    if mode == "principles" and "principle" not in prefs.columns:
-        missing.append("principle")
-    if missing:
-        raise ValueError(
-            f"preference pairs lack column(s) {missing}: pass the preferences artifact "
-            "(prompt, chosen, rejected, label, principle)."
-        )
-    labels = pd.to_numeric(prefs["label"], errors="coerce")
-    if labels.isna().any() or ((labels < 0) | (labels > 1)).any():
-        raise ValueError(
-            "every preference label must be a probability in [0, 1] (P(chosen is better)); "
-            f"found {prefs['label'][labels.isna() | (labels < 0) | (labels > 1)].head(3).tolist()}."
-        )
-    if len(prefs) < 2:
-        raise ValueError(f"a reward model needs at least 2 preference pairs; got {len(prefs)}.")
-
-
-def _pair_key(seed: int, prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> str:
-    text = json.dumps([seed, prompt, chosen, rejected], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def split_pairs(pairs: pd.DataFrame, eval_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, eval): the eval share is picked by a hash of (seed, pair), so it does not depend on
-    row order."""
-    n_eval = int(round(eval_fraction * len(pairs)))
-    n_eval = min(n_eval, len(pairs) - 1)  # keep at least one pair to train on
-    if n_eval <= 0:
-        return pairs.reset_index(drop=True), pairs.iloc[:0]
-    keys = [_pair_key(seed, p, c, r) for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
-    order = np.argsort(np.array(keys), kind="stable")
-    eval_rows = np.zeros(len(pairs), dtype=bool)
-    eval_rows[order[:n_eval]] = True
-    return pairs[~eval_rows].reset_index(drop=True), pairs[eval_rows].reset_index(drop=True)
-
-
-def assign_principles(principles: list[str], k: int) -> list[list[str]]:
-    """Round-robin over the sorted distinct principle names: member i gets names i, i+k, i+2k, ..."""
-    names = sorted(set(principles))
-    if len(names) < k:
-        raise ValueError(
-            f"ensemble_mode 'principles' needs at least ensemble_size ({k}) distinct principles; "
-            "the pairs have "
-            f"{len(names)} ({names}). Lower reward_model.ensemble_size or use ensemble_mode: seeds."
-        )
-    return [names[i::k] for i in range(k)]
 
 
 # ---------------------------------------------------------------- the trainer
@@ -178,17 +130,6 @@ def _soft_label_trainer_class():
             return (loss, outputs) if return_outputs else loss
 
     return SoftLabelCollator, SoftLabelRewardTrainer
-
-
-def _pairs_to_rows(pairs: pd.DataFrame, tokenizer) -> list[dict]:
-    return [
-        {
-            "chosen_ids": conversation_ids(tokenizer, p, c),
-            "rejected_ids": conversation_ids(tokenizer, p, r),
-            "soft_label": float(label),
-        }
-        for p, c, r, label in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"], pairs["label"])
-    ]
 
 
 def _train_member(
@@ -250,42 +191,6 @@ def _train_member(
     return model, outcome
 
 
-# ---------------------------------------------------------------- scoring
-
-
-def pair_metrics(margin: np.ndarray, label: np.ndarray) -> dict:
-    """Held-out accuracy (plain), soft-label agreement, Brier score, ECE and loss of reward margins
-    against labels."""
-    margin, label = np.asarray(margin, dtype=float), np.asarray(label, dtype=float)
-    if len(margin) == 0:
-        return {
-            "pairs": 0,
-            "accuracy": None,
-            "soft_agreement": None,
-            "brier": None,
-            "ece": None,
-            "loss": None,
-        }
-    p = 0.5 * (1.0 + np.tanh(margin / 2.0))  # sigmoid(margin), without overflow for large margins
-    decided = label != 0.5
-    accuracy = float(np.mean((margin[decided] > 0) == (label[decided] > 0.5))) if decided.any() else None
-    bins = np.minimum((p * ECE_BINS).astype(int), ECE_BINS - 1)
-    ece = sum(
-        np.sum(bins == b) / len(p) * abs(p[bins == b].mean() - label[bins == b].mean())
-        for b in range(ECE_BINS)
-        if np.any(bins == b)
-    )
-    log_p, log_q = -np.logaddexp(0.0, -margin), -np.logaddexp(0.0, margin)  # stable log sigmoid(+-margin)
-    return {
-        "pairs": int(len(margin)),
-        "accuracy": accuracy,
-        "soft_agreement": float(np.mean(p * label + (1 - p) * (1 - label))),
-        "brier": float(np.mean((p - label) ** 2)),
-        "ece": float(ece),
-        "loss": float(-np.mean(label * log_p + (1 - label) * log_q)),
-    }
-
-
 # ---------------------------------------------------------------- the entry point
 
 
@@ -302,7 +207,7 @@ def _train_and_score_member(
 ) -> dict:
     """Train one member, save it to dest, and score its centring sample and the held-out pairs."""
     log.info("reward_model: training %s on %d pairs (seed %d)", dest.name, len(data), seed)
-    rows = _pairs_to_rows(data, tokenizer)
+    rows = pairs_to_rows(data, tokenizer)
     model, outcome = _train_member(cfg, backbone_path, rows, tokenizer, work, seed, dtype)
     _save_member(model, tokenizer, dest)
     pad, batch = tokenizer.pad_token_id, cfg.per_device_batch_size * 2
@@ -357,7 +262,7 @@ def train_reward_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     quiet_libraries()
-    _check_prefs(prefs, cfg.ensemble_mode)
+    check_prefs(prefs, cfg.ensemble_mode)
 
     tokenizer = load_tokenizer(backbone_path)
     tokenizer.padding_side = "right"  # what the collator and the scorer use
@@ -386,7 +291,7 @@ def train_reward_model(
     shares = (
         assign_principles(train["principle"].tolist(), k) if cfg.ensemble_mode == "principles" else [None] * k
     )
-    eval_rows = _pairs_to_rows(held_out, tokenizer)
+    eval_rows = pairs_to_rows(held_out, tokenizer)
 
     members, member_metrics, offsets, eval_scores = [], [], [], []
     for i in range(k):

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 ENSEMBLE_FILE = "ensemble.json"
+ECE_BINS = 10  # equal-width probability bins for the expected calibration error
 
 
 def aggregate(scores: np.ndarray, lam: float) -> np.ndarray:
@@ -135,3 +136,36 @@ class RewardScorer:
     def score(self, prompts: list[list[dict]], completions: list[str]) -> np.ndarray:
         """Aggregated reward per completion: mean - lam * std across members, shape (n,)."""
         return aggregate(self.score_members(prompts, completions), self.lam)
+
+
+def pair_metrics(margin: np.ndarray, label: np.ndarray) -> dict:
+    """Held-out accuracy (plain), soft-label agreement, Brier score, ECE and loss of reward margins
+    against labels."""
+    margin, label = np.asarray(margin, dtype=float), np.asarray(label, dtype=float)
+    if len(margin) == 0:
+        return {
+            "pairs": 0,
+            "accuracy": None,
+            "soft_agreement": None,
+            "brier": None,
+            "ece": None,
+            "loss": None,
+        }
+    p = 0.5 * (1.0 + np.tanh(margin / 2.0))  # sigmoid(margin), without overflow for large margins
+    decided = label != 0.5
+    accuracy = float(np.mean((margin[decided] > 0) == (label[decided] > 0.5))) if decided.any() else None
+    bins = np.minimum((p * ECE_BINS).astype(int), ECE_BINS - 1)
+    ece = sum(
+        np.sum(bins == b) / len(p) * abs(p[bins == b].mean() - label[bins == b].mean())
+        for b in range(ECE_BINS)
+        if np.any(bins == b)
+    )
+    log_p, log_q = -np.logaddexp(0.0, -margin), -np.logaddexp(0.0, margin)  # stable log sigmoid(+-margin)
+    return {
+        "pairs": int(len(margin)),
+        "accuracy": accuracy,
+        "soft_agreement": float(np.mean(p * label + (1 - p) * (1 - label))),
+        "brier": float(np.mean((p - label) ** 2)),
+        "ece": float(ece),
+        "loss": float(-np.mean(label * log_p + (1 - label) * log_q)),
+    }

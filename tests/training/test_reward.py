@@ -13,14 +13,9 @@ import torch
 import caiflow.training.reward as reward
 from caiflow.faults import OOM_ABOVE_ENV as FAULT_ENV
 from caiflow.training.config import RewardModelConfig
-from caiflow.training.reward import (
-    assign_principles,
-    pair_metrics,
-    soft_label_loss,
-    split_pairs,
-    train_reward_model,
-)
-from caiflow.training.reward_scorer import RewardScorer, aggregate, conversation_ids
+from caiflow.training.reward import soft_label_loss, train_reward_model
+from caiflow.training.reward_data import assign_principles, split_pairs
+from caiflow.training.reward_scorer import RewardScorer, aggregate, conversation_ids, pair_metrics
 
 FAST = dict(
     max_steps=2,
