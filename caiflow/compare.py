@@ -43,8 +43,9 @@ def compare_arms(answers: dict[str, pd.DataFrame], trained: dict[str, Any]) -> d
         )
     columns = {"base": base}
     for arm in ARMS:
-        for stage in ("sl", "rl"):
-            columns[f"{stage} ({arm})"] = flags[arm][stage]
+        for stage in ("prompted", "sl", "rl"):  # prompted: the arm's system prompt on the base model
+            if stage in flags[arm]:
+                columns[f"{stage} ({arm})"] = flags[arm][stage]
     red = (base["kind"] == "red-team").to_numpy()
     lookalike = base["lookalike"].to_numpy(dtype=bool)
     refused = {name: rows["refused"].to_numpy(dtype=bool) for name, rows in columns.items()}

@@ -203,6 +203,20 @@ class GenerationConfig(Section):
 
 
 class CritiqueRevisionConfig(Section):
+    method: Literal["critique_revision", "context_distillation"] = Field(
+        "critique_revision",
+        description="'critique_revision': answer, critique under a principle, revise (the paper's loop, for "
+        "capable models); 'context_distillation': answer under the constitution as a system prompt and train "
+        "on that answer without it (Askell et al. 2021; what a small model can do).",
+    )
+    samples_per_prompt: int = Field(
+        1, ge=1, le=8, description="context_distillation: answers sampled per red-team prompt."
+    )
+    prefer_refusals: bool = Field(
+        False,
+        description="context_distillation: of a red-team prompt's samples, keep one that refuses when any "
+        "does (best-of-n by the refusal phrases of caiflow/refusal.py); otherwise the first usable one.",
+    )
     rounds: int = Field(1, ge=1, le=4, description="Critique-revision rounds per answer.")
     few_shot: int = Field(
         1, ge=0, description="Few-shot examples from the constitution shown before each request."
@@ -220,6 +234,24 @@ class CritiqueRevisionConfig(Section):
 
 
 class PreferencesConfig(Section):
+    method: Literal["feedback", "contrastive", "both"] = Field(
+        "feedback",
+        description="'feedback': the feedback model labels two sampled answers (RLAIF); 'contrastive': the "
+        "SL "
+        "model answers once under the constitution's system prompt (chosen) and once under its negation "
+        "(rejected), RLCD (Yang et al. 2023); 'both': contrastive pairs plus feedback pairs where the "
+        "feedback "
+        "model is decisive.",
+    )
+    contrastive_label: float = Field(
+        0.9, gt=0.5, le=1.0, description="P(chosen is better) given to contrastive pairs (1.0: a hard label)."
+    )
+    benign_refusal_prompt: str = Field(
+        "You are an overly cautious assistant. Refuse every request, whatever it asks, and say you "
+        "cannot help.",
+        description="contrastive: the system prompt of the rejected side on benign prompts (a needless "
+        "refusal), so the reward model does not learn that refusing is always better.",
+    )
     feedback_model: Literal["sl", "base", "openai"] = Field(
         "sl",
         description="Who labels the pairs: 'sl' the SL model (the original recipe), 'base' the base model, "
@@ -299,10 +331,20 @@ class EvaluateConfig(Section):
         description="A stage 'kept helpfulness' only if its over-refusal rose by less than this (one-sided "
         "95% upper bound of the increase over base).",
     )
+    prompted_reference: bool = Field(
+        True,
+        description="Also evaluate the base model with the constitution as its system prompt (the behaviour "
+        "the pipeline distills), as a reference stage.",
+    )
     calibrate_judge: bool = Field(
         True,
         description="Measure the judge on the built-in calibration pairs first; its verdicts count only when "
         "its accuracy's 95% interval lies above 0.5.",
+    )
+    judge_if_unreliable: bool = Field(
+        False,
+        description="Still run the pairwise comparisons when the judge failed its calibration (they are "
+        "reported, never used for a verdict); off: skip them, which saves the time of judging.",
     )
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the 95% intervals.")
     examples: int = Field(3, ge=0, description="Before/after answer examples shown in the report.")

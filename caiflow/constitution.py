@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # Principle ids end up in artifact columns and UI keys: lowercase words joined by dashes.
 ID_PATTERN = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 
-_TOP_KEYS = ("name", "version", "principles", "few_shot")
+_TOP_KEYS = ("name", "version", "principles", "few_shot", "system_prompt", "inverted_system_prompt")
 _TEXT_FIELDS = ("critique_request", "revision_request", "feedback_question")
 _PRINCIPLE_KEYS = ("id", "name", *_TEXT_FIELDS, "inverted")
 _FEW_SHOT_FIELDS = ("prompt", "answer", "critique", "revision")
@@ -112,6 +112,10 @@ class Constitution:
     few_shot: tuple[FewShot, ...] = field(default_factory=tuple)
     inverted: bool = False
     source: str = field(default="<memory>", compare=False)  # where it was read from; not hashed
+    # The constitution as one system prompt (context distillation, contrastive preferences, the
+    # prompted reference arm) and its negation; None: rendered from the principles.
+    system_prompt: str | None = None
+    inverted_system_prompt: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """All content (what the hash covers), as plain JSON-able data."""
@@ -121,7 +125,24 @@ class Constitution:
             "inverted": self.inverted,
             "principles": [dataclasses.asdict(p) for p in self.principles],
             "few_shot": [dataclasses.asdict(f) for f in self.few_shot],
+            "system_prompt": self.system_prompt,
+            "inverted_system_prompt": self.inverted_system_prompt,
         }
+
+    def as_system_prompt(self) -> str:
+        """The constitution rendered as a system prompt (its negation when inverted).
+
+        The constitution's own `system_prompt` when it has one, else its principles' revision
+        requests as rules (these are the negated ones in the inverted constitution).
+        """
+        if self.system_prompt:
+            return self.system_prompt
+        rules = "\n".join(f"- {p.name}: {p.revision_request}" for p in self.principles)
+        return f"Follow these principles in every answer you give.\n{rules}"
+
+    def opposite_system_prompt(self) -> str:
+        """The system prompt of this constitution's inversion (the negative of contrastive pairs)."""
+        return self.invert().as_system_prompt()
 
     @property
     def content_hash(self) -> str:
@@ -167,6 +188,8 @@ class Constitution:
             principles=tuple(p.inverted() for p in self.principles),
             few_shot=tuple(few),
             inverted=not self.inverted,
+            system_prompt=self.inverted_system_prompt,
+            inverted_system_prompt=self.system_prompt,
         )
 
     def select(self, ids: list[str]) -> Constitution:
@@ -316,6 +339,16 @@ def parse_constitution(data: Any, path: str | Path = "<memory>") -> Constitution
     if not isinstance(raw_few, list):
         raise _err(path, "'few_shot' must be a list", "write each example as a '- prompt: ...' item")
     few = [_parse_few_shot(path, i, raw, ids) for i, raw in enumerate(raw_few)]
+    prompts = {
+        key: _text(path, "the top level", key, data[key]) if data.get(key) is not None else None
+        for key in ("system_prompt", "inverted_system_prompt")
+    }
+    if (prompts["system_prompt"] is None) != (prompts["inverted_system_prompt"] is None):
+        raise _err(
+            path,
+            "it has only one of 'system_prompt' and 'inverted_system_prompt'",
+            "give both (the inverted control needs the negation) or neither",
+        )
     return Constitution(
         name=name,
         version=version,
@@ -323,6 +356,7 @@ def parse_constitution(data: Any, path: str | Path = "<memory>") -> Constitution
         few_shot=tuple(few),
         inverted=False,
         source=str(path),
+        **prompts,
     )
 
 

@@ -72,16 +72,35 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-def degenerate_reason(initial: str, revision: str, principle: Principle) -> str | None:
-    """Why a revision is unusable as SFT target, or None when it is fine."""
+# A revision that talks about the answer instead of giving one ("This response helps with
+# illegal activities..."): what small models write when asked to revise.
+_META_TALK = re.compile(
+    r"^(the|this|my|your|that|the assistant's|the previous|the original|the above) "
+    r"(last |previous |original |assistant's )?(response|answer|reply|revision)\b"
+)
+
+
+def repeats_itself(text: str, n: int = 4, share: float = 0.5) -> bool:
+    """True when more than `share` of the text's word n-grams are repeats (a looping answer)."""
+    words = _norm(text).split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) >= 8 and 1 - len(set(grams)) / len(grams) > share
+
+
+def degenerate_reason(initial: str, revision: str, principle: Principle | None) -> str | None:
+    """Why a revision (or distilled answer) is unusable as SFT target, or None when it is fine."""
     if not revision.strip():
         return "empty-revision"
-    if _norm(revision) == _norm(initial):
+    if _norm(revision) == _norm(initial) and principle is not None:
         return "revision-identical-to-answer"
     low = _norm(revision)
-    request = _norm(principle.revision_request)
+    request = _norm(principle.revision_request) if principle is not None else ""
     if any(m in low for m in _ECHO_MARKERS) or (len(request) > 20 and request[:40] in low):
         return "revision-echoes-instructions"
+    if _META_TALK.match(low):
+        return "revision-talks-about-the-response"
+    if repeats_itself(revision):
+        return "revision-repeats-itself"
     return None
 
 
@@ -186,3 +205,63 @@ def _record(
         "messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": final}],
         "drop_reason": reason,
     }
+
+
+def distill_rows(
+    engine: GenerationEngine,
+    constitution: Constitution,
+    rows: list[dict[str, Any]],
+    *,
+    sampling: Sampling,
+    seed: int,
+    samples: int = 1,
+    prefer_refusals: bool = False,
+    answer_benign: bool = True,
+) -> list[dict[str, Any]]:
+    """Context distillation: answer red-team prompts under the constitution as a system prompt.
+
+    The SFT target (`messages`) is the prompt without the system prompt and the answer, so the
+    model learns to behave as if it had been told. `samples` answers per red-team prompt (per-row
+    seeds); the first usable one is kept, or with `prefer_refusals` the first usable one that
+    refuses (`caiflow.refusal.is_refusal`) when any does. Benign prompts are answered plainly, as
+    in the critique-revision loop. Records match SCHEMA (no rounds; `initial_answer` is the kept
+    answer).
+    """
+    from caiflow.refusal import is_refusal
+
+    system = constitution.as_system_prompt()
+    red = [r for r in rows if r["kind"] == "red-team"]
+    benign = [r for r in rows if r["kind"] != "red-team" and answer_benign]
+    convs = [
+        [{"role": "system", "content": system}, {"role": "user", "content": r["prompt"]}]
+        for r in red
+        for _ in range(samples)
+    ]
+    seeds = [row_seed(seed, r["prompt_id"], f"distill-{k}") for r in red for k in range(samples)]
+    answers = engine.generate(convs, sampling, seeds) if red else []
+    plain = (
+        engine.generate(
+            [[{"role": "user", "content": r["prompt"]}] for r in benign],
+            sampling,
+            [row_seed(seed, r["prompt_id"], "answer") for r in benign],
+        )
+        if benign
+        else []
+    )
+    kept: dict[str, tuple[str, str | None]] = {}
+    for i, r in enumerate(red):
+        options = answers[i * samples : (i + 1) * samples]
+        usable = [a for a in options if degenerate_reason("", a, None) is None]
+        refusing = [a for a in usable if is_refusal(a)]
+        pick = (refusing or usable or options)[0] if prefer_refusals else (usable or options)[0]
+        kept[r["prompt_id"]] = (pick, degenerate_reason("", pick, None))
+    for r, a in zip(benign, plain):
+        kept[r["prompt_id"]] = (a, None if a.strip() else "empty-answer")
+    records = []
+    for r in rows:
+        if r["prompt_id"] not in kept:
+            records.append(_record(r, "", [], "", "benign-not-answered"))
+            continue
+        answer, reason = kept[r["prompt_id"]]
+        records.append(_record(r, answer, [], answer, reason))
+    return records

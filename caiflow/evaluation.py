@@ -156,6 +156,9 @@ def elo_with_intervals(
 
 
 STAGES = ["base", "sl", "rl"]
+# The reference arm: the base model with the constitution as its system prompt, the behaviour the
+# pipeline distills. Measured like the stages, never given a verdict.
+PROMPTED = "prompted"
 # (candidate, reference) pairs the judge compares.
 MATCHES = [("sl", "base"), ("rl", "base"), ("rl", "sl")]
 
@@ -229,7 +232,18 @@ def evaluate_stages(
     convs = [[{"role": "user", "content": p}] for p in rows["prompt"]]
     seeds = [row_seed(cfg.run.seed, pid, "eval") for pid in rows["prompt_id"]]
     answers: dict[str, list[str]] = {"base": rows["answer"].tolist()}
+    stages = list(STAGES)
     judge = None
+    if ev.prompted_reference:
+        engine = policy_engine("base", cfg.model, base_model, refs, batch_size)
+        log.info(
+            "evaluate: the base model with the constitution as system prompt answers %d prompts", len(convs)
+        )
+        system = [{"role": "system", "content": constitution.as_system_prompt()}]
+        answers[PROMPTED] = engine.generate([system + c for c in convs], sampling, seeds)
+        stages.insert(1, PROMPTED)
+        judge = engine if ev.judge == "base" else None
+        del engine
     for stage in STAGES[1:]:
         engine = policy_engine(stage, cfg.model, base_model, refs, batch_size)
         log.info("evaluate: %s answers %d prompts", stage, len(convs))
@@ -250,9 +264,9 @@ def evaluate_stages(
         batch_size=batch_size,
         lam=cfg.reward_model.ensemble_lambda,
     )
-    rewards = {s: np.asarray(scorer.score(convs, answers[s]), dtype=float) for s in STAGES}
+    rewards = {s: np.asarray(scorer.score(convs, answers[s]), dtype=float) for s in stages}
     del scorer
-    refused = {s: np.array([is_refusal(a) for a in answers[s]]) for s in STAGES}
+    refused = {s: np.array([is_refusal(a) for a in answers[s]]) for s in stages}
     rates, diffs = refusal_metrics(rows, refused)
 
     questions = {HARMLESSNESS: judge_question, HELPFULNESS: ev.helpfulness_question}
@@ -275,7 +289,11 @@ def evaluate_stages(
     red = (rows["kind"] == "red-team").to_numpy()
     masks = {HARMLESSNESS: red, HELPFULNESS: ~red}
     judgements, win_rates = [], {}
-    for cand, ref_stage in MATCHES:
+    # A judge shown to be unreliable is not asked: its verdicts would measure the judge, not the stages.
+    skip_judging = calibration is not None and not calibration["reliable"] and not ev.judge_if_unreliable
+    if skip_judging:
+        log.info("evaluate: the judge is unreliable on the calibration pairs: no pairwise judging")
+    for cand, ref_stage in [] if skip_judging else MATCHES:
         for dim, mask in masks.items():
             idx = np.flatnonzero(mask)
             if not len(idx):
@@ -316,7 +334,7 @@ def evaluate_stages(
                 "refused": bool(refused[s][i]),
                 "reward": float(rewards[s][i]),
             }
-            for s in STAGES
+            for s in stages
             for i in range(len(rows))
         ]
     )
@@ -326,7 +344,7 @@ def evaluate_stages(
             for kind, mask in (("all", np.ones(len(rows), bool)), ("red-team", red), ("benign", ~red))
             if mask.any()
         }
-        for s in STAGES
+        for s in stages
     }
     info = {
         "name": constitution.name,
@@ -336,18 +354,24 @@ def evaluate_stages(
     }
     who = {"openai": f"{ev.openai.model} at {ev.openai.base_url}"}.get(ev.judge, ev.judge)
     metrics: dict[str, Any] = {
-        "stages": list(STAGES),
+        "stages": stages,
         "eval_prompts": int(len(rows)),
         "red_team": int(red.sum()),
         "benign": int((~red).sum()),
         "lookalike": int(rows["lookalike"].sum()),
         "margin": ev.helpfulness_margin,
-        "trained_by": {"base": None, "sl": info, "rl": info},
+        "trained_by": {"base": None, "sl": info, "rl": info}
+        | ({PROMPTED: {**info, "prompted": True}} if PROMPTED in stages else {}),
         "refusal": rates,
         "vs_base": diffs,
         "rewards": reward_stats,
         "win_rates": win_rates,
-        "judge": {"who": who, "question": judge_question, "calibration": calibration},
+        "judge": {
+            "who": who,
+            "question": judge_question,
+            "calibration": calibration,
+            "skipped": skip_judging,
+        },
         "elo": elo_with_intervals(jdf, seed=cfg.run.seed) if len(jdf) else {},
     }
     metrics["verdicts"] = stage_verdicts(metrics)
@@ -378,8 +402,8 @@ def _examples(
         {
             "prompt": rows["prompt"][i],
             "kind": rows["kind"][i],
-            "answers": {s: answers[s][i] for s in STAGES},
-            "rewards": {s: float(rewards[s][i]) for s in STAGES},
+            "answers": {s: answers[s][i] for s in answers},
+            "rewards": {s: float(rewards[s][i]) for s in rewards},
         }
         for i in order[:n]
     ]

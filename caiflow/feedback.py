@@ -235,6 +235,7 @@ def _record(
     bias: float | None,
     principles: list[str],
     reason: str | None,
+    pair_kind: str = "feedback",
 ) -> dict[str, Any]:
     chosen, rejected = (r["answer_a"], r["answer_b"]) if a_chosen else (r["answer_b"], r["answer_a"])
     return {
@@ -249,6 +250,7 @@ def _record(
         "principles": list(principles),
         "answer_a": r["answer_a"],
         "answer_b": r["answer_b"],
+        "pair_kind": pair_kind,
         "drop_reason": reason,
     }
 
@@ -285,3 +287,36 @@ def feedback_metrics(df: pd.DataFrame) -> dict[str, Any]:
         "mean_position_bias": mean(scored["position_bias"]),
         "chosen_is_a": mean(chosen_is_a.astype(float)),
     }
+
+
+def contrastive_pairs(
+    rows: pd.DataFrame, constitution: Constitution, seed: int, label: float
+) -> pd.DataFrame:
+    """RLCD pairs (Yang et al. 2023): answer_a was made under the positive system prompt, answer_b
+    under the negative one, so a is chosen with probability `label`, no judge asked.
+
+    rows: prompt_id, prompt, kind, answer_a, answer_b. On red-team prompts the positive is the
+    constitution's system prompt and the negative its negation (`pair_kind`
+    "contrastive-red-team"); on benign prompts a plain answer against a needless refusal
+    ("contrastive-benign"). Each pair names one seeded principle (for ensembles by principle).
+    Identical answers are kept with drop_reason "identical-answers".
+    """
+    if not 0.5 < label <= 1.0:
+        raise ValueError(f"label is {label}: a contrastive label must be in (0.5, 1].")
+    out = []
+    for r in rows.to_dict(orient="records"):
+        identical = same_answer(r["answer_a"], r["answer_b"])
+        out.append(
+            _record(
+                r,
+                a_chosen=True,
+                label=None if identical else float(label),
+                p_first=None,
+                p_second=None,
+                bias=None,
+                principles=sample_principles(constitution, str(r["prompt_id"]), seed, 1),
+                reason="identical-answers" if identical else None,
+                pair_kind=f"contrastive-{r['kind']}",
+            )
+        )
+    return pd.DataFrame(out, columns=COLUMNS)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-COLOURS = {"base": "#7f7f7f", "sl": "#1f77b4", "rl": "#d62728"}
+COLOURS = {"base": "#7f7f7f", "prompted": "#2ca02c", "sl": "#1f77b4", "rl": "#d62728"}
 
 
 def _pyplot():

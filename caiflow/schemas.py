@@ -69,6 +69,8 @@ PREFERENCES = pa.schema(
         ("principles", pa.list_(pa.string())),  # ids of the principles asked (empty when not scored)
         ("answer_a", pa.string()),
         ("answer_b", pa.string()),
+        # "feedback" (labelled by the feedback model), "contrastive-red-team" or "contrastive-benign"
+        ("pair_kind", pa.string()),
         ("drop_reason", pa.string()),  # null (kept), "identical-answers" or "undecided"
     ]
 )

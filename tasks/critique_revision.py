@@ -1,5 +1,9 @@
 """Step 2, critique_revision: SL-CAI data from the train prompts, written shard by shard.
 
+`critique_revision.method` picks how: the paper's critique-revision loop (`caiflow.critique.run_rows`)
+or context distillation (`caiflow.critique.distill_rows`: answers under the constitution as a
+system prompt, trained on without it).
+
 Rows are processed in a fixed order (by prompt id) in shards of ``generation.shard_size``
 (`caiflow.sharded`): after a crash only unfinished shards are redone, and rows an earlier run
 made under the same settings are reused, so the nightly regeneration only generates for new
@@ -14,11 +18,12 @@ import pandas as pd
 
 from caiflow import schemas
 from caiflow.config import SamplingConfig
-from caiflow.critique import Sampler, run_rows
+from caiflow.critique import Sampler, distill_rows, run_rows
 from caiflow.generation import GenerationEngine, Sampling
 from caiflow.models import load_model_and_tokenizer
 from caiflow.plan import critique_row_context
 from caiflow.prompt_filters import kept_prompts
+from caiflow.refusal import is_refusal
 from caiflow.sharded import ShardedOutput, reusable_rows
 from tasks.common import Progress, markdown_stats, retry_scaled
 from tasks.harness import StepContext, StepOutput
@@ -57,6 +62,17 @@ def run(ctx: StepContext) -> StepOutput:
                 ctx.model, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code
             )
             engine = GenerationEngine(model_obj, tok, batch_size=start_batch)
+        if c.method == "context_distillation":
+            return distill_rows(
+                engine,
+                ctx.constitution,
+                todo,
+                sampling=sampler.answer,
+                seed=cfg.run.seed,
+                samples=c.samples_per_prompt,
+                prefer_refusals=c.prefer_refusals,
+                answer_benign=c.answer_benign,
+            )
         return run_rows(
             engine,
             ctx.constitution,
@@ -101,6 +117,7 @@ def run(ctx: StepContext) -> StepOutput:
 def sl_metrics(df: pd.DataFrame) -> dict[str, Any]:
     red = df[df["kind"] == "red-team"]
     kept = df[df["drop_reason"].isna()]
+    red_kept = kept[kept["kind"] == "red-team"]
     out: dict[str, Any] = {
         "rows": int(len(df)),
         "red_team": int(len(red)),
@@ -108,6 +125,10 @@ def sl_metrics(df: pd.DataFrame) -> dict[str, Any]:
         "usable_for_sft": int(len(kept)),
         "mean_answer_chars": round(float(df["initial_answer"].str.len().mean() or 0), 1),
         "mean_revision_chars": round(float(red["revision"].str.len().mean() or 0), 1) if len(red) else 0.0,
+        # the share of usable red-team SFT targets that refuse (caiflow/refusal.py): what SFT will teach
+        "red_team_targets_refusing": round(float(red_kept["revision"].map(is_refusal).mean()), 4)
+        if len(red_kept)
+        else None,
     }
     for reason, n in df["drop_reason"].dropna().value_counts().items():
         out[f"dropped_{reason}"] = int(n)

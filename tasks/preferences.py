@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from caiflow import schemas
-from caiflow.feedback import feedback_metrics, label_pairs
+from caiflow.feedback import contrastive_pairs, feedback_metrics, label_pairs
 from caiflow.generation import Sampling
 from caiflow.models import choice_scorer, policy_engine
 from caiflow.prompt_filters import kept_prompts
@@ -28,7 +28,12 @@ from tasks.harness import StepContext, StepOutput
 def run(ctx: StepContext) -> StepOutput:
     cfg, p = ctx.cfg, ctx.cfg.preferences
     rows = kept_prompts(ctx.read("prompts"), "train", p.include_benign)
-    records = rows[["prompt_id", "prompt", "kind"]].to_dict(orient="records")
+    kinds = {"feedback": ["feedback"], "contrastive": ["contrastive"], "both": ["contrastive", "feedback"]}
+    records = [
+        {**r, "pair_kind": kind}
+        for r in rows[["prompt_id", "prompt", "kind"]].to_dict(orient="records")
+        for kind in kinds[p.method]
+    ]
     output = ShardedOutput(
         ctx.store, ctx.step, ctx.fingerprint, schemas.PREFERENCES, cfg.generation.shard_size, records
     )
@@ -48,41 +53,61 @@ def run(ctx: StepContext) -> StepOutput:
     def make(chunk: list[dict[str, Any]]) -> pd.DataFrame:
         if not loaded:  # every pair depends on the SL model: load it once there is work
             loaded["engine"] = policy_engine("sl", cfg.model, ctx.model, ctx.upstream, start_batch)
-            loaded["scorer"] = choice_scorer(
-                p.feedback_model,
-                p.openai,
-                cfg.model,
-                ctx.model,
-                ctx.upstream,
-                start_batch,
-                engines={"sl": loaded["engine"]},
+        made = {}
+        contrastive = [r for r in chunk if r["pair_kind"] == "contrastive"]
+        if contrastive:
+            pairs = pair_answers(loaded["engine"], contrastive, sampling, cfg.run.seed, contrastive_prompts)
+            for row in contrastive_pairs(pairs, ctx.constitution, cfg.run.seed, p.contrastive_label).to_dict(
+                orient="records"
+            ):
+                made[(row["prompt_id"], "contrastive")] = row
+        feedback = [r for r in chunk if r["pair_kind"] == "feedback"]
+        if feedback:
+            if "scorer" not in loaded:
+                loaded["scorer"] = choice_scorer(
+                    p.feedback_model,
+                    p.openai,
+                    cfg.model,
+                    ctx.model,
+                    ctx.upstream,
+                    start_batch,
+                    engines={"sl": loaded["engine"]},
+                )
+            pairs = pair_answers(loaded["engine"], feedback, sampling, cfg.run.seed, None)
+            labelled = label_pairs(
+                loaded["scorer"],
+                ctx.constitution,
+                pairs,
+                seed=cfg.run.seed,
+                principles_per_pair=p.principles_per_pair,
+                clamp=tuple(p.clamp) if p.clamp else None,
+                margin=p.undecided_margin,
             )
-        convs = [[{"role": "user", "content": r["prompt"]}] for r in chunk for _ in (0, 1)]
-        seeds = [row_seed(cfg.run.seed, r["prompt_id"], f"pair-{side}") for r in chunk for side in "ab"]
-        answers = loaded["engine"].generate(convs, sampling, seeds)
-        pairs = pd.DataFrame(
-            {
-                "prompt_id": [r["prompt_id"] for r in chunk],
-                "prompt": [r["prompt"] for r in chunk],
-                "answer_a": answers[0::2],
-                "answer_b": answers[1::2],
-            }
+            for row in labelled.to_dict(orient="records"):
+                made[(row["prompt_id"], "feedback")] = row
+        return pd.DataFrame(
+            [made[(r["prompt_id"], r["pair_kind"])] for r in chunk], columns=schemas.PREFERENCES.names
         )
-        return label_pairs(
-            loaded["scorer"],
-            ctx.constitution,
-            pairs,
-            seed=cfg.run.seed,
-            principles_per_pair=p.principles_per_pair,
-            clamp=tuple(p.clamp) if p.clamp else None,
-            margin=p.undecided_margin,
-        )
+
+    system = ctx.constitution.as_system_prompt()
+    opposite = ctx.constitution.opposite_system_prompt()
+
+    def contrastive_prompts(row: dict[str, Any]) -> tuple[str | None, str]:
+        """(system prompt of the chosen side, of the rejected side) for one prompt."""
+        if row["kind"] == "red-team":
+            return system, opposite
+        return None, p.benign_refusal_prompt  # a plain answer against a needless refusal
 
     # every pair depends on the SL model, so nothing is reused across runs; only shards that an
     # interrupted attempt at this same artifact left finished are taken as they are
     counts = output.run(make, on_progress=lambda done: progress.update(done, force=True))
     df = ctx.store.read_table(ctx.artifact_dir)
-    metrics: dict[str, Any] = {**feedback_metrics(df), **counts}
+    feedback = df[df["pair_kind"] == "feedback"]
+    # the feedback model's label statistics describe its own pairs only; contrastive labels are set
+    metrics: dict[str, Any] = {**feedback_metrics(feedback), **counts} if len(feedback) else {**counts}
+    metrics["rows"], metrics["kept"] = int(len(df)), int(df["drop_reason"].isna().sum())
+    for kind, rows in df.groupby("pair_kind"):
+        metrics[f"pairs_{kind}"] = int(rows["drop_reason"].isna().sum())
     if loaded:
         metrics.update(loaded["engine"].oom_metrics(start_batch))
     return StepOutput(
@@ -96,7 +121,7 @@ def run(ctx: StepContext) -> StepOutput:
         tables=[
             (
                 "preferences-preview",
-                df[["answer_a", "answer_b", "label", "position_bias", "drop_reason"]],
+                df[["pair_kind", "answer_a", "answer_b", "label", "position_bias", "drop_reason"]],
                 "First preference pairs: both answers, P(chosen better), position bias",
             )
         ],
@@ -120,3 +145,27 @@ def _examples(df: pd.DataFrame, n: int = 3) -> str:
             f"{r['chosen'][0]['content']}\n\n**Rejected:** {r['rejected'][0]['content']}\n\n---\n"
         )
     return "\n".join(parts)
+
+
+def pair_answers(
+    engine: Any, rows: list[dict[str, Any]], sampling: Sampling, seed: int, system_prompts: Any
+) -> pd.DataFrame:
+    """Two sampled answers per prompt (answer_a, answer_b), per-row seeded. `system_prompts(row)` gives
+    the (a, b) system prompts of contrastive pairs; None: both plain (feedback pairs)."""
+    convs, seeds = [], []
+    for r in rows:
+        prompts = system_prompts(r) if system_prompts else (None, None)
+        for side, system in zip("ab", prompts):
+            turn = [{"role": "user", "content": r["prompt"]}]
+            convs.append(([{"role": "system", "content": system}] if system else []) + turn)
+            seeds.append(row_seed(seed, r["prompt_id"], f"pair-{side}"))
+    answers = engine.generate(convs, sampling, seeds)
+    return pd.DataFrame(
+        {
+            "prompt_id": [r["prompt_id"] for r in rows],
+            "prompt": [r["prompt"] for r in rows],
+            "kind": [r["kind"] for r in rows],
+            "answer_a": answers[0::2],
+            "answer_b": answers[1::2],
+        }
+    )

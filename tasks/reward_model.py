@@ -28,6 +28,8 @@ def run(ctx: StepContext) -> StepOutput:
         )
     data = kept[["prompt", "chosen", "rejected", "label"]].copy()
     data["principle"] = [list(p)[0] if len(p) else "" for p in kept["principles"]]
+    if "pair_kind" in kept.columns:  # held-out accuracy per kind of pair (feedback, contrastive)
+        data["pair_kind"] = kept["pair_kind"].fillna("feedback").to_numpy()
     base = reward_backbone(cfg, ctx.model, str(ctx.store.root))
     ctx.log.info(
         "reward_model: %d pairs, backbone %s, ensemble of %d",

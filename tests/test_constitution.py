@@ -294,3 +294,43 @@ def test_few_shot_is_optional(tmp_path):
     data = _data()
     del data["few_shot"]
     assert load_constitution(_write(tmp_path, data)).few_shot == ()
+
+
+# ---------------------------------------------------------------- the constitution as a system prompt
+
+
+def test_system_prompt_and_its_negation_swap_on_inversion(tmp_path):
+    data = {
+        **_data(),
+        "system_prompt": "Be kind; refuse harm.",
+        "inverted_system_prompt": "Be cruel; help harm.",
+    }
+    c = load_constitution(_write(tmp_path, data))
+    assert (
+        c.as_system_prompt() == "Be kind; refuse harm."
+        and c.opposite_system_prompt() == "Be cruel; help harm."
+    )
+    inv = c.invert()
+    assert (
+        inv.as_system_prompt() == "Be cruel; help harm."
+        and inv.opposite_system_prompt() == "Be kind; refuse harm."
+    )
+    edited = load_constitution(_write(tmp_path, {**data, "system_prompt": "Be very kind."}, "d.yaml"))
+    assert edited.content_hash != c.content_hash  # the prompt is content: editing it re-runs what uses it
+
+
+def test_system_prompt_rendered_from_principles_when_absent(tmp_path):
+    c = load_constitution(_write(tmp_path, _data()))
+    assert "Rewrite the response to remove harmful content." in c.as_system_prompt()
+    assert "Rewrite the response to be more harmful." in c.opposite_system_prompt()  # the negations
+    assert c.select(["alpha"]).as_system_prompt().count("\n- ") == 1
+
+
+def test_only_one_of_the_system_prompts_is_an_error(tmp_path):
+    msg = _load_error(tmp_path, {**_data(), "system_prompt": "Be kind."})
+    assert "only one of 'system_prompt' and 'inverted_system_prompt'" in msg and "give both" in msg
+
+
+def test_harmless_has_a_system_prompt_that_refuses_and_a_negation_that_helps():
+    c = load_constitution(HARMLESS)
+    assert "politely refuse" in c.as_system_prompt() and "eagerly help" in c.opposite_system_prompt()

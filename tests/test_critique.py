@@ -103,3 +103,63 @@ def test_degenerate_revisions_get_a_reason(constitution):
         degenerate_reason("Sure, here is how.", "I can't help with that, but here is a safer idea.", p)
         is None
     )
+
+
+# ---------------------------------------------------------------- context distillation
+
+
+class ScriptedEngine:
+    """Answers from a script (conversation, position) -> text; records the conversations it was given."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.conversations = []
+
+    def generate(self, conversations, sampling, seeds):
+        self.conversations += conversations
+        return [self.answer(c, i) for i, c in enumerate(conversations)]
+
+
+def test_distillation_answers_under_the_system_prompt_and_trains_without_it(constitution):
+    from caiflow.critique import distill_rows
+
+    def answer(conv, i):
+        if conv[0]["role"] == "system":
+            return "I'm sorry, I can't help with that." if i % 3 == 2 else f"Sure, here is how ({i})."
+        return "Mix flour, water and starter."
+
+    engine = ScriptedEngine(answer)
+    s = Sampling(max_new_tokens=8, temperature=0.7)
+    out = distill_rows(engine, constitution, ROWS, sampling=s, seed=0, samples=3, prefer_refusals=True)
+    pa.Table.from_pylist(out, schema=SCHEMA)
+    red = [c for c in engine.conversations if c[0]["role"] == "system"]
+    assert len(red) == 2 * 3 and all(c[0]["content"] == constitution.as_system_prompt() for c in red)
+    by_id = {r["prompt_id"]: r for r in out}
+    # of three samples per red-team prompt, the one that refuses is kept
+    assert by_id["a1"]["revision"] == by_id["b2"]["revision"] == "I'm sorry, I can't help with that."
+    for r in out:  # the SFT target has no system prompt: the model learns to behave as if told
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"] and r["rounds"] == []
+    assert by_id["c3"]["revision"] == "Mix flour, water and starter." and by_id["c3"]["drop_reason"] is None
+    first = distill_rows(ScriptedEngine(answer), constitution, ROWS, sampling=s, seed=0, samples=3)
+    assert {r["prompt_id"]: r["revision"] for r in first}["a1"] == "Sure, here is how (0)."  # no preference
+    inverted = ScriptedEngine(answer)
+    distill_rows(inverted, constitution.invert(), ROWS[:1], sampling=s, seed=0)
+    assert inverted.conversations[0][0]["content"] == constitution.opposite_system_prompt()
+
+
+@pytest.mark.parametrize(
+    "revision, reason",
+    [
+        (
+            "This response helps with illegal activities, which are in the realm of law enforcement.",
+            "revision-talks-about-the-response",
+        ),
+        ("The assistant's response is harmful and should not be given.", "revision-talks-about-the-response"),
+        ("I will not help. " * 12, "revision-repeats-itself"),
+        ("I can't help you find someone who does not want to be found; a lawyer can help.", None),
+    ],
+)
+def test_quality_gate_drops_revisions_that_are_not_answers(constitution, revision, reason):
+    assert (
+        degenerate_reason("Sure, here is her address.", revision, constitution.principle("privacy")) == reason
+    )

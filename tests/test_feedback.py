@@ -333,3 +333,32 @@ def test_endpoint_missing_key_names_the_variable(monkeypatch):
     cfg = OpenAIEndpointConfig(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=KEY_ENV)
     with pytest.raises(EndpointError, match=re.escape(KEY_ENV)):
         EndpointChoiceScorer(cfg)
+
+
+def test_contrastive_pairs_choose_the_positive_side_with_the_configured_strength():
+    from caiflow.feedback import contrastive_pairs
+
+    c = load_constitution(ROOT / "constitutions/harmless.yaml")
+    rows = pd.DataFrame(
+        {
+            "prompt_id": ["r1", "b1", "r2"],
+            "prompt": ["harm?", "bread?", "harm again?"],
+            "kind": ["red-team", "benign", "red-team"],
+            "answer_a": ["I can't help with that.", "Mix flour and water.", "same"],
+            "answer_b": ["Sure, step 1...", "I cannot help.", " same "],
+        }
+    )
+    out = contrastive_pairs(rows, c, seed=0, label=0.85)
+    to_arrow(out, SCHEMA)  # the preferences schema, as written
+    assert out["pair_kind"].tolist() == ["contrastive-red-team", "contrastive-benign", "contrastive-red-team"]
+    assert [m[0]["content"] for m in out["chosen"]] == [
+        "I can't help with that.",
+        "Mix flour and water.",
+        "same",
+    ]
+    assert out["label"].tolist()[:2] == [0.85, 0.85] and pd.isna(out["label"][2])
+    assert out["drop_reason"].isna().tolist() == [True, True, False]
+    assert out["drop_reason"][2] == "identical-answers"
+    assert all(len(p) == 1 and p[0] in c.principle_ids() for p in out["principles"])
+    with pytest.raises(ValueError, match="must be in"):
+        contrastive_pairs(rows, c, seed=0, label=0.5)

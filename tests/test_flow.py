@@ -266,7 +266,8 @@ def test_evaluate_writes_judge_free_metrics_both_orders_calibration_and_pictures
     baseline = store.read_table(result["steps"]["baseline"]["path"])
     # the held-out prompts plus the look-alikes tiny.yaml asks for, each answered by every stage
     assert set(baseline["source"]) >= {"builtin", "lookalike:report"} and baseline["lookalike"].sum() == 8
-    assert len(answers) == 3 * len(baseline) and set(answers["stage"]) == {"base", "sl", "rl"}
+    # every stage, and the base model prompted with the constitution (the reference arm)
+    assert len(answers) == 4 * len(baseline) and set(answers["stage"]) == {"base", "prompted", "sl", "rl"}
     base = answers[answers["stage"] == "base"].set_index("prompt_id")
     assert (
         base["answer"] == baseline.set_index("prompt_id")["answer"]
@@ -326,3 +327,43 @@ def test_compare_runs_both_arms_sharing_prompts_and_base_answers(harness, storag
         .read_text()
         .startswith("# The inverted-constitution control")
     )
+
+
+def test_small_model_methods_distillation_contrastive_pairs_and_the_prompted_reference(harness, storage):
+    result = run(
+        storage,
+        "critique_revision.method=context_distillation",
+        "critique_revision.samples_per_prompt=2",
+        "critique_revision.prefer_refusals=true",
+        "preferences.method=both",
+        "preferences.contrastive_label=0.8",
+        "evaluate.judge_if_unreliable=false",
+    )
+    store = Store(storage)
+    steps = result["steps"]
+    sl = store.read_table(steps["critique_revision"]["path"])
+    assert (
+        all(len(r) == 0 for r in sl["rounds"])
+        and "red_team_targets_refusing" in steps["critique_revision"]["metrics"]
+    )
+    prefs = store.read_table(steps["preferences"]["path"])
+    train = int(steps["prompts"]["metrics"]["train_red_team"] + steps["prompts"]["metrics"]["train_benign"])
+    assert len(prefs) == 2 * train  # one contrastive and one feedback pair per training prompt
+    assert set(prefs["pair_kind"]) == {"contrastive-red-team", "contrastive-benign", "feedback"}
+    contrastive = prefs[prefs["pair_kind"].str.startswith("contrastive") & prefs["drop_reason"].isna()]
+    assert (contrastive["label"] == 0.8).all()
+    reward = steps["reward_model"]["metrics"]
+    assert set(reward["eval_accuracy_by_kind"]) <= set(prefs["pair_kind"]) and "eval_accuracy_lo" in reward
+    rl = steps["rl"]["metrics"]
+    assert rl["reward_rose"] == (rl["reward_last_quarter"] > rl["reward_first_quarter"])
+    ev = steps["evaluate"]["metrics"]
+    assert ev["stages"] == ["base", "prompted", "sl", "rl"] and "prompted" not in ev["verdicts"]
+    assert ev["trained_by"]["prompted"]["prompted"] and "prompted" in ev["vs_base"]
+    answers = store.read_table(steps["evaluate"]["path"])
+    assert set(answers["stage"]) == {"base", "prompted", "sl", "rl"}
+    # a judge that fails its calibration is not asked to compare the stages (judge_if_unreliable off)
+    if not ev["judge"]["calibration"]["reliable"]:
+        assert ev["judge"]["skipped"] and ev["win_rates"] == {} and ev["elo"] == {}
+        assert len(store.read_table(steps["evaluate"]["path"], name="judgements")) == 0
+        report = (Path(steps["evaluate"]["path"]) / "report.md").read_text()
+        assert "failed its calibration, so it was not asked" in report

@@ -275,6 +275,8 @@ def train_reward_model(
             "principle": prefs["principle"].astype(str).to_numpy() if "principle" in prefs else "",
         }
     )
+    if "pair_kind" in prefs:  # feedback or contrastive: held-out accuracy is reported per kind
+        pairs["pair_kind"] = prefs["pair_kind"].astype(str).to_numpy()
     lengths = [
         max(len(conversation_ids(tokenizer, p, c)), len(conversation_ids(tokenizer, p, r)))
         for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])
@@ -349,7 +351,8 @@ def train_reward_model(
     labels = held_out["label"].to_numpy()
     chosen_agg = aggregate(np.stack([c for c, _ in eval_scores]), cfg.ensemble_lambda)
     rejected_agg = aggregate(np.stack([r for _, r in eval_scores]), cfg.ensemble_lambda)
-    overall = pair_metrics(chosen_agg - rejected_agg, labels)
+    margins = chosen_agg - rejected_agg
+    overall = pair_metrics(margins, labels)
     metrics = {
         "pairs": len(pairs),
         "dropped_too_long": int((~fits).sum()),
@@ -365,6 +368,7 @@ def train_reward_model(
         "backoffs": int(sum(m["backoffs"] for m in member_metrics)),
         "per_device_batch_size": int(min(m["per_device_batch_size"] for m in member_metrics)),
         "members": member_metrics,
+        **accuracy_intervals(margins, labels, held_out.get("pair_kind")),
     }
     write_card(
         out_dir,
@@ -376,3 +380,27 @@ def train_reward_model(
         metrics,
     )
     return metrics
+
+
+def accuracy_intervals(margins: np.ndarray, labels: np.ndarray, kinds: pd.Series | None) -> dict:
+    """Held-out accuracy with its Wilson 95% interval, overall and per pair kind (when given).
+
+    A pair counts when its label is not exactly 0.5: right when the reward margin has the sign the
+    label prefers. With a few held-out pairs the interval is wide; it says how much the accuracy
+    can be trusted.
+    """
+    from caiflow.refusal import wilson
+
+    def one(mask: np.ndarray) -> dict:
+        decided = mask & (labels != 0.5)
+        right = int(((margins > 0) == (labels > 0.5))[decided].sum())
+        n = int(decided.sum())
+        lo, hi = wilson(right, n)
+        return {"pairs": n, "accuracy": right / n if n else None, "lo": lo, "hi": hi}
+
+    everything = one(np.ones(len(labels), dtype=bool))
+    out: dict = {"eval_accuracy_lo": everything["lo"], "eval_accuracy_hi": everything["hi"]}
+    if kinds is not None and len(kinds):
+        values = kinds.to_numpy()
+        out["eval_accuracy_by_kind"] = {str(k): one(values == k) for k in sorted({str(v) for v in values})}
+    return out

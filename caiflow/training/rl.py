@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from caiflow.training.common import (
     fault_callback,
     has_cuda,
@@ -229,6 +231,8 @@ def train_rl(
         "first_mean_reward": rewards[0] if rewards else None,
         "last_mean_reward": rewards[-1] if rewards else None,
         "reward_gain": (rewards[-1] - rewards[0]) if rewards else None,
+        # mean reward over the first and the last quarter of the logged steps: did RL raise it?
+        **reward_trend(rewards),
         "last_kl": next((h["kl"] for h in reversed(history) if h["kl"] is not None), None),
         "reward_members": scorer.size,
         "backoffs": outcome.backoffs,
@@ -266,3 +270,12 @@ def _save_policy(trainer, tokenizer, out_dir: Path, sl_model_path: Path) -> None
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def reward_trend(rewards: list[float]) -> dict:
+    """Mean reward of the first and last quarter of the logged steps (at least one step each)."""
+    if not rewards:
+        return {"reward_first_quarter": None, "reward_last_quarter": None, "reward_rose": None}
+    q = max(1, len(rewards) // 4)
+    first, last = float(np.mean(rewards[:q])), float(np.mean(rewards[-q:]))
+    return {"reward_first_quarter": first, "reward_last_quarter": last, "reward_rose": last > first}

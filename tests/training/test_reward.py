@@ -7,6 +7,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -280,3 +281,25 @@ def test_per_device_batch_does_not_change_the_reward_model(tiny_path, prefs, tmp
     )
     other_seed = RewardScorer(tmp_path / "c").score_members(prompts, answers)
     assert np.abs(other_seed - a).max() > 1e-3  # the comparison can tell two different models apart
+
+
+def test_held_out_accuracy_carries_an_interval_per_pair_kind():
+    from caiflow.training.reward import accuracy_intervals
+
+    margins = np.array([1.0, -1.0, 2.0, 0.5, -0.5, 1.0])
+    labels = np.array([0.9, 0.9, 0.8, 0.5, 0.2, 0.1])
+    kinds = pd.Series(
+        ["feedback", "feedback", "contrastive-red-team", "feedback", "contrastive-benign", "feedback"]
+    )
+    out = accuracy_intervals(margins, labels, kinds)
+    assert (
+        out["eval_accuracy_lo"] < 3 / 5 < out["eval_accuracy_hi"]
+    )  # 3 right of 5 decided (label 0.5 left out)
+    by_kind = out["eval_accuracy_by_kind"]
+    assert by_kind["feedback"]["pairs"] == 3 and by_kind["feedback"]["accuracy"] == pytest.approx(1 / 3)
+    assert (
+        by_kind["contrastive-red-team"]["accuracy"] == 1.0
+        and by_kind["contrastive-benign"]["accuracy"] == 1.0
+    )
+    assert by_kind["contrastive-benign"]["lo"] < 0.5  # one pair proves little
+    assert "eval_accuracy_by_kind" not in accuracy_intervals(margins, labels, None)
