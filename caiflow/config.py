@@ -218,6 +218,11 @@ class CritiqueRevisionConfig(Section):
         "does (best-of-n by the refusal phrases of caiflow/refusal.py); otherwise the first usable one.",
     )
     rounds: int = Field(1, ge=1, le=4, description="Critique-revision rounds per answer.")
+    principle_system_prompt: bool = Field(
+        True,
+        description="critique_revision: the revision step sees the round's principle as a system prompt "
+        "(principle-conditioned revision).",
+    )
     few_shot: int = Field(
         1, ge=0, description="Few-shot examples from the constitution shown before each request."
     )

@@ -80,6 +80,14 @@ _META_TALK = re.compile(
 )
 
 
+def principle_system_prompt(principle: Principle) -> str:
+    """One principle as a system prompt for the revision step (its negation in an inverted constitution)."""
+    return (
+        f"You revise answers so that they follow one principle, {principle.name}: "
+        f"{principle.revision_request}"
+    )
+
+
 def repeats_itself(text: str, n: int = 4, share: float = 0.5) -> bool:
     """True when more than `share` of the text's word n-grams are repeats (a looping answer)."""
     words = _norm(text).split()
@@ -114,8 +122,11 @@ def run_rows(
     sampler: Sampler,
     seed: int,
     answer_benign: bool = True,
+    principle_prompt: bool = False,
 ) -> list[dict[str, Any]]:
     """Answer, critique and revise a batch of prompt rows; returns records matching SCHEMA.
+
+    With `principle_prompt` the revision request comes with the round's principle as a system prompt.
 
     rows: dicts with prompt_id, prompt, kind ('red-team' | 'benign') and category.
     All rows of one stage go to the engine together, so batching is across prompts.
@@ -153,9 +164,18 @@ def run_rows(
         for conv, r, c in zip(convs, red, critiques):
             p = plans[r["prompt_id"]][k]
             conv += [{"role": "assistant", "content": c}, {"role": "user", "content": p.revision_request}]
+        if principle_prompt:  # the revision sees its principle as a system prompt (principle-conditioned)
+            revision_convs = [
+                [{"role": "system", "content": principle_system_prompt(plans[r["prompt_id"]][k])}] + conv
+                for r, conv in zip(red, convs)
+            ]
+        else:
+            revision_convs = convs
         revisions = (
             engine.generate(
-                convs, sampler.revision, [row_seed(seed, r["prompt_id"], f"revision-{k}") for r in red]
+                revision_convs,
+                sampler.revision,
+                [row_seed(seed, r["prompt_id"], f"revision-{k}") for r in red],
             )
             if red
             else []

@@ -82,6 +82,7 @@ def run(ctx: StepContext) -> StepOutput:
             sampler=sampler,
             seed=cfg.run.seed,
             answer_benign=c.answer_benign,
+            principle_prompt=c.principle_system_prompt,
         )
 
     counts = output.run(make, reusable, on_progress=lambda done: progress.update(done, force=True))

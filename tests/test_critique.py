@@ -163,3 +163,31 @@ def test_quality_gate_drops_revisions_that_are_not_answers(constitution, revisio
     assert (
         degenerate_reason("Sure, here is her address.", revision, constitution.principle("privacy")) == reason
     )
+
+
+def test_revision_sees_its_principle_as_a_system_prompt(constitution):
+    from caiflow.critique import principle_system_prompt
+
+    engine = ScriptedEngine(lambda conv, i: f"text {i}")
+    s = Sampling(max_new_tokens=4, temperature=0.7)
+    run_rows(
+        engine,
+        constitution,
+        ROWS[:1],
+        rounds=1,
+        few_shot=0,
+        sampler=Sampler(s, s, s),
+        seed=0,
+        principle_prompt=True,
+    )
+    revision = engine.conversations[-1]
+    assert revision[0] == {
+        "role": "system",
+        "content": principle_system_prompt(constitution.principle("privacy")),
+    }
+    assert revision[-1]["content"] == constitution.principle("privacy").revision_request
+    critique = engine.conversations[-2]
+    assert critique[0]["role"] == "user"  # the critique itself is asked without it
+    plain = ScriptedEngine(lambda conv, i: f"text {i}")
+    run_rows(plain, constitution, ROWS[:1], rounds=1, few_shot=0, sampler=Sampler(s, s, s), seed=0)
+    assert plain.conversations[-1][0]["role"] == "user"
