@@ -1,8 +1,9 @@
 """One prepared GPU check: engine throughput and peak memory of a 7B-shaped pipeline.
 
-    bash benchmarks/gpu_check.sh            # on the GPU machine (about 2-3 minutes on an H100)
+    bash benchmarks/gpu_check.sh            # on the GPU machine (about 3-4 minutes on an H100)
     bash benchmarks/gpu_check.sh --smoke    # tiny configs on CPU, to validate the code paths
-    bash benchmarks/gpu_check.sh --diagnose # only 1b below: why the engine is slower (about 2.5 minutes)
+    bash benchmarks/gpu_check.sh --diagnose # only 1b below: why the engine is slower (about 1.5-2 min)
+    bash benchmarks/gpu_check.sh --diagnose --profile  # 1b with its micro-benchmark and profiler too
     PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh --smoke   # with this repository's venv
 
 Everything is built offline from configs with random weights; no download, no checkpoint. The
@@ -15,7 +16,11 @@ pydantic, trl and bitsandbytes are missing.
    once through ``caiflow.generation.GenerationEngine.generate_text`` (per-row seeded sampling)
    and once through plain batched ``model.generate`` (left padding, do_sample, same temperature
    0.7 and top_p 0.9, the same length-sorted order and batches). Only real new tokens count (up
-   to EOS, no padding). A small warm-up batch per side runs first and is not counted.
+   to EOS, no padding). So that running first (allocator growth, kernel selection and autotuning
+   for new shapes) costs neither side, each side first runs one untimed full-size warm-up batch at
+   that batch size (the first B prompts, 128 new tokens); then both are timed twice over all
+   prompts in alternating order (engine, generate, generate, engine). The table gives each side's
+   median of its two runs, their min-max and each run's seconds.
 2. Peak accelerator memory of the memory-heavy parts of a 7B pipeline (Llama-2-7B shape, bf16):
    (a) weights, (b) one LoRA SFT step at 1x1024 and 4x1024 (gradient checkpointing, AdamW),
    (c) the KV cache of greedy generation at batch 32, prompt 512, 256 new tokens, (d) a LoRA
@@ -26,19 +31,21 @@ pydantic, trl and bitsandbytes are missing.
 
 1b. ``--diagnose`` runs only this (no sections 1 and 2; time guard 200 s unless ``--time-limit``):
    why the engine is slower than plain ``model.generate``, on section 1's model and prompts.
-   (i) ``PerRowSampler.__call__`` on one (128, 49152) scores tensor, whole and part by part
-   (log_softmax, the top-p filter, row_uniforms, Gumbel noise + argmax, full_like + scatter),
-   next to what generate does instead (its temperature and top-p warpers, softmax, multinomial);
-   host ms to enqueue, wall ms with a synchronize, and host-device syncs per call (torch.cuda's
-   sync debug mode). (ii) Syncs per forward of each variant below, on one short batch.
-   (iii) At B=128, then B=32: 1 generate do_sample (the baseline: temperature 0.7, top_p 0.9,
-   top_k off), 2 generate greedy, 3 engine greedy (temperature 0: the engine without its
-   sampler), 4 engine sampling top_p 1.0 (no sort), 5 engine sampling top_p 0.9 (as in 1),
-   6 generate greedy with the engine's PerRowSampler passed directly as logits_processor. Each
-   after one warm-up batch of its own; real new tokens, forwards (prefill + decode steps, by a
-   forward hook), seconds, tokens/s, ms per forward, tokens/s over the baseline's. (iv) Last,
-   torch.profiler on one B=128 batch of 16 new tokens of variants 5 and 1: the top 15 ops by
-   self CUDA time (and variant 5's top 10 by self CPU time).
+   (i) Syncs per forward of each variant below, on one short batch (torch.cuda's sync debug mode).
+   (ii) At B=128 only: 1 generate do_sample (the baseline: temperature 0.7, top_p 0.9, top_k off),
+   2 generate greedy, 3 engine greedy (temperature 0: the engine without its sampler), 4 engine
+   sampling top_p 1.0 (no sort), 5 engine sampling top_p 0.9 (as in 1), 6 generate greedy with the
+   engine's PerRowSampler passed directly as logits_processor. Each variant first runs one untimed
+   full-size warm-up batch (the first 128 prompts, 128 new tokens); then all are timed twice, in
+   the order 1..6 and then 6..1, so the order's effects show up and cancel. Per variant: real new
+   tokens, forwards (prefill + decode steps, by a forward hook), seconds, tokens/s and ms per
+   forward (medians of its two runs), tokens/s over the baseline's, min-max and each run's
+   seconds, the warm-up's seconds. With ``--profile`` also, first, (iii) ``PerRowSampler.__call__``
+   on one (128, 49152) scores tensor, whole and part by part (log_softmax, the top-p filter,
+   row_uniforms, Gumbel noise + argmax, full_like + scatter), next to what generate does instead
+   (its temperature and top-p warpers, softmax, multinomial): host ms to enqueue, wall ms with a
+   synchronize, syncs per call; and last (iv) torch.profiler on one B=128 batch of 16 new tokens
+   of variants 5 and 1: the top 15 ops by self CUDA time (and variant 5's top 10 by self CPU time).
 
 Output: plain-text tables on stdout; when ``$OUT`` is set, also ``$OUT/gpu_check.txt`` and the
 figures as ``$OUT/gpu_check.json`` (both rewritten after every part, so a run cut short still
@@ -56,6 +63,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 import traceback
@@ -498,60 +506,205 @@ def setup_generation(plan: Plan, device: torch.device, rep: Report) -> tuple[Any
     return tok, model, prompts, lengths
 
 
+# A timed variant: run(prompts, batch, new_tokens) -> (real new tokens, note).
+Variant = tuple[str, Callable[[list[str], int, int], tuple[int, str]]]
+
+
+def time_interleaved(
+    variants: list[Variant],
+    prompts: list[str],
+    batch: int,
+    new_tokens: int,
+    device: torch.device,
+    clock: Clock,
+    rep: Report,
+    counter: ForwardCounter | None = None,
+    reps: int = 2,
+    tag: str = "",
+) -> dict[str, dict[str, Any]]:
+    """Timings of several variants at one batch size in which running first favours or costs none of them.
+
+    First a full-size warm-up of each variant, not timed: its first ``batch`` prompts at the real
+    ``new_tokens`` (the allocator's growth to this size, kernel selection and autotuning for these shapes).
+    Then ``reps`` timed runs of each over all the prompts, in alternating order (A B C, C B A, A B C, ...),
+    so a drift along the run falls on every variant alike. The global RNG is reseeded before every run
+    (generate's do_sample draws from it), so each run of a variant makes the same tokens; no empty_cache
+    between runs, so no run starts from an empty allocator. Returns per variant ``warmup_s``, ``runs``
+    (tokens, forwards, seconds, peak_gib, note; in repetition order), ``error`` (a failed variant is left
+    out of the later runs) and ``skipped`` (runs the time guard left out).
+    """
+    fns = dict(variants)
+    out: dict[str, dict[str, Any]] = {
+        name: {"warmup_s": None, "runs": [], "error": None, "skipped": 0} for name, _ in variants
+    }
+
+    def once(name: str, ps: list[str], label: str) -> dict[str, Any] | None:
+        gc.collect()
+        torch.manual_seed(0)
+        sync(device)
+        if on_cuda(device):
+            torch.cuda.reset_peak_memory_stats(device)
+        if counter is not None:
+            counter.n = 0
+        t0 = time.perf_counter()
+        try:
+            tokens, note = fns[name](ps, batch, new_tokens)
+            sync(device)
+        except Exception as exc:
+            traceback.print_exc()
+            kind = "OOM" if is_oom(exc) else "ERROR"
+            out[name]["error"] = f"{kind} {type(exc).__name__}: {str(exc)[:80]}"
+            rep.data.setdefault("failed", {})[f"{tag}{name} B={batch} {label}"] = kind
+            rep.line(f"  B={batch} {name} {label}: {kind} {type(exc).__name__}")
+            free(device)
+            return None
+        secs = time.perf_counter() - t0
+        forwards = counter.n if counter is not None else None
+        rep.line(
+            f"  B={batch} {name} {label}: {tokens} tokens"
+            + (f", {forwards} forwards" if forwards is not None else "")
+            + f", {secs:.2f}s (total {clock.elapsed():.0f}s)"
+        )
+        return {
+            "tokens": tokens,
+            "forwards": forwards,
+            "seconds": secs,
+            "peak_gib": peak_gib(device),
+            "note": note,
+        }
+
+    warm_ps = prompts[:batch]
+    for name, _ in variants:
+        if clock.over():
+            out[name]["skipped"] = reps + 1
+            continue
+        first = once(name, warm_ps, f"warm-up ({len(warm_ps)} prompts, not timed)")
+        if first is not None:
+            out[name]["warmup_s"] = first["seconds"]
+    ready = [name for name, _ in variants if out[name]["warmup_s"] is not None]
+    for r in range(reps):
+        for name in ready if r % 2 == 0 else ready[::-1]:
+            if out[name]["error"] is not None:
+                continue
+            if clock.over():
+                out[name]["skipped"] += 1
+                continue
+            run = once(name, prompts, f"run {r + 1}/{reps}")
+            if run is not None:
+                out[name]["runs"].append(run)
+    return out
+
+
+def _middle(values: list[float]) -> float:
+    """The median; the value itself when all are equal (token counts stay integers)."""
+    return values[0] if len(set(values)) == 1 else statistics.median(values)
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any] | None:
+    """One variant's figures from its runs: medians, the spread of its seconds, its runs; None if none ran."""
+    runs = result["runs"]
+    if not runs:
+        return None
+    secs = [r["seconds"] for r in runs]
+    forwards = [r["forwards"] for r in runs if r["forwards"]]
+    peaks = [r["peak_gib"] for r in runs if r["peak_gib"] is not None]
+    return {
+        "tokens": _middle([r["tokens"] for r in runs]),
+        "forwards": _middle(forwards) if forwards else None,
+        "seconds": _middle(secs),
+        "tokens_per_s": _middle([r["tokens"] / r["seconds"] for r in runs]),
+        "ms_per_forward": (
+            _middle([r["seconds"] / r["forwards"] * 1e3 for r in runs])
+            if len(forwards) == len(runs)
+            else None
+        ),
+        "min_s": min(secs),
+        "max_s": max(secs),
+        "runs_s": secs,
+        "warmup_s": result["warmup_s"],
+        "peak_gib": max(peaks) if peaks else None,
+        "note": runs[-1]["note"],
+        "error": result["error"],
+        "skipped_runs": result["skipped"],
+    }
+
+
+def spread_cells(s: dict[str, Any]) -> list[str]:
+    """The min-max and runs cells of a summary: "2.31-2.45" and "2.31/2.45" (seconds, repetition order)."""
+    return [f"{_cell(s['min_s'])}-{_cell(s['max_s'])}", "/".join(_cell(x) for x in s["runs_s"])]
+
+
+def status_note(s: dict[str, Any] | None, result: dict[str, Any], reps: int) -> str:
+    """What went short for a variant: its error, or the runs the time guard left out."""
+    if result["error"]:
+        return result["error"]
+    if s is None:
+        return "skipped (time guard)"
+    return f"{len(s['runs_s'])} of {reps} runs (time guard)" if len(s["runs_s"]) < reps else ""
+
+
 def part_generation(plan: Plan, device: torch.device, clock: Clock, rep: Report) -> None:
     shape = plan.gen_model
     tok, model, prompts, lengths = setup_generation(plan, device, rep)
     seeds = list(range(len(prompts)))
-    sampling = Sampling(max_new_tokens=plan.new_tokens, temperature=TEMPERATURE, top_p=TOP_P)
+    reps = 2
 
-    # Warm-up (not counted): kernels, cuBLAS handles and the allocator's first blocks, on both paths.
-    warm = min(8, len(prompts))
-    warm_engine = GenerationEngine(model, tok, batch_size=warm)
-    warm_engine.generate_text(prompts[:warm], Sampling(8, 0.7, 0.9), seeds[:warm])
-    hf_generate(model, tok, prompts[:warm], warm, 8, device)
-    sync(device)
+    def engine(ps: list[str], batch: int, n: int) -> tuple[int, str]:
+        eng = GenerationEngine(model, tok, batch_size=batch)
+        eng.generate_text(
+            ps, Sampling(max_new_tokens=n, temperature=TEMPERATURE, top_p=TOP_P), seeds[: len(ps)]
+        )
+        return eng.generated_tokens, f"backoffs={eng.backoffs}"
 
+    variants: list[Variant] = [
+        ("engine", engine),
+        ("generate", lambda ps, b, n: (hf_generate(model, tok, ps, b, n, device), "")),
+    ]
+    rep.line(
+        f"each side: a full-size warm-up batch (first B prompts x {plan.new_tokens} new tokens, not timed), "
+        f"then {reps} timed runs over all prompts in alternating order (engine, generate, generate, engine)"
+    )
     rows, figures = [], {}
     for batch in plan.batch_sizes:
         if clock.over():
             rep.line(f"B={batch}: skipped (time guard)")
             continue
-        engine = GenerationEngine(model, tok, batch_size=batch)
-        reset_peak(device)
-        sync(device)
-        t0 = time.perf_counter()
-        engine.generate_text(prompts, sampling, seeds)
-        sync(device)
-        e_s, e_tok, e_peak = time.perf_counter() - t0, engine.generated_tokens, peak_gib(device)
-
-        reset_peak(device)
-        sync(device)
-        t0 = time.perf_counter()
-        g_tok = hf_generate(model, tok, prompts, batch, plan.new_tokens, device)
-        sync(device)
-        g_s, g_peak = time.perf_counter() - t0, peak_gib(device)
-
-        ratio = (e_tok / e_s) / (g_tok / g_s)
-        rows.append([f"engine B={batch}", e_tok, e_s, e_tok / e_s, e_peak, f"backoffs={engine.backoffs}"])
-        rows.append([f"generate B={batch}", g_tok, g_s, g_tok / g_s, g_peak, f"engine/generate={ratio:.3f}"])
-        figures[str(batch)] = {
-            "engine": {
-                "tokens": e_tok,
-                "seconds": e_s,
-                "tokens_per_s": e_tok / e_s,
-                "peak_gib": e_peak,
-                "backoffs": engine.backoffs,
-            },
-            "generate": {"tokens": g_tok, "seconds": g_s, "tokens_per_s": g_tok / g_s, "peak_gib": g_peak},
-            "ratio_engine_over_generate": ratio,
-        }
-    rep.table(["side", "tokens", "seconds", "tokens/s", "peak GiB", "note"], rows)
+        results = time_interleaved(variants, prompts, batch, plan.new_tokens, device, clock, rep, reps=reps)
+        sums = {name: summarize(results[name]) for name, _ in variants}
+        e, g = sums["engine"], sums["generate"]
+        ratio = e["tokens_per_s"] / g["tokens_per_s"] if e and g else None
+        for name, _ in variants:
+            s = sums[name]
+            short = status_note(s, results[name], reps)
+            if s is None:
+                rows.append([f"{name} B={batch}", None, None, None, None, None, None, None, short])
+                continue
+            note = s["note"] if name == "engine" else f"engine/generate={_cell(ratio)}"
+            note = "; ".join(x for x in (note, short) if x)
+            rows.append(
+                [f"{name} B={batch}", s["tokens"], s["seconds"], s["tokens_per_s"], s["peak_gib"]]
+                + spread_cells(s)
+                + [s["warmup_s"], note]
+            )
+        figures[str(batch)] = {**sums, "ratio_engine_over_generate": ratio}
+        rep.data["generation"] = {"by_batch": figures}
+        rep.save()
+    rep.line(
+        f"-- {len(prompts)} prompts x {plan.new_tokens} new tokens; tokens, seconds, tokens/s: median of the "
+        f"{reps} runs; runs s: each run's seconds in the order of the repetitions"
+    )
+    rep.table(
+        ["side", "tokens", "seconds", "tokens/s", "peak GiB", "min-max s", "runs s", "warm-up s", "note"],
+        rows,
+    )
     rep.data["generation"] = {
         "model": asdict(shape),
         "params": count(model),
         "prompts": len(prompts),
         "prompt_tokens": [min(lengths), max(lengths), float(np.mean(lengths))],
         "new_tokens": plan.new_tokens,
+        "repetitions": reps,
+        "order": "full-size warm-up of each, then A B, B A",
         "by_batch": figures,
     }
 
@@ -706,7 +859,7 @@ def diag_variants(
 
 
 def diag_generation(
-    variants,
+    variants: list[Variant],
     prompts: list[str],
     batch: int,
     new_tokens: int,
@@ -714,67 +867,58 @@ def diag_generation(
     counter: ForwardCounter,
     clock: Clock,
     rep: Report,
+    reps: int = 2,
 ) -> None:
-    """Each variant over all prompts at one batch size, after one warm-up batch (8 new tokens) of its own."""
-    rows, figures, base = [], {}, None
-    for name, run in variants:
-        if clock.over():
-            rows.append([name, None, None, None, None, None, None, None, "skipped (time guard)"])
-            continue
-        try:
-            run(prompts[:batch], batch, min(8, new_tokens))  # warm-up: one batch, not timed
-            reset_peak(device)
-            sync(device)
-            counter.n = 0
-            t0 = time.perf_counter()
-            tokens, note = run(prompts, batch, new_tokens)
-            sync(device)
-            secs, forwards, peak = time.perf_counter() - t0, counter.n, peak_gib(device)
-        except Exception as exc:
-            traceback.print_exc()
-            kind = "OOM" if is_oom(exc) else "ERROR"
-            rows.append(
-                [
-                    name,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    f"{kind} {type(exc).__name__}: {str(exc)[:80]}",
-                ]
-            )
-            rep.data.setdefault("failed", {})[f"diagnose {name} B={batch}"] = kind
-            free(device)
-            continue
-        speed = tokens / secs
-        base = speed if name.startswith("1 ") else base
-        ratio = speed / base if base else None
-        ms_fwd = secs / forwards * 1e3 if forwards else None
-        rows.append([name, tokens, forwards, secs, speed, ms_fwd, ratio, peak, note])
-        figures[name] = {
-            "tokens": tokens,
-            "forwards": forwards,
-            "seconds": secs,
-            "tokens_per_s": speed,
-            "ms_per_forward": ms_fwd,
-            "ratio_vs_baseline": ratio,
-            "peak_gib": peak,
-            "note": note,
-        }
-        rep.line(
-            f"  B={batch} {name}: {tokens} tokens, {forwards} forwards, {secs:.2f}s "
-            f"(total {clock.elapsed():.0f}s)"
-        )
-        rep.data.setdefault("diagnose", {}).setdefault("by_batch", {})[str(batch)] = figures
-        rep.save()
+    """Every variant over all prompts at one batch size: full-size warm-ups, then interleaved timed runs."""
+    order = " ".join(name.split()[0] for name, _ in variants)
     rep.line(
-        f"-- B={batch}, {len(prompts)} prompts x {new_tokens} new tokens; ratio = tokens/s over variant 1's"
+        f"-- B={batch}: each variant warmed up on a full batch ({min(batch, len(prompts))} prompts x "
+        f"{new_tokens} new tokens, not timed), then {reps} timed runs each in alternating order "
+        f"({order}, then reversed)"
+    )
+    results = time_interleaved(
+        variants, prompts, batch, new_tokens, device, clock, rep, counter=counter, reps=reps, tag="diagnose "
+    )
+    sums = {name: summarize(results[name]) for name, _ in variants}
+    base = sums[variants[0][0]]
+    rows, figures = [], {}
+    for name, _ in variants:
+        s = sums[name]
+        short = status_note(s, results[name], reps)
+        if s is None:
+            rows.append([name] + [None] * 11 + [short])
+            figures[name] = {"error": results[name]["error"], "skipped_runs": results[name]["skipped"]}
+            continue
+        ratio = s["tokens_per_s"] / base["tokens_per_s"] if base else None
+        rows.append(
+            [name, s["tokens"], s["forwards"], s["seconds"], s["tokens_per_s"], s["ms_per_forward"], ratio]
+            + spread_cells(s)
+            + [s["warmup_s"], s["peak_gib"], "; ".join(x for x in (s["note"], short) if x)]
+        )
+        figures[name] = {**s, "ratio_vs_baseline": ratio}
+    rep.data.setdefault("diagnose", {}).setdefault("by_batch", {})[str(batch)] = {
+        "repetitions": reps,
+        "variants": figures,
+    }
+    rep.line(
+        f"-- B={batch}, {len(prompts)} prompts x {new_tokens} new tokens; tokens to ms/forward: median of "
+        f"the {reps} runs; ratio = tokens/s over variant 1's; runs s: each run's seconds, repetition order"
     )
     rep.table(
-        ["variant", "tokens", "forwards", "seconds", "tokens/s", "ms/forward", "ratio", "peak GiB", "note"],
+        [
+            "variant",
+            "tokens",
+            "forwards",
+            "seconds",
+            "tokens/s",
+            "ms/forward",
+            "ratio",
+            "min-max s",
+            "runs s",
+            "warm-up s",
+            "peak GiB",
+            "note",
+        ],
         rows,
     )
     rep.save()
@@ -859,31 +1003,32 @@ def diag_profile(
         rep.save()
 
 
-def part_diagnose(plan: Plan, device: torch.device, clock: Clock, rep: Report) -> None:
+def part_diagnose(plan: Plan, device: torch.device, clock: Clock, rep: Report, profile: bool = False) -> None:
     tok, model, prompts, _ = setup_generation(plan, device, rep)
     variants = diag_variants(model, tok, prompts, device)
     counter = ForwardCounter(model)
     big = max(plan.batch_sizes)
-    steps: list[tuple[str, Callable[[], None]]] = [
-        ("sampler micro-benchmark", lambda: diag_sampler_micro(big, plan.gen_model.vocab, device, rep)),
-        ("syncs", lambda: diag_syncs(variants, prompts, min(big, 8), device, counter, rep)),
-    ]
-    for b in sorted(plan.batch_sizes, reverse=True):
+    steps: list[tuple[str, Callable[[], None]]] = []
+    if profile:
         steps.append(
-            (
-                f"variants B={b}",
-                lambda b=b: diag_generation(
-                    variants, prompts, b, plan.new_tokens, device, counter, clock, rep
-                ),
-            )
+            ("sampler micro-benchmark", lambda: diag_sampler_micro(big, plan.gen_model.vocab, device, rep))
         )
-    # Last, so no profiler state can touch the timings above.
+    steps.append(("syncs", lambda: diag_syncs(variants, prompts, min(big, 8), device, counter, rep)))
     steps.append(
         (
-            "profile",
-            lambda: diag_profile(variants, prompts, big, min(16, plan.new_tokens), device, counter, rep),
+            f"variants B={big}",
+            lambda: diag_generation(variants, prompts, big, plan.new_tokens, device, counter, clock, rep),
         )
     )
+    if profile:  # last, so no profiler state can touch the timings above
+        steps.append(
+            (
+                "profile",
+                lambda: diag_profile(variants, prompts, big, min(16, plan.new_tokens), device, counter, rep),
+            )
+        )
+    else:
+        rep.line("(sampler micro-benchmark and profiler: only with --profile)")
     try:
         for name, step in steps:
             rep.line()
@@ -1164,8 +1309,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--diagnose",
         action="store_true",
-        help="only section 1b: why the engine is slower than model.generate (variants, "
-        "sampler micro-benchmark, syncs, profile); no sections 1 and 2",
+        help="only section 1b: why the engine is slower than model.generate (syncs, the timed "
+        "variants at the largest batch size); no sections 1 and 2",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="with --diagnose, also the PerRowSampler micro-benchmark and the torch.profiler tables",
     )
     args = parser.parse_args(argv)
     if args.time_limit is None:
@@ -1197,7 +1347,11 @@ def main(argv: list[str] | None = None) -> int:
         "peft": peft.__version__,
         "numpy": np.__version__,
     }
-    mode = ("smoke" if args.smoke else "full") + (" diagnose" if args.diagnose else "")
+    mode = (
+        ("smoke" if args.smoke else "full")
+        + (" diagnose" if args.diagnose else "")
+        + (" profile" if args.diagnose and args.profile else "")
+    )
     rep.data.update(
         {
             "mode": mode,
@@ -1219,9 +1373,9 @@ def main(argv: list[str] | None = None) -> int:
         g = plan.gen_model
         rep.line(
             f"== 1b. diagnosis: engine vs model.generate ({g.hidden}-hidden, {g.layers} layers, "
-            f"vocab {g.vocab}, bf16; batch sizes {sorted(plan.batch_sizes, reverse=True)})"
+            f"vocab {g.vocab}, bf16; batch size {max(plan.batch_sizes)})"
         )
-        run_part("diagnose", lambda: part_diagnose(plan, device, clock, rep), clock, rep)
+        run_part("diagnose", lambda: part_diagnose(plan, device, clock, rep, args.profile), clock, rep)
         free(device)
 
     if "generation" not in skip:
