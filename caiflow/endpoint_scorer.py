@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from caiflow.config import OpenAIEndpointConfig
+from caiflow.step_config import OpenAIEndpointConfig
 
 log = logging.getLogger(__name__)
 

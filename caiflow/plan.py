@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from caiflow.config import Config, OpenAIEndpointConfig, PromptSource
+from caiflow.config import Config
 from caiflow.models import ResolvedModel, folder_digest, resolve_model
 from caiflow.pipeline import PIPELINE, spec
+from caiflow.step_config import OpenAIEndpointConfig, PromptSource
 from caiflow.store import fingerprint
 
 

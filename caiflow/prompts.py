@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 if TYPE_CHECKING:  # only for annotations: reading prompts needs just the fields
-    from caiflow.config import PromptSource
+    from caiflow.step_config import PromptSource
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ from typing import Any
 import pandas as pd
 
 from caiflow import schemas
-from caiflow.config import SamplingConfig
 from caiflow.critique import Sampler, distill_rows, run_rows
 from caiflow.generation import GenerationEngine, Sampling
 from caiflow.models import load_model_and_tokenizer
@@ -25,6 +24,7 @@ from caiflow.plan import critique_row_context
 from caiflow.prompt_filters import kept_prompts
 from caiflow.refusal import is_refusal
 from caiflow.sharded import ShardedOutput, reusable_rows
+from caiflow.step_config import SamplingConfig
 from tasks.common import Progress, markdown_stats, retry_scaled
 from tasks.harness import StepContext, StepOutput
 

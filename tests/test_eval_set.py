@@ -8,10 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from caiflow.config import ConfigError, PromptSource, build_config
+from caiflow.config import ConfigError, build_config
 from caiflow.eval_set import evaluation_prompts
 from caiflow.prompt_filters import clean_prompts, split_prompts
 from caiflow.prompts import LOOKALIKE_PATH, load_prompts
+from caiflow.step_config import PromptSource
 
 ROOT = Path(__file__).resolve().parents[1]
 

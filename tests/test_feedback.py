@@ -11,7 +11,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from caiflow.config import OpenAIEndpointConfig
 from caiflow.constitution import load_constitution
 from caiflow.endpoint_scorer import EndpointChoiceScorer, EndpointError, option_logprobs
 from caiflow.feedback import (
@@ -24,6 +23,7 @@ from caiflow.feedback import (
 )
 from caiflow.generation import GenerationEngine
 from caiflow.shards import to_arrow
+from caiflow.step_config import OpenAIEndpointConfig
 from tests.logprob_server import LogprobServer, options_of, prefers_refusal
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,10 +24,11 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from caiflow.config import Config, PromptSource, build_config
+from caiflow.config import Config, build_config
 from caiflow.pipeline import STEPS, downstream
 from caiflow.plan import plan_for
 from caiflow.sections import Section, fingerprint_class
+from caiflow.step_config import PromptSource
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -55,6 +55,12 @@ def test_flow_runs_then_serves_from_cache(harness, storage):
     assert {k: v["fingerprint"] for k, v in record["steps"].items()} == {
         k: v["fingerprint"] for k, v in first["steps"].items()
     }
+    # what it ran on: the versions that can change results, and the hardware
+    import torch
+
+    packages, hardware = record["environment"]["packages"], record["environment"]["hardware"]
+    assert packages["torch"] == torch.__version__.split("+")[0] or packages["torch"] == torch.__version__
+    assert {"transformers", "trl", "peft", "prefect"} <= set(packages) and hardware["cpus"] >= 1
 
     second = run(storage)
     assert all(s["cached"] for s in second["steps"].values())

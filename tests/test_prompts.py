@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from caiflow.config import PromptSource
 from caiflow.constitution import load_constitution
 from caiflow.prompt_filters import cap_prompts, clean_prompts, normalise, prompt_id, split_prompts
 from caiflow.prompts import BUILTIN_PATH, PromptSourceError, load_prompts, load_source
+from caiflow.step_config import PromptSource
 
 ROOT = Path(__file__).resolve().parents[1]
 HARMLESS = ROOT / "constitutions" / "harmless.yaml"
