@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,36 +101,49 @@ def check_inputs(cfg: Any) -> None:
             check_fits_context(load_prompts(sources, Path(cfg.base_dir)), context, count)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def run_flow(args: argparse.Namespace, call: Callable[[], Any]) -> tuple[int, Any]:
+    """Check the inputs before Prefect starts, then `call()` the flow: (exit code, its result).
+
+    Bad input is one line on stderr and exit 2, before any step; a failure during the run is
+    exit 1 (Prefect has logged the traceback).
+    """
     from caiflow.config import load_config
 
     errors = input_errors()
-    t0 = time.monotonic()
     try:
         cfg = load_config(args.config, args.set or [], args.storage)
         check_inputs(cfg)
     except errors as exc:
         print(f"caiflow: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
+        return EXIT_BAD_INPUT, None
     # Prefect's cache records live beside the artifacts they point at (read when Prefect is imported).
     os.environ.setdefault(
         "PREFECT_LOCAL_STORAGE_PATH", str(Path(cfg.run.storage).resolve() / "prefect-results")
     )
-    from flows.constitutional_ai import constitutional_ai
-
     try:
-        result = constitutional_ai(
-            config=str(args.config), overrides=list(args.set or []), storage=args.storage, until=args.until
-        )
+        return 0, call()
     except errors as exc:
         print(f"caiflow: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT, None
     except Exception as exc:  # noqa: BLE001 - report and exit non-zero; Prefect logged the traceback
         print(f"caiflow: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    print(_summary_table(result, time.monotonic() - t0))
-    return 0
+        return EXIT_FAILED, None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+
+    def call() -> Any:
+        from flows.constitutional_ai import constitutional_ai
+
+        return constitutional_ai(
+            config=str(args.config), overrides=list(args.set or []), storage=args.storage, until=args.until
+        )
+
+    code, result = run_flow(args, call)
+    if code == 0:
+        print(_summary_table(result, time.monotonic() - t0))
+    return code
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -161,30 +175,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """The constitution and its inverted control through evaluate, then one side-by-side report."""
-    from caiflow.config import load_config
-
-    errors = input_errors()
     t0 = time.monotonic()
-    try:
-        cfg = load_config(args.config, args.set or [], args.storage)
-        check_inputs(cfg)
-    except errors as exc:
-        print(f"caiflow: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    os.environ.setdefault(
-        "PREFECT_LOCAL_STORAGE_PATH", str(Path(cfg.run.storage).resolve() / "prefect-results")
-    )
-    from caiflow.compare import compare_table
-    from flows.constitutional_ai import compare
 
-    try:
-        result = compare(config=str(args.config), overrides=list(args.set or []), storage=args.storage)
-    except errors as exc:
-        print(f"caiflow: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as exc:  # noqa: BLE001 - report and exit non-zero; Prefect logged the traceback
-        print(f"caiflow: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    def call() -> Any:
+        from flows.constitutional_ai import compare
+
+        return compare(config=str(args.config), overrides=list(args.set or []), storage=args.storage)
+
+    code, result = run_flow(args, call)
+    if code != 0:
+        return code
+    from caiflow.compare import compare_table
+
     for arm, arm_result in result["arms"].items():
         steps = arm_result["steps"]
         computed = [step for step, s in steps.items() if not s["cached"]]
