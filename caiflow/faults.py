@@ -7,6 +7,10 @@ out-of-memory killer does) the first time execution reaches ``<point>``. Points:
 - ``<step>:checkpoint:<n>`` after a training step saved its checkpoint at optimiser step n
 - ``after:<step>``          after a step finished, before the next one starts
 
+``CAIFLOW_FAULT_KILL_WORKER=<step>:shard:<n>`` SIGKILLs the Ray worker process making shard n, in the
+middle of the shard (model loaded, rows not returned), once per storage root: a marker file under
+``<storage>/faults/`` stops the restarted worker from being killed again (`kill_worker_once`).
+
 ``CAIFLOW_FAULT_STEP=<step>:<kind>:<n>`` fails the first n attempts of a step before it does any
 work, with ``kind`` ``oom`` (the real out-of-memory exception: Prefect retries it) or ``bug``
 (a RuntimeError: never retried).
@@ -25,8 +29,10 @@ import gc
 import logging
 import os
 import signal
+from pathlib import Path
 
 KILL_ENV = "CAIFLOW_FAULT_KILL"
+KILL_WORKER_ENV = "CAIFLOW_FAULT_KILL_WORKER"
 STEP_ENV = "CAIFLOW_FAULT_STEP"
 OOM_ABOVE_ENV = "CAIFLOW_FAULT_OOM_ABOVE_BATCH"
 
@@ -39,6 +45,24 @@ def kill_point(point: str) -> None:
         log.warning("fault injection: SIGKILL at %s", point)
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_worker_once(point: str, fault: str | None, storage: str) -> None:
+    """SIGKILL this (Ray worker) process at `point` if it is the `fault` given, the first time only.
+
+    The driver reads CAIFLOW_FAULT_KILL_WORKER and passes it along (a Ray worker's environment is the
+    cluster's, not the run's); the marker file makes the fault fire once, not after every restart.
+    """
+    if not fault or fault != point:
+        return
+    marker = Path(storage) / "faults" / f"{point.replace(':', '-')}.fired"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        marker.open("x").close()
+    except FileExistsError:
+        return
+    log.warning("fault injection: SIGKILL of the worker at %s", point)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fail_attempt(step: str, attempt: int) -> None:

@@ -66,6 +66,18 @@ class ShardedOutput:
         self.writer.write(shard.index, rows)
         kill_point(f"{self.step}:shard:{shard.index}")
 
+    def todo(self, shard: Shard, reusable: dict[str, dict]) -> list[dict[str, Any]]:
+        """The records of a shard that need generating (the others are in `reusable`)."""
+        return [r for r in shard.records if r[self.key] not in reusable]
+
+    def assemble(self, shard: Shard, made: Rows, reusable: dict[str, dict]) -> Rows:
+        """A shard's rows in its records' order: those just `made` and the reused ones."""
+        if len(made) == len(shard.records):
+            return made
+        made_rows = made.to_dict(orient="records") if isinstance(made, pd.DataFrame) else list(made)
+        by_key = {**reusable, **{r[self.key]: r for r in made_rows}}
+        return [by_key[r[self.key]] for r in shard.records]
+
     def run(
         self,
         make: Callable[[list[dict[str, Any]]], Rows],
@@ -75,7 +87,8 @@ class ShardedOutput:
         """Make and write every pending shard in order; `make` turns input records into output rows.
 
         Returns `rows_generated` (made by this call) and `rows_reused` (the rest: rows of earlier
-        runs in `reusable`, or shards an interrupted attempt already finished).
+        runs in `reusable`, or shards an interrupted attempt already finished). This is the
+        in-process executor; `tasks/shards.py` runs the same shards on a Ray cluster.
         """
         reusable = reusable or {}
         done = self.done_rows
@@ -83,19 +96,15 @@ class ShardedOutput:
         if on_progress is not None:
             on_progress(done)
         for shard in self.pending:
-            todo = [r for r in shard.records if r[self.key] not in reusable]
-            if len(todo) == len(shard.records):
-                rows: Rows = make(todo)
-            else:
-                made = make(todo) if todo else []
-                made_rows = made.to_dict(orient="records") if isinstance(made, pd.DataFrame) else list(made)
-                by_key = {**reusable, **{r[self.key]: r for r in made_rows}}
-                rows = [by_key[r[self.key]] for r in shard.records]
-            self.write(shard, rows)
+            todo = self.todo(shard, reusable)
+            self.write(shard, self.assemble(shard, make(todo) if todo else [], reusable))
             generated += len(todo)
             done += len(shard.records)
             if on_progress is not None:
                 on_progress(done)
+        return self.counts(generated)
+
+    def counts(self, generated: int) -> dict[str, int]:
         return {"rows_generated": generated, "rows_reused": len(self.records) - generated}
 
 

@@ -124,6 +124,37 @@ class SamplingConfig(Section):
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
 
 
+class ExecutorConfig(Section):
+    """Where generation shards run. Not fingerprinted: per-row seeds make a shard's rows the same wherever
+    it runs (tests/test_ray.py runs the tiny preset both ways and compares the data)."""
+
+    kind: Literal["local", "ray"] = not_fingerprinted(
+        "local",
+        description="'local': shards run one after another in the step's own process (the default); 'ray': "
+        "each shard of critique-revision, preference sampling and the baseline answers goes to a Ray cluster "
+        "as a Prefect task (shown in the UI with its retries), made by actors that keep the model loaded.",
+    )
+    address: str = not_fingerprinted(
+        "auto",
+        description="The Ray cluster: 'HOST:PORT' of its head (`ray start --head --port PORT`), "
+        "'ray://HOST:10001' (Ray client), or 'auto' (the cluster this machine joined with `ray start`).",
+    )
+    actors: int | None = not_fingerprinted(
+        None,
+        ge=1,
+        description="Ray actors holding the model, each taking one shard at a time; empty: one per GPU of "
+        "the cluster (each actor gets its own GPU), or one per CPU on a cluster without GPUs.",
+    )
+    cpus_per_actor: float = not_fingerprinted(
+        1.0, gt=0, description="CPUs Ray reserves for each actor (its torch threads on a CPU-only cluster)."
+    )
+    shard_retries: int = not_fingerprinted(
+        3,
+        ge=0,
+        description="Times Prefect retries a shard whose Ray worker or node died (a bug is never retried).",
+    )
+
+
 class GenerationConfig(Section):
     # Fingerprinted: a row's logits depend on the padding of its batch at the level of float noise,
     # which can flip a sampled token and so the rest of the answer (see README, "Caching and resume").
@@ -133,6 +164,12 @@ class GenerationConfig(Section):
     # Fingerprinted too: a shard's rows are generated together, so the shard size also cuts the batches.
     shard_size: int = Field(
         64, ge=1, description="Rows per Parquet shard; a crash redoes at most the open shard."
+    )
+    # Not fingerprinted (the section as a whole): where shards run does not change their rows.
+    executor: ExecutorConfig = Field(
+        default_factory=ExecutorConfig,
+        json_schema_extra={"fingerprint": False},
+        description="Where generation shards run: in the step's process, or on a Ray cluster.",
     )
 
 

@@ -47,6 +47,7 @@ def input_errors() -> tuple[type[BaseException], ...]:
     from caiflow.constitution import ConstitutionError
     from caiflow.models import ModelNotFoundError
     from caiflow.prompts import PromptSourceError
+    from caiflow.ray_pool import ExecutorError
     from caiflow.store import StoreError
 
     return (
@@ -56,6 +57,7 @@ def input_errors() -> tuple[type[BaseException], ...]:
         ModelNotFoundError,
         CategorizeError,
         StoreError,
+        ExecutorError,
     )
 
 
@@ -77,6 +79,24 @@ def _summary_table(result: dict[str, Any], seconds: float) -> str:
     return "\n".join(lines)
 
 
+def check_executor(cfg: Any) -> None:
+    """A Ray executor's cluster answers (one line naming the fix when it does not)."""
+    from caiflow.ray_pool import check_reachable
+
+    if cfg.generation.executor.kind == "ray":
+        check_reachable(cfg.generation.executor.address)
+
+
+def executor_overrides(args: argparse.Namespace) -> list[str]:
+    """`--executor` and `--ray-address` as the `--set` overrides they stand for (after the user's own)."""
+    out = []
+    if getattr(args, "executor", None):
+        out.append(f"generation.executor.kind={args.executor}")
+    if getattr(args, "ray_address", None):
+        out.append(f"generation.executor.address={args.ray_address}")
+    return out
+
+
 def check_inputs(cfg: Any) -> None:
     """Validate the cheap things before starting Prefect: constitution, the judge's principle, storage,
     prompt sources (training and evaluation: readable, with the expected columns, within the context)
@@ -91,6 +111,7 @@ def check_inputs(cfg: Any) -> None:
     load_constitution(cfg.constitution_path(), cfg.constitution.invert, cfg.constitution.principles)
     judge_question(cfg)  # the judge's principle exists in the whole constitution
     Store(cfg.run.storage)
+    check_executor(cfg)
     model = resolve_model(cfg.model.name, cfg.run.storage, cfg.model.revision, cfg.model.tiny.model_dump())
     count, context = (
         token_counter(load_tokenizer(model.path, cfg.model.trust_remote_code)),
@@ -111,7 +132,8 @@ def run_flow(args: argparse.Namespace, call: Callable[[], Any]) -> tuple[int, An
 
     errors = input_errors()
     try:
-        cfg = load_config(args.config, args.set or [], args.storage)
+        args.set = list(args.set or []) + executor_overrides(args)
+        cfg = load_config(args.config, args.set, args.storage)
         check_inputs(cfg)
     except errors as exc:
         print(f"caiflow: error: {exc}", file=sys.stderr)
@@ -254,6 +276,20 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_executor_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        help="where generation shards run (generation.executor.kind): in the step's process (local, the "
+        "default) or on a Ray cluster (ray)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="the Ray cluster's head (generation.executor.address), as printed by `ray start --head`",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="caiflow", description="Constitutional AI pipeline on Prefect.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(STEPS),
         help="stop after this step (default: evaluate, the whole pipeline)",
     )
+    add_executor_options(run)
     run.set_defaults(func=cmd_run)
     cmp = sub.add_parser("compare", help="run the constitution and its inverted control, report side by side")
     cmp.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
@@ -279,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)"
     )
+    add_executor_options(cmp)
     cmp.set_defaults(func=cmd_compare)
     status = sub.add_parser(
         "status", help="which steps the store has for a config, and why the others would run"

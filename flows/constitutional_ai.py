@@ -21,6 +21,7 @@ from caiflow.environment import environment
 from caiflow.faults import kill_point
 from caiflow.pipeline import steps_until
 from caiflow.plan import plan_for
+from caiflow.ray_pool import check_reachable
 from caiflow.store import Store
 from tasks.common import logger
 from tasks.harness import call_step
@@ -44,6 +45,8 @@ def run_pipeline(cfg: Config, until: str = "evaluate") -> dict[str, Any]:
     started = datetime.now(timezone.utc).isoformat()
     store = Store(cfg.run.storage)
     t0 = time.monotonic()
+    if cfg.generation.executor.kind == "ray":  # an unreachable cluster stops the run before any step
+        check_reachable(cfg.generation.executor.address)
     resolved = plan_for(cfg)
     model, constitution, plan = resolved.model, resolved.constitution, resolved.plan
     log.info("model %s ready in %.1f s at %s", model.identity, time.monotonic() - t0, model.path)

@@ -9,22 +9,47 @@ this step and compare their stages against the very same base answers.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from caiflow import schemas
+from caiflow.config import Config
 from caiflow.eval_set import evaluation_prompts
 from caiflow.generation import Sampling
-from caiflow.models import policy_engine
+from caiflow.models import ResolvedModel, policy_engine
 from caiflow.refusal import is_refusal
 from caiflow.seeds import row_seed
 from caiflow.sharded import ShardedOutput
 from tasks.common import Progress, markdown_stats, retry_scaled
 from tasks.harness import StepContext, StepOutput
+from tasks.shards import run_shards
 
 
 def eval_sampling(cfg: Any) -> Sampling:
     s = cfg.evaluate.sampling
     return Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
+
+
+class BaseAnswers:
+    """Evaluation prompt records -> the base model's answers. Loads the model on first use; picklable
+    before that, so a Ray actor builds it once and keeps it."""
+
+    def __init__(self, cfg: Config, model: ResolvedModel, batch_size: int):
+        self.cfg, self.model, self.batch_size = cfg, model, batch_size
+        self.engine: Any = None
+
+    def __call__(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        if self.engine is None:
+            self.engine = policy_engine("base", cfg.model, self.model, {}, self.batch_size)
+        convs = [[{"role": "user", "content": r["prompt"]}] for r in chunk]
+        seeds = [row_seed(cfg.run.seed, r["prompt_id"], "eval") for r in chunk]
+        answers = self.engine.generate(convs, eval_sampling(cfg), seeds)
+        return [{**r, "answer": a, "refused": is_refusal(a)} for r, a in zip(chunk, answers)]
+
+    def metrics(self) -> dict[str, Any]:
+        """The engine's out-of-memory back-off, when it ran here."""
+        return self.engine.oom_metrics(self.batch_size) if self.engine else {}
 
 
 def run(ctx: StepContext) -> StepOutput:
@@ -39,18 +64,11 @@ def run(ctx: StepContext) -> StepOutput:
         ctx.store, ctx.step, ctx.fingerprint, schemas.BASELINE, cfg.generation.shard_size, records
     )
     progress = Progress("baseline-progress", len(records), "base model answers")
-    sampling, start_batch = eval_sampling(cfg), retry_scaled(cfg.generation.batch_size)
-    loaded: dict[str, Any] = {}
-
-    def make(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if not loaded:
-            loaded["engine"] = policy_engine("base", cfg.model, ctx.model, {}, start_batch)
-        convs = [[{"role": "user", "content": r["prompt"]}] for r in chunk]
-        seeds = [row_seed(cfg.run.seed, r["prompt_id"], "eval") for r in chunk]
-        answers = loaded["engine"].generate(convs, sampling, seeds)
-        return [{**r, "answer": a, "refused": is_refusal(a)} for r, a in zip(chunk, answers)]
-
-    generated = output.run(make, on_progress=lambda done: progress.update(done, force=True))
+    start_batch = retry_scaled(cfg.generation.batch_size)
+    factory = partial(BaseAnswers, cfg, ctx.model, start_batch)
+    generated, maker = run_shards(
+        ctx, output, factory, start_batch, on_progress=lambda done: progress.update(done, force=True)
+    )
     df = ctx.store.read_table(ctx.artifact_dir)
     red, benign = df[df["kind"] == "red-team"], df[df["kind"] == "benign"]
     metrics: dict[str, Any] = {
@@ -63,8 +81,8 @@ def run(ctx: StepContext) -> StepOutput:
         "base_refuses_red_team": round(float(red["refused"].mean()), 4) if len(red) else None,
         "base_refuses_benign": round(float(benign["refused"].mean()), 4) if len(benign) else None,
     }
-    if loaded:
-        metrics.update(loaded["engine"].oom_metrics(start_batch))
+    if maker is not None:
+        metrics.update(maker.metrics())
     return StepOutput(
         rows=len(df),
         metrics=metrics,

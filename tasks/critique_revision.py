@@ -12,14 +12,17 @@ or changed prompts.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pandas as pd
 
 from caiflow import schemas
+from caiflow.config import Config
+from caiflow.constitution import Constitution
 from caiflow.critique import Sampler, distill_rows, run_rows
 from caiflow.generation import GenerationEngine, Sampling
-from caiflow.models import load_model_and_tokenizer
+from caiflow.models import ResolvedModel, load_model_and_tokenizer
 from caiflow.plan import critique_row_context
 from caiflow.prompt_filters import kept_prompts
 from caiflow.refusal import is_refusal
@@ -27,6 +30,7 @@ from caiflow.sharded import ShardedOutput, reusable_rows
 from caiflow.step_config import SamplingConfig
 from tasks.common import Progress, markdown_stats, retry_scaled
 from tasks.harness import StepContext, StepOutput
+from tasks.shards import run_shards
 
 
 def _sampling(s: SamplingConfig) -> Sampling:
@@ -51,43 +55,12 @@ def run(ctx: StepContext) -> StepOutput:
         len(reusable),
     )
     progress = Progress("critique-revision-progress", len(records), "critique-revision rows")
-    sampler = Sampler(_sampling(c.answer), _sampling(c.critique), _sampling(c.revision))
     start_batch = retry_scaled(cfg.generation.batch_size)
-    engine: GenerationEngine | None = None
-
-    def make(todo: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        nonlocal engine
-        if engine is None:  # loaded only when some row is not reusable
-            model_obj, tok = load_model_and_tokenizer(
-                ctx.model, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code
-            )
-            engine = GenerationEngine(model_obj, tok, batch_size=start_batch)
-        if c.method == "context_distillation":
-            return distill_rows(
-                engine,
-                ctx.constitution,
-                todo,
-                sampling=sampler.answer,
-                seed=cfg.run.seed,
-                samples=c.samples_per_prompt,
-                prefer_refusals=c.prefer_refusals,
-                answer_benign=c.answer_benign,
-            )
-        return run_rows(
-            engine,
-            ctx.constitution,
-            todo,
-            rounds=c.rounds,
-            few_shot=c.few_shot,
-            sampler=sampler,
-            seed=cfg.run.seed,
-            answer_benign=c.answer_benign,
-            principle_prompt=c.principle_system_prompt,
-        )
-
-    counts = output.run(make, reusable, on_progress=lambda done: progress.update(done, force=True))
+    factory = partial(CritiqueRows, cfg, ctx.constitution, ctx.model, start_batch)
+    on_progress = lambda done: progress.update(done, force=True)  # noqa: E731
+    counts, maker = run_shards(ctx, output, factory, start_batch, reusable, on_progress)
     df = ctx.store.read_table(ctx.artifact_dir)
-    metrics = {**sl_metrics(df), **counts, **(engine.oom_metrics(start_batch) if engine else {})}
+    metrics = {**sl_metrics(df), **counts, **(maker.metrics() if maker else {})}
     return StepOutput(
         rows=len(df),
         metrics=metrics,
@@ -113,6 +86,51 @@ def run(ctx: StepContext) -> StepOutput:
             )
         ],
     )
+
+
+class CritiqueRows:
+    """Train prompt records -> SL-CAI rows. Loads the model on first use; picklable before that, so a Ray
+    actor can build it from its settings and keep it (and the model) for every shard it makes."""
+
+    def __init__(self, cfg: Config, constitution: Constitution, model: ResolvedModel, batch_size: int):
+        self.cfg, self.constitution, self.model, self.batch_size = cfg, constitution, model, batch_size
+        c = cfg.critique_revision
+        self.sampler = Sampler(_sampling(c.answer), _sampling(c.critique), _sampling(c.revision))
+        self.engine: GenerationEngine | None = None
+
+    def __call__(self, todo: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        cfg, c = self.cfg, self.cfg.critique_revision
+        if self.engine is None:  # loaded only when some row is not reusable
+            model_obj, tok = load_model_and_tokenizer(
+                self.model, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code
+            )
+            self.engine = GenerationEngine(model_obj, tok, batch_size=self.batch_size)
+        if c.method == "context_distillation":
+            return distill_rows(
+                self.engine,
+                self.constitution,
+                todo,
+                sampling=self.sampler.answer,
+                seed=cfg.run.seed,
+                samples=c.samples_per_prompt,
+                prefer_refusals=c.prefer_refusals,
+                answer_benign=c.answer_benign,
+            )
+        return run_rows(
+            self.engine,
+            self.constitution,
+            todo,
+            rounds=c.rounds,
+            few_shot=c.few_shot,
+            sampler=self.sampler,
+            seed=cfg.run.seed,
+            answer_benign=c.answer_benign,
+            principle_prompt=c.principle_system_prompt,
+        )
+
+    def metrics(self) -> dict[str, Any]:
+        """The engine's out-of-memory back-off, when it ran here."""
+        return self.engine.oom_metrics(self.batch_size) if self.engine else {}
 
 
 def sl_metrics(df: pd.DataFrame) -> dict[str, Any]:

@@ -10,19 +10,24 @@ bias; pairs with identical answers or an undecided label are kept with a `drop_r
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pandas as pd
 
 from caiflow import schemas
+from caiflow.config import Config
+from caiflow.constitution import Constitution
 from caiflow.feedback import contrastive_pairs, feedback_metrics, label_pairs
 from caiflow.generation import Sampling
-from caiflow.models import choice_scorer, policy_engine
+from caiflow.models import ResolvedModel, choice_scorer, policy_engine
 from caiflow.prompt_filters import kept_prompts
 from caiflow.seeds import row_seed
 from caiflow.sharded import ShardedOutput
+from caiflow.store import ArtifactRef
 from tasks.common import Progress, markdown_stats, retry_scaled
 from tasks.harness import StepContext, StepOutput
+from tasks.shards import run_shards
 
 
 def run(ctx: StepContext) -> StepOutput:
@@ -44,63 +49,13 @@ def run(ctx: StepContext) -> StepOutput:
         p.feedback_model,
     )
     progress = Progress("preferences-progress", len(records), "preference pairs")
-    sampling = Sampling(
-        max_new_tokens=p.sampling.max_new_tokens, temperature=p.sampling.temperature, top_p=p.sampling.top_p
-    )
     start_batch = retry_scaled(cfg.generation.batch_size)
-    loaded: dict[str, Any] = {}
-
-    def make(chunk: list[dict[str, Any]]) -> pd.DataFrame:
-        if not loaded:  # every pair depends on the SL model: load it once there is work
-            loaded["engine"] = policy_engine("sl", cfg.model, ctx.model, ctx.upstream, start_batch)
-        made = {}
-        contrastive = [r for r in chunk if r["pair_kind"] == "contrastive"]
-        if contrastive:
-            pairs = pair_answers(loaded["engine"], contrastive, sampling, cfg.run.seed, contrastive_prompts)
-            for row in contrastive_pairs(pairs, ctx.constitution, cfg.run.seed, p.contrastive_label).to_dict(
-                orient="records"
-            ):
-                made[(row["prompt_id"], "contrastive")] = row
-        feedback = [r for r in chunk if r["pair_kind"] == "feedback"]
-        if feedback:
-            if "scorer" not in loaded:
-                loaded["scorer"] = choice_scorer(
-                    p.feedback_model,
-                    p.openai,
-                    cfg.model,
-                    ctx.model,
-                    ctx.upstream,
-                    start_batch,
-                    engines={"sl": loaded["engine"]},
-                )
-            pairs = pair_answers(loaded["engine"], feedback, sampling, cfg.run.seed, None)
-            labelled = label_pairs(
-                loaded["scorer"],
-                ctx.constitution,
-                pairs,
-                seed=cfg.run.seed,
-                principles_per_pair=p.principles_per_pair,
-                clamp=tuple(p.clamp) if p.clamp else None,
-                margin=p.undecided_margin,
-            )
-            for row in labelled.to_dict(orient="records"):
-                made[(row["prompt_id"], "feedback")] = row
-        return pd.DataFrame(
-            [made[(r["prompt_id"], r["pair_kind"])] for r in chunk], columns=schemas.PREFERENCES.names
-        )
-
-    system = ctx.constitution.as_system_prompt()
-    opposite = ctx.constitution.opposite_system_prompt()
-
-    def contrastive_prompts(row: dict[str, Any]) -> tuple[str | None, str]:
-        """(system prompt of the chosen side, of the rejected side) for one prompt."""
-        if row["kind"] == "red-team":
-            return system, opposite
-        return None, p.benign_refusal_prompt  # a plain answer against a needless refusal
-
+    factory = partial(PreferenceRows, cfg, ctx.constitution, ctx.model, ctx.upstream, start_batch)
     # every pair depends on the SL model, so nothing is reused across runs; only shards that an
     # interrupted attempt at this same artifact left finished are taken as they are
-    counts = output.run(make, on_progress=lambda done: progress.update(done, force=True))
+    counts, maker = run_shards(
+        ctx, output, factory, start_batch, on_progress=lambda done: progress.update(done, force=True)
+    )
     df = ctx.store.read_table(ctx.artifact_dir)
     feedback = df[df["pair_kind"] == "feedback"]
     # the feedback model's label statistics describe its own pairs only; contrastive labels are set
@@ -108,8 +63,8 @@ def run(ctx: StepContext) -> StepOutput:
     metrics["rows"], metrics["kept"] = int(len(df)), int(df["drop_reason"].isna().sum())
     for kind, rows in df.groupby("pair_kind"):
         metrics[f"pairs_{kind}"] = int(rows["drop_reason"].isna().sum())
-    if loaded:
-        metrics.update(loaded["engine"].oom_metrics(start_batch))
+    if maker is not None:
+        metrics.update(maker.metrics())
     return StepOutput(
         rows=len(df),
         metrics=metrics,
@@ -133,6 +88,78 @@ def run(ctx: StepContext) -> StepOutput:
             )
         ],
     )
+
+
+class PreferenceRows:
+    """Preference records -> pairs (contrastive and/or AI-feedback). Loads the SL model (and the feedback
+    scorer) on first use; picklable before that, so a Ray actor builds it once and keeps it."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        constitution: Constitution,
+        model: ResolvedModel,
+        upstream: dict[str, ArtifactRef],
+        batch_size: int,
+    ):
+        self.cfg, self.constitution, self.model = cfg, constitution, model
+        self.upstream, self.batch_size = upstream, batch_size
+        s = cfg.preferences.sampling
+        self.sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
+        self.system, self.opposite = constitution.as_system_prompt(), constitution.opposite_system_prompt()
+        self.loaded: dict[str, Any] = {}
+
+    def contrastive_prompts(self, row: dict[str, Any]) -> tuple[str | None, str]:
+        """(system prompt of the chosen side, of the rejected side) for one prompt."""
+        if row["kind"] == "red-team":
+            return self.system, self.opposite
+        return None, self.cfg.preferences.benign_refusal_prompt  # a plain answer against a needless refusal
+
+    def __call__(self, chunk: list[dict[str, Any]]) -> pd.DataFrame:
+        cfg, p, loaded = self.cfg, self.cfg.preferences, self.loaded
+        if not loaded:  # every pair depends on the SL model: load it once there is work
+            loaded["engine"] = policy_engine("sl", cfg.model, self.model, self.upstream, self.batch_size)
+        made = {}
+        contrastive = [r for r in chunk if r["pair_kind"] == "contrastive"]
+        if contrastive:
+            pairs = pair_answers(
+                loaded["engine"], contrastive, self.sampling, cfg.run.seed, self.contrastive_prompts
+            )
+            for row in contrastive_pairs(pairs, self.constitution, cfg.run.seed, p.contrastive_label).to_dict(
+                orient="records"
+            ):
+                made[(row["prompt_id"], "contrastive")] = row
+        feedback = [r for r in chunk if r["pair_kind"] == "feedback"]
+        if feedback:
+            if "scorer" not in loaded:
+                loaded["scorer"] = choice_scorer(
+                    p.feedback_model,
+                    p.openai,
+                    cfg.model,
+                    self.model,
+                    self.upstream,
+                    self.batch_size,
+                    engines={"sl": loaded["engine"]},
+                )
+            pairs = pair_answers(loaded["engine"], feedback, self.sampling, cfg.run.seed, None)
+            labelled = label_pairs(
+                loaded["scorer"],
+                self.constitution,
+                pairs,
+                seed=cfg.run.seed,
+                principles_per_pair=p.principles_per_pair,
+                clamp=tuple(p.clamp) if p.clamp else None,
+                margin=p.undecided_margin,
+            )
+            for row in labelled.to_dict(orient="records"):
+                made[(row["prompt_id"], "feedback")] = row
+        return pd.DataFrame(
+            [made[(r["prompt_id"], r["pair_kind"])] for r in chunk], columns=schemas.PREFERENCES.names
+        )
+
+    def metrics(self) -> dict[str, Any]:
+        """The engine's out-of-memory back-off, when it ran here."""
+        return self.loaded["engine"].oom_metrics(self.batch_size) if self.loaded else {}
 
 
 def _examples(df: pd.DataFrame, n: int = 3) -> str:

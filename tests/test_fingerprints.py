@@ -67,6 +67,8 @@ NOT_FINGERPRINTED = {
     "tests/training/test_reward.py::test_scorer_gives_member_and_aggregated_scores",
     "rl.save_steps": "checkpoint cadence",
     "rl.logging_steps": "log cadence",
+    "generation.executor": "where shards run; per-row seeds give the same rows: "
+    "tests/test_ray.py::test_tiny_run_on_ray_gives_the_same_data_as_in_process",
 }
 # Fields fingerprinted by what they point at; the first step that reads it.
 BY_CONTENT = {
@@ -111,6 +113,7 @@ CHANGES: dict[str, Any] = {
     "model.tiny.hidden_size": 64,  # a multiple of the head count
     "model.tiny.num_heads": 8,
     "rl.per_device_batch_size": 2,  # a divisor of tiny.yaml's rl.batch_size (4)
+    "generation.executor": {"kind": "ray", "address": "10.0.0.5:6379", "actors": 3, "shard_retries": 1},
 }
 
 
