@@ -44,6 +44,8 @@ def hardware() -> dict[str, Any]:
         "memory_gib": _memory_gib(),
         "python": platform.python_version(),
         "system": platform.platform(),
+        # the card a worker gave this run (deployments/workers.py); None: every device visible
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
     try:
         import torch

@@ -11,8 +11,9 @@ It starts, in order, and stops in reverse order on Ctrl-C:
    and the `gpu` tag concurrency limit (the same number), so two runs never share a GPU;
 3. the automation that reschedules a crashed caiflow run (at most --max-reschedules times);
 4. the deployments of deployments/prefect.yaml (`prefect deploy --all`);
-5. a process worker on the `gpu` pool, which runs each flow run as a subprocess in the project
-   folder, with this environment (storage root, Prefect result storage, offline Hugging Face).
+5. one process worker per GPU on the `gpu` pool (`deployments.workers`: CUDA_VISIBLE_DEVICES set to
+   its card, one run at a time), which runs each flow run as a subprocess in the project folder,
+   with this environment (storage root, Prefect result storage, offline Hugging Face).
 
 The same pieces start the Prefect server of the test suite (tests/prefect_server.py).
 """
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from deployments.server_setup import AUTOMATION, DEPLOYMENTS, POOL, configure, set_default_preset
+from deployments.workers import WorkerSetupError, WorkerSpec, count_gpus, worker_specs
 
 log = logging.getLogger("caiflow.ui")
 
@@ -61,16 +63,6 @@ class Options:
     @property
     def ui_url(self) -> str:
         return self.api_url.removesuffix("/api")
-
-
-def count_gpus() -> int:
-    """CUDA devices here; the pool and tag limits use max(1, this) so a CPU box still runs one at a time."""
-    try:
-        import torch
-
-        return int(torch.cuda.device_count())
-    except Exception:  # noqa: BLE001 - no torch or no driver: no GPU
-        return 0
 
 
 def environment(opts: Options) -> dict[str, str]:
@@ -138,12 +130,12 @@ def _with_api(opts: Options, coro_fn, *args) -> None:
         asyncio.run(coro_fn(*args))
 
 
-async def worker_online(pool: str = POOL) -> bool:
+async def workers_online(pool: str = POOL) -> set[str]:
     from prefect.client.orchestration import get_client
 
     async with get_client() as client:
         workers = await client.read_workers_for_work_pool(pool)
-        return any(str(getattr(w.status, "value", w.status)).upper() == "ONLINE" for w in workers)
+        return {w.name for w in workers if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"}
 
 
 def _default_sigint() -> None:
@@ -176,8 +168,12 @@ class Stack:
         self.worker_output = worker_output  # None: a log file in log_dir
         self.env = environment(opts)
         self.server: subprocess.Popen | None = None
-        self.worker: subprocess.Popen | None = None
-        self.slots = max(1, opts.gpus if opts.gpus is not None else count_gpus())
+        self.workers: list[subprocess.Popen] = []
+        counted = count_gpus()
+        self.slots = max(1, opts.gpus if opts.gpus is not None else counted)
+        self.worker_specs: list[WorkerSpec] = worker_specs(
+            POOL, socket.gethostname(), opts.gpus, counted, self.env
+        )
         self._files: list[IO] = []
 
     def _log(self, name: str) -> IO:
@@ -186,14 +182,16 @@ class Stack:
         self._files.append(f)
         return f
 
-    def _prefect(self, *args: str, out: IO | int | None) -> subprocess.Popen:
+    def _prefect(
+        self, *args: str, out: IO | int | None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         # Its own session: a Ctrl-C reaches only this launcher, which stops the children in order.
         # SIGINT back to its default: Prefect's worker stops itself with SIGINT, which a launcher
         # started in the background (SIGINT ignored, and inherited) would otherwise block.
         return subprocess.Popen(
             [sys.executable, "-m", "prefect", *args],
             cwd=PROJECT,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -248,32 +246,24 @@ class Stack:
             _with_api(self.opts, set_default_preset, self.opts.preset)
         return done.stdout
 
-    def start_worker(self, timeout: float = 120) -> None:
-        out = self.worker_output if self.worker_output is not None else self._log("worker")
-        self.worker = self._prefect(
-            "worker",
-            "start",
-            "--pool",
-            POOL,
-            "--type",
-            "process",
-            "--name",
-            f"caiflow-{socket.gethostname()}",
-            "--install-policy",
-            "never",
-            out=out,
-        )
+    def start_workers(self, timeout: float = 120) -> None:
+        """One worker per GPU (`deployments.workers`), each its card's only user; wait until all are up."""
+        for spec in self.worker_specs:
+            out = self.worker_output if self.worker_output is not None else self._log(spec.name)
+            self.workers.append(self._prefect(*spec.args, out=out, env=spec.env))
+        names = {spec.name for spec in self.worker_specs}
         deadline = time.monotonic() + timeout
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings(updates={PREFECT_API_URL: self.opts.api_url}):
             while time.monotonic() < deadline:
-                if self.worker.poll() is not None:
-                    raise RuntimeError(f"the worker exited with code {self.worker.returncode}")
-                if asyncio.run(worker_online()):
+                for proc in self.workers:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"a worker exited with code {proc.returncode}")
+                if names <= asyncio.run(workers_online()):
                     return
                 time.sleep(1)
-        raise TimeoutError(f"the worker did not come online within {timeout:.0f} s")
+        raise TimeoutError(f"the workers did not come online within {timeout:.0f} s")
 
     def start(self) -> Stack:
         try:
@@ -294,15 +284,20 @@ class Stack:
             )
             self.deploy()
             log.info("deployments applied from %s", PREFECT_FILE)
-            self.start_worker()
-            log.info("worker online on pool '%s'", POOL)
+            self.start_workers()
+            log.info(
+                "worker(s) online on pool '%s': %s",
+                POOL,
+                ", ".join(f"{w.name} (CUDA_VISIBLE_DEVICES={w.device})" for w in self.worker_specs),
+            )
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self) -> None:
-        _stop(self.worker, "worker")
+        for proc in self.workers:
+            _stop(proc, "worker")
         _stop(self.server, "server")
         for f in self._files:
             f.close()
@@ -325,6 +320,7 @@ def banner(stack: Stack) -> str:
         f"caiflow on Prefect: open {o.ui_url}",
         f"  deployments   {', '.join(d.split('/')[1] for d in DEPLOYMENTS)}   ({o.ui_url}/deployments)",
         f"  work pool     {POOL} (process; {stack.slots} run(s) at a time; worker output below)",
+        f"  workers       {', '.join(f'{w.name} (GPU {w.device})' for w in stack.worker_specs)}",
         f"  quick run     {o.preset or 'configs/demo.yaml'} (the deployments' default preset)",
         f"  nightly       regenerate at 02:00 {o.timezone}",
         f"  crashed runs  rescheduled up to {o.max_reschedules} time(s)"
@@ -405,7 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         preset=args.preset,
         api=args.api_url,
     )
-    stack = Stack(opts, worker_output=sys.stdout.buffer)
+    try:
+        stack = Stack(opts, worker_output=sys.stdout.buffer)
+    except WorkerSetupError as exc:
+        print(f"caiflow ui: error: {exc}", file=sys.stderr)
+        return 2
     stopping = False
 
     def on_signal(signum, _frame):
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.start()
         print(banner(stack), flush=True)
         while True:
-            for proc, name in ((stack.server, "server"), (stack.worker, "worker")):
+            for proc, name in [(stack.server, "server")] + [(w, "worker") for w in stack.workers]:
                 if proc is not None and proc.poll() is not None:
                     log.error(
                         "the %s exited with code %s; stopping (logs in %s)",

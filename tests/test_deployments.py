@@ -57,6 +57,26 @@ def test_evaluate_stops_with_the_missing_steps_instead_of_training(model_store, 
         evaluate.fn(config=TINY, storage=str(tmp_path))
 
 
+def test_one_worker_per_gpu_each_run_sees_its_own_card():
+    """The workers `make ui` starts (what a run under one sees: test_pipeline_run_from_the_api_...)."""
+    from deployments.workers import WorkerSetupError, worker_specs
+
+    specs = worker_specs("gpu", "box", gpus=None, counted=4, env={})
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == ["0", "1", "2", "3"]
+    assert len({s.name for s in specs}) == 4
+    for s in specs:  # one run at a time per worker, all on the one pool
+        assert s.args[s.args.index("--limit") + 1] == "1" and s.args[s.args.index("--pool") + 1] == "gpu"
+    # a machine restricted to some cards: the workers take those, in order
+    restricted = worker_specs("gpu", "box", gpus=2, counted=2, env={"CUDA_VISIBLE_DEVICES": "2,5"})
+    assert [s.device for s in restricted] == ["2", "5"]
+    # --gpus on a machine without a GPU still hands out ids (what each run would see)
+    assert [s.device for s in worker_specs("gpu", "box", gpus=2, counted=0, env={})] == ["0", "1"]
+    [cpu] = worker_specs("gpu", "box", gpus=None, counted=0, env={})
+    assert cpu.device is None and "CUDA_VISIBLE_DEVICES" not in cpu.env
+    with pytest.raises(WorkerSetupError, match="--gpus 3 but CUDA_VISIBLE_DEVICES lists 2 device"):
+        worker_specs("gpu", "box", gpus=3, counted=2, env={"CUDA_VISIBLE_DEVICES": "2,5"})
+
+
 # ---------------------------------------------------------------- on the server, through the worker
 
 
@@ -98,7 +118,7 @@ def test_deployments_pool_limits_schedule_and_automation(prefect_stack):
         assert c.read_deployment_schedules(deps["constitutional-ai"].id) == []
 
         pool = c.read_work_pool("gpu")
-        assert (pool.type, pool.concurrency_limit) == ("process", 1)  # no GPU here: one run at a time
+        assert (pool.type, pool.concurrency_limit) == ("process", 1)  # the stack's one GPU: one run at a time
         assert c.read_concurrency_limit_by_tag("gpu").concurrency_limit == 1
         assert any(
             str(w.status.value if hasattr(w.status, "value") else w.status).upper() == "ONLINE"
@@ -147,6 +167,8 @@ def test_pipeline_run_from_the_api_completes_with_artifacts(prefect_stack):
     assert {k: v["fingerprint"] for k, v in record["steps"].items()} == {
         r["step"]: r["fingerprint"] for r in summary
     }
+    # the stack's one worker holds GPU 0 (deployments/workers.py), and its run saw only that card
+    assert record["environment"]["hardware"]["cuda_visible_devices"] == "0"
 
 
 @pytest.mark.slow
