@@ -46,6 +46,7 @@ from caiflow.files import (
     to_json,
 )
 from caiflow.shards import ShardWriter, parquet_rows, part_files, strip_shard_meta, to_arrow
+from caiflow.shared_fs import lock_scope_warning
 
 log = logging.getLogger("caiflow.store")
 
@@ -56,6 +57,7 @@ STORE_LAYOUT_VERSION = 1
 MANIFEST = "manifest.json"
 DATA_DIR = "data"
 WORK_DIR = "work"
+_LOCKS_CHECKED: set[Path] = set()  # storage roots whose mount was checked (caiflow/shared_fs.py)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -118,6 +120,11 @@ class Store:
             raise StoreError(
                 f"storage root '{root}' is not writable: pass --storage DIR with a folder you can write"
             ) from exc
+        if self.root not in _LOCKS_CHECKED:  # shared storage: do the locks reach other machines?
+            _LOCKS_CHECKED.add(self.root)
+            warning = lock_scope_warning(self.root)
+            if warning:
+                log.warning(warning)
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -183,7 +190,8 @@ class Store:
         """Hold the artifact's lock: one process computes a fingerprint, the others wait.
 
         An advisory `flock` on `<root>/locks/<step>-<fingerprint>.lock`: the kernel releases it when
-        its holder exits or is killed, so a crashed holder never blocks the next run. Yields True
+        its holder exits or is killed, so a crashed holder never blocks the next run. On NFS, CephFS
+        or Lustre (-o flock) it excludes other machines too (caiflow/shared_fs.py says where not). Yields True
         when held; with ``wait=False`` a lock held elsewhere yields False at once (not held).
         """
         import fcntl

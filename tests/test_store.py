@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -149,3 +150,42 @@ def test_run_record_and_unwritable_root(tmp_path):
         assert "not writable" in str(info.value) and "--storage" in str(info.value)
     finally:
         locked.chmod(0o700)
+
+
+# ---------------------------------------------------------------- shared storage: locks across machines
+
+MOUNTS = {
+    "ext4 local disk": ("/dev/sda1 / ext4 rw,relatime 0 0", None),
+    "NFSv4, shared locks": ("srv:/export /data nfs4 rw,vers=4.2,local_lock=none 0 0", None),
+    "NFSv3 nolock": ("srv:/export /data nfs rw,vers=3,nolock 0 0", "mounted with nolock"),
+    "NFSv4 local flock": ("srv:/export /data nfs4 rw,local_lock=flock 0 0", "local_lock=flock"),
+    "Lustre -o flock": ("mgs@tcp:/fs /data lustre rw,flock 0 0", None),
+    "Lustre localflock": ("mgs@tcp:/fs /data lustre rw,localflock 0 0", "without -o flock"),
+    "sshfs": ("me@host:/x /data fuse.sshfs rw 0 0", "do not share file locks"),
+    "CephFS": ("10.0.0.1:/ /data ceph rw,name=admin 0 0", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MOUNTS))
+def test_lock_scope_of_shared_filesystems(case):
+    from caiflow.shared_fs import lock_scope_warning
+
+    line, expected = MOUNTS[case]
+    mounts = "/dev/sda1 / ext4 rw 0 0\n" + line  # the longest mount point holding the path wins
+    warning = lock_scope_warning(Path("/data/caiflow"), mounts)
+    if expected is None:
+        assert warning is None, warning
+    else:
+        assert expected in warning and "\n" not in warning
+
+
+def test_store_on_a_mount_with_local_locks_says_so(tmp_path, monkeypatch, caplog):
+    from caiflow import shared_fs
+
+    fake = tmp_path / "mounts"
+    point = str(tmp_path).replace(" ", "\\040")
+    fake.write_text(f"/dev/sda1 / ext4 rw 0 0\nsrv:/export {point} nfs rw,vers=3,nolock 0 0\n")
+    monkeypatch.setattr(shared_fs, "MOUNTS", str(fake))
+    with caplog.at_level("WARNING", logger="caiflow.store"):
+        Store(tmp_path / "store")
+    assert any("remount without it" in r.getMessage() for r in caplog.records)
