@@ -15,8 +15,8 @@ filesystem and its mount options:
 
 Where the lock is local only, two machines can compute the same artifact at once. Every file still
 lands by an atomic rename and per-row seeds make both copies identical, so the cost is duplicated
-work (and one run's work folder cleaned under the other's feet), not wrong data; the store logs a
-warning naming the mount option to change (`lock_scope_warning`).
+work (at worst a failed attempt: one run's work folder cleaned under the other's feet), not wrong
+data; the store logs a warning naming the mount option to change (`lock_scope_warning`).
 """
 
 from __future__ import annotations

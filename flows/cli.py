@@ -1,7 +1,8 @@
 """The `caiflow` command line.
 
     caiflow run --config configs/demo.yaml [--storage DIR] [--set a.b=value ...] [--until STEP]
-    caiflow compare --config configs/demo.yaml [--storage DIR] [--set a.b=value ...]
+                [--executor local|ray] [--ray-address HOST:PORT]
+    caiflow compare --config configs/demo.yaml [--storage DIR] [--set a.b=value ...] [--executor ...]
     caiflow status --config configs/demo.yaml [--storage DIR] [--set a.b=value ...]
     caiflow verify [--storage DIR]
     caiflow gc [--storage DIR] [--keep-runs N] [--dry-run]
