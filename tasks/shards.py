@@ -105,15 +105,23 @@ def run_shards(
             return output.counts(generated), None
         from prefect.futures import as_completed
 
-        futures = {
-            shard_task.with_options(
-                name=f"{ctx.step}-shard-{shard.index:05d}", retries=executor.shard_retries
-            ).submit(pool, key, factory, output, shard, reusable, storage): shard
-            for shard in output.pending
-        }
-        for future in as_completed(list(futures)):
+        # Two shards in flight per actor: each actor has its next shard waiting, and a step of
+        # thousands of shards does not hold thousands of threads (the flow's runner has no bound).
+        waiting, running, window = list(output.pending), {}, 2 * len(pool.actors)
+        while waiting or running:
+            while waiting and len(running) < window:
+                shard = waiting.pop(0)
+                task_options = {
+                    "name": f"{ctx.step}-shard-{shard.index:05d}",
+                    "retries": executor.shard_retries,
+                }
+                future = shard_task.with_options(**task_options).submit(
+                    pool, key, factory, output, shard, reusable, storage
+                )
+                running[future] = shard
+            future = next(as_completed(list(running)))
             generated += future.result()  # a shard that failed for good fails the step
-            done += len(futures[future].records)
+            done += len(running.pop(future).records)
             if on_progress is not None:
                 on_progress(done)
         return output.counts(generated), None
