@@ -101,6 +101,7 @@ class ShardActor:
     def __init__(self) -> None:
         self.key: str | None = None
         self.make: Callable[[list[dict[str, Any]]], Any] | None = None
+        self.builds = 0  # row makers built (each loads its model once): one per step, not per shard
 
     def make_rows(
         self,
@@ -121,6 +122,7 @@ class ShardActor:
         if key != self.key:
             self.release()
             self.make, self.key = factory(), key
+            self.builds += 1
         assert self.make is not None
         rows = self.make(records)  # loads the model on the first shard of this step
         kill_worker_once(point, fault, storage)  # tests: die mid-shard, rows made but not returned
@@ -144,6 +146,7 @@ class ShardActor:
             "pid": os.getpid(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "builds": self.builds,
         }
 
 

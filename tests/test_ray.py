@@ -104,12 +104,13 @@ def test_tiny_run_on_ray_gives_the_same_data_as_in_process(cluster, reference, t
     rows = result["steps"]["critique_revision"]["rows"]  # tiny.yaml: 4 rows a shard
     assert len([n for n in runs if n.startswith("critique_revision-")]) == -(-rows // 4)
 
-    # one actor per (declared) GPU, each with its own device
+    # one actor per (declared) GPU, each with its own device, loading each step's model at most once
     from caiflow.ray_pool import shard_pool
 
     devices = shard_pool(cluster).devices()
     assert sorted(d["cuda_visible_devices"] for d in devices) == ["0", "1"]
     assert len({d["pid"] for d in devices}) == 2
+    assert sum(d["builds"] for d in devices) <= len(devices) * len(RAY_STEPS) < len(runs)
 
 
 def test_killed_ray_worker_is_retried_and_the_data_is_the_same(cluster, reference, tmp_path, monkeypatch):
