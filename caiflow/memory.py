@@ -10,8 +10,9 @@ What a step holds, in bytes (e = bytes per element of ``model.dtype``):
 - weights: params x e; 4-bit (qlora): linear params x 0.516 (nf4 + double-quantised block
   scales: 4 + 8/64 + 32/(64*256) bits) plus embeddings, head and norms, upcast to fp32 for
   training by ``prepare_model_for_kbit_training``, in e for inference;
-- training state: LoRA adapters are fp32 (peft upcasts them on a 16-bit base): weight, gradient
-  and AdamW's two moments, 16 bytes a parameter; full fine-tuning 4 x e a parameter;
+- training state: weight, gradient and AdamW's two moments in the trainable weight's dtype: LoRA
+  adapters are fp32 (peft upcasts them on a 16-bit base), 16 bytes a parameter, but bf16 on a
+  4-bit base (TRL casts them, after the QLoRA paper), 8 bytes; full fine-tuning 4 x e a parameter;
 - activations of one training forward/backward over T = rows x length tokens: with gradient
   checkpointing, one hidden state per layer (L*H*e*T) plus the larger of the logits phase
   (T_logits*V*(e+8): the logits, their fp32 upcast and gradient) and the layer being recomputed
@@ -241,7 +242,9 @@ def _train(
         )
     else:
         n = _lora(section, shape) + (shape.hidden if head == "score" else 0)
-        m.parts[f"{role}: LoRA {n:,} params x 16 B"] = training_state_bytes(n, 4)
+        # TRL casts a 4-bit model's adapters to bf16 (the QLoRA paper); peft keeps them fp32 otherwise
+        size = 2 if method == "qlora" else 4
+        m.parts[f"{role}: LoRA {n:,} params x {4 * size} B"] = training_state_bytes(n, size)
     ckpt = bool(section.get("gradient_checkpointing"))
     label = f"activations {rows}x{seq}" + (" (checkpointed)" if ckpt else "")
     m.parts[label] = activation_bytes(shape, e, rows, seq, ckpt, logit_tokens)

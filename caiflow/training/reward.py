@@ -190,6 +190,14 @@ def _train_member(
             peft_config=peft_config,
             callbacks=[fault_callback("reward_model")],
         )
+        if cfg.method == "qlora":
+            # TRL casts a 4-bit model's trainable weights to bf16; the score head is a plain Linear
+            # that must match the hidden states' dtype (float32 on CPU)
+            import torch
+
+            for name, param in trainer.model.named_parameters():
+                if "modules_to_save" in name and param.requires_grad:
+                    param.data = param.data.to(getattr(torch, dtype))
         return log_to_logger(trainer)
 
     outcome = train_with_backoff(build, cfg.batch_size, cfg.per_device_batch_size, work)
