@@ -129,6 +129,9 @@ def test_the_7b_preset_fits_24_gb_by_its_own_plan():
         ["reward_model.method=lora", "reward_model.shared_backbone=false", "rl.method=lora"],
     )
     assert step_memory("rl", merged.model_dump(), shapes).peak > 40 * GIB
+    # the accelerate config it names for several GPUs is shipped
+    launch = yaml.safe_load((ROOT / "configs" / cfg.launch.accelerate_config).read_text())
+    assert launch["distributed_type"] == "DEEPSPEED" and launch["deepspeed_config"]["zero_stage"] == 2
 
 
 def test_a_step_that_does_not_fit_stops_naming_the_setting():

@@ -13,8 +13,8 @@ sees ``batch_size`` sequences (per-device batch x processes x accumulation; see
 reads back; every rank writes ``launch-rank-<i>.json`` (its rank, the world size, its optimiser
 steps), so a run can show that all of them trained. An accelerate config file picks DeepSpeed
 ZeRO or FSDP (``configs/accelerate/``); without one it is plain DDP (gloo on CPU, nccl on GPU).
-Out-of-memory back-off is per process; in a launched run an out-of-memory error ends the step
-and Prefect's retry (with a halved batch) starts the launch again from the last checkpoint.
+There is no out-of-memory back-off across processes: an out-of-memory error in one of them ends
+the launch and the step (lower the per-device batch; a rerun resumes from the last checkpoint).
 """
 
 from __future__ import annotations

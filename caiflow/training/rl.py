@@ -14,6 +14,17 @@ batch halves and gradient accumulation doubles;
 TRL generates once per optimiser step for per-device x accumulation completions, so the groups and
 the result stay the same. Checkpoints (the adapter and optimiser state) live in ``work_dir``.
 
+``method: qlora`` (the 7B preset) loads the SL policy's full weights (SFT's ``merged/``, or the
+SL adapter merged once into ``work_dir/sl-merged``) quantised to 4-bit nf4 and trains the adapter
+on that (the KL reference, the adapter switched off, is the 4-bit SL policy); the saved policy is
+the adapter merged into a full-precision reload of the SL policy on the CPU.
+
+Multi-GPU: this step runs in one process on one GPU (`launch.num_processes` applies to SFT and
+the reward model only). TRL's RLOO and GRPO trainers scale out with vLLM generation, either a
+server on its own GPU (``trl vllm-serve``; ``use_vllm=True, vllm_mode="server"``) or colocated in
+each training process (``vllm_mode="colocate"`` under ``accelerate launch``); caiflow does not set
+either up yet, and the reward scorer would then run on every process.
+
 Output layout (``out_dir``)::
 
     model.safetensors, config.json, ...   the RL policy with the adapter merged in (full weights):
