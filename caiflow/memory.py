@@ -335,17 +335,16 @@ def step_memory(step: str, cfg: dict[str, Any], shapes: Shapes) -> StepMemory:
     elif step in ("baseline", "evaluate"):
         ev = cfg["evaluate"]
         seq = PROMPT_TOKENS + ev["sampling"]["max_new_tokens"]
-        gen = generation_bytes(pol, e, gen_batch, seq)
         m.add("one stage's policy at a time", pol, dtype)
-        m.parts[f"KV cache {gen_batch}x{seq}"] = gen
+        m.parts[f"KV cache {gen_batch}x{seq}"] = generation_bytes(pol, e, gen_batch, seq)
         if step == "evaluate":
-            return _evaluate(m, cfg, shapes, gen, seq)
+            return _evaluate(m, cfg, shapes, seq)
     else:
         raise ValueError(f"unknown step '{step}' for the memory plan")
     return m
 
 
-def _evaluate(m: StepMemory, cfg: dict, shapes: Shapes, gen: float, seq: int) -> StepMemory:
+def _evaluate(m: StepMemory, cfg: dict, shapes: Shapes, seq: int) -> StepMemory:
     """Stages, then the reward ensemble, then the judge: one phase at a time, the peak is the largest."""
     dtype, ev, b = cfg["model"]["dtype"], cfg["evaluate"], cfg["generation"]["batch_size"]
     e, rshape, jshape = DTYPE_BYTES[dtype], shapes.reward or shapes.policy, shapes.judge or shapes.policy
