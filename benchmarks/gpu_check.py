@@ -25,8 +25,12 @@ pydantic, trl and bitsandbytes are missing.
    (a) weights, (b) one LoRA SFT step at 1x1024 and 4x1024 (gradient checkpointing, AdamW),
    (c) the KV cache of greedy generation at batch 32, prompt 512, 256 new tokens, (d) a LoRA
    reward-model step at 4 chosen + 4 rejected x 1024, (e) loading and deleting a second 7B model
-   (a judge) next to the policy. Each measured peak stands next to the arithmetic a memory
-   planner would use, so the planner's formulas can be checked against it.
+   (a judge) next to the policy. Each measured peak stands next to the estimate of the project's
+   memory plan (``caiflow.memory``, what ``caiflow memory`` prints, without its 1 GiB runtime
+   reserve) and to the bare arithmetic, so the plan's formulas can be checked against it.
+   Earlier H200 figures (which calibrated the plan): weights 12.58 GiB (arithmetic 12.55),
+   LoRA SFT 1x1024 13.43 and 4x1024 15.71, KV cache 12.19 over the weights (arithmetic 12.00),
+   LoRA reward step 4+4x1024 17.83, judge load 25.17 and 12.61 after del.
 3. Device, library versions and timings.
 
 1b. ``--diagnose`` runs only this (no sections 1 and 2; time guard 200 s unless ``--time-limit``):
@@ -90,6 +94,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from caiflow import memory as planner  # the memory plan's arithmetic (standard library only)
 from caiflow.generation import GenerationEngine, Sampling
 
 DTYPE = torch.bfloat16
@@ -1055,19 +1060,61 @@ def part_diagnose(plan: Plan, device: torch.device, clock: Clock, rep: Report, p
 
 
 class MemoryRows:
-    """The memory table: part | measured peak GiB | arithmetic GiB | note."""
+    """The memory table: part | measured peak GiB | plan GiB (caiflow.memory) | arithmetic GiB | note.
+
+    "plan" is what `caiflow memory` estimates for the same work (its runtime reserve left out: the
+    measured figure is torch's own peak counter, which does not see the CUDA context).
+    """
 
     def __init__(self, rep: Report):
         self.rep = rep
         self.rows: list[list[Any]] = []
         rep.data.setdefault("memory", {})
 
-    def add(self, part: str, measured: float | str | None, arithmetic: float | None, note: str) -> None:
-        self.rows.append([part, measured, arithmetic, note])
+    def add(
+        self,
+        part: str,
+        measured: float | str | None,
+        arithmetic: float | None,
+        note: str,
+        planned: float | None = None,
+    ) -> None:
+        self.rows.append([part, measured, planned, arithmetic, note])
         unit = " GiB" if isinstance(measured, float) else ""
-        self.rep.line(f"  {part}: measured {_cell(measured)}{unit}, arithmetic {_cell(arithmetic)} GiB")
-        self.rep.data["memory"][part] = {"measured_gib": measured, "arithmetic_gib": arithmetic, "note": note}
+        self.rep.line(
+            f"  {part}: measured {_cell(measured)}{unit}, plan {_cell(planned)} GiB, "
+            f"arithmetic {_cell(arithmetic)} GiB"
+        )
+        self.rep.data["memory"][part] = {
+            "measured_gib": measured,
+            "plan_gib": planned,
+            "arithmetic_gib": arithmetic,
+            "note": note,
+        }
         self.rep.save()
+
+
+def plan_shape(shape: ModelShape) -> planner.Shape:
+    return planner.Shape(
+        vocab=shape.vocab,
+        hidden=shape.hidden,
+        intermediate=shape.intermediate,
+        layers=shape.layers,
+        heads=shape.heads,
+        kv_heads=shape.kv_heads,
+        tie_embeddings=shape.tie_embeddings,
+    )
+
+
+def planned_training(plan: Plan, head: str, rows: int, seq: int, logit_tokens: int | None) -> float:
+    """caiflow.memory's estimate of one LoRA step (bf16 base, fp32 adapters, checkpointing), GiB."""
+    shape = plan_shape(plan.mem_model)
+    lora = shape.lora_params(plan.lora_r) + (shape.hidden if head == "score" else 0)
+    return (
+        planner.weight_bytes(shape, 2, head)
+        + planner.training_state_bytes(lora, 4)
+        + planner.activation_bytes(shape, 2, rows, seq, True, logit_tokens)
+    ) / GIB
 
 
 def lora_config(plan: Plan, task_type: str) -> LoraConfig:
@@ -1108,6 +1155,7 @@ def part_weights_and_sft(plan: Plan, device: torch.device, clock: Clock, mem: Me
         peak_gib(device),
         weights / GIB,
         f"n_params*2; n_params {actual:,} (formula {n_params(shape):,})",
+        planner.weight_bytes(plan_shape(shape), 2) / GIB,
     )
 
     prepare_for_training(model)
@@ -1117,8 +1165,9 @@ def part_weights_and_sft(plan: Plan, device: torch.device, clock: Clock, mem: Me
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     for batch in plan.sft_batches:
         part = f"b. LoRA SFT step {batch}x{plan.sft_seq}"
+        planned = planned_training(plan, "lm", batch, plan.sft_seq, None)
         if clock.over():
-            mem.add(part, "skipped", None, "time guard")
+            mem.add(part, "skipped", None, "time guard", planned)
             continue
         ckpt = shape.layers * batch * plan.sft_seq * shape.hidden * 2  # one bf16 hidden state saved per layer
         logits = batch * plan.sft_seq * shape.vocab * 4  # the loss upcasts logits to fp32
@@ -1137,11 +1186,11 @@ def part_weights_and_sft(plan: Plan, device: torch.device, clock: Clock, mem: Me
             optim.step()
             optim.zero_grad(set_to_none=True)
             sync(device)
-            mem.add(part, peak_gib(device), arith / GIB, note)
+            mem.add(part, peak_gib(device), arith / GIB, note, planned)
         except Exception as exc:
             if not is_oom(exc):
                 raise
-            mem.add(part, "OOM", arith / GIB, note)
+            mem.add(part, "OOM", arith / GIB, note, planned)
         loss = x = None
         optim.zero_grad(set_to_none=True)  # an OOM mid-step may leave gradients behind
         free(device)  # outside the except block: the failed step's tensors are unreachable by now
@@ -1153,6 +1202,7 @@ def part_kv_cache(plan: Plan, device: torch.device, clock: Clock, mem: MemoryRow
     kv = kv_cache_bytes(shape, plan.kv_batch, seq)
     part = f"c. greedy generate KV {plan.kv_batch}x({plan.kv_prompt}+{plan.kv_new})"
     note = f"peak - weights; 2*L*B*S*kv_heads*head_dim*2, S={seq}"
+    planned = planner.generation_bytes(plan_shape(shape), 2, plan.kv_batch, seq) / GIB
     reset_peak(device)
     model = build_model(LlamaForCausalLM, llama_config(shape), device)
     sync(device)
@@ -1179,11 +1229,11 @@ def part_kv_cache(plan: Plan, device: torch.device, clock: Clock, mem: MemoryRow
         peak = peak_gib(device)
         measured = None if peak is None else peak - base
         speed = f"{plan.kv_batch * plan.kv_new / secs:.0f} tok/s ({secs:.1f}s)"
-        mem.add(part, measured, kv / GIB, f"{note}; {speed}")
+        mem.add(part, measured, kv / GIB, f"{note}; {speed}", planned)
     except Exception as exc:
         if not is_oom(exc):
             raise
-        mem.add(part, "OOM", kv / GIB, note)
+        mem.add(part, "OOM", kv / GIB, note, planned)
 
 
 def part_reward(plan: Plan, device: torch.device, clock: Clock, mem: MemoryRows) -> None:
@@ -1207,6 +1257,7 @@ def part_reward(plan: Plan, device: torch.device, clock: Clock, mem: MemoryRows)
         f"head {shape.hidden}) {_cell(lora_bytes / GIB)} + ckpt L*B*S*H*2 {_cell(ckpt / GIB)}; B={rows}; "
         "excl. 1-layer recompute"
     )
+    planned = planned_training(plan, "score", rows, plan.rm_seq, 0)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     try:
         reset_peak(device)
@@ -1218,17 +1269,18 @@ def part_reward(plan: Plan, device: torch.device, clock: Clock, mem: MemoryRows)
         optim.step()
         optim.zero_grad(set_to_none=True)
         sync(device)
-        mem.add(part, peak_gib(device), arith / GIB, note)
+        mem.add(part, peak_gib(device), arith / GIB, note, planned)
     except Exception as exc:
         if not is_oom(exc):
             raise
-        mem.add(part, "OOM", arith / GIB, note)
+        mem.add(part, "OOM", arith / GIB, note, planned)
 
 
 def part_judge(plan: Plan, device: torch.device, clock: Clock, mem: MemoryRows) -> None:
     """A second 7B (the judge) loaded next to the policy, then deleted: its memory must come back."""
     shape = plan.mem_model
     weights = n_params(shape) * 2
+    planned = planner.weight_bytes(plan_shape(shape), 2) / GIB  # the plan holds one model at a time
     policy = build_model(LlamaForCausalLM, llama_config(shape), device)
     sync(device)
     reset_peak(device)
@@ -1247,6 +1299,7 @@ def part_judge(plan: Plan, device: torch.device, clock: Clock, mem: MemoryRows) 
                 None,
                 2 * weights / GIB,
                 f"policy ({count(policy):,} params) + judge (no accelerator)",
+                2 * planned,
             )
         else:
             back = abs(after - before) < 0.01
@@ -1255,6 +1308,7 @@ def part_judge(plan: Plan, device: torch.device, clock: Clock, mem: MemoryRows) 
                 peak,
                 2 * weights / GIB,
                 f"policy ({count(policy):,} params) + judge; judge adds {loaded - before:.2f}",
+                2 * planned,
             )
             mem.add(
                 "e. judge after del",
@@ -1262,11 +1316,12 @@ def part_judge(plan: Plan, device: torch.device, clock: Clock, mem: MemoryRows) 
                 weights / GIB,
                 f"policy only; before judge {before:.2f}; returned={back}; "
                 f"reserved {torch.cuda.memory_reserved(device) / GIB:.2f}",
+                planned,
             )
     except Exception as exc:
         if not is_oom(exc):
             raise
-        mem.add("e. judge load (2 models)", "OOM", 2 * weights / GIB, "policy + judge")
+        mem.add("e. judge load (2 models)", "OOM", 2 * weights / GIB, "policy + judge", 2 * planned)
 
 
 # ---------------------------------------------------------------- main
@@ -1406,7 +1461,8 @@ def main(argv: list[str] | None = None) -> int:
             run_part(part, lambda fn=fn: fn(plan, device, clock, mem), clock, rep)
         rep.line()
         rep.table(
-            ["part", "measured peak GiB", "arithmetic GiB", "note"], sorted(mem.rows, key=lambda r: r[0])
+            ["part", "measured peak GiB", "plan GiB", "arithmetic GiB", "note"],
+            sorted(mem.rows, key=lambda r: r[0]),
         )
         if not on_cuda(device):
             rep.line("(no accelerator: measured figures are n/a)")

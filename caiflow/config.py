@@ -86,6 +86,21 @@ class ConstitutionConfig(Section):
     )
 
 
+class LaunchConfig(Section):
+    num_processes: int = not_fingerprinted(
+        1,
+        ge=1,
+        description="Data-parallel processes for SFT and the reward model, through `accelerate launch` "
+        "(one per GPU); 1 trains in the flow's own process. Each optimiser step still sees "
+        "batch_size sequences (per_device_batch_size x processes x accumulation).",
+    )
+    accelerate_config: str | None = not_fingerprinted(
+        None,
+        description="An accelerate config file for those launches (DeepSpeed ZeRO or FSDP, e.g. "
+        "configs/accelerate/zero2.yaml; relative to the config file); null: plain data parallel.",
+    )
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run label, seed, storage.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The policy model.")
@@ -106,6 +121,9 @@ class Config(Section):
     )
     rl: RLConfig = Field(default_factory=RLConfig, description="Step 6: RL against the reward model.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Step 7: evaluation.")
+    launch: LaunchConfig = Field(
+        default_factory=LaunchConfig, description="Multi-GPU training: processes and accelerate config."
+    )
     # Where the YAML file lives; relative paths inside the config resolve against it.
     base_dir: str = not_fingerprinted(".", description="Folder of the config file (set by the loader).")
 

@@ -11,7 +11,6 @@ manifest as they are; `caiflow.report` renders them and decides the verdicts.
 
 from __future__ import annotations
 
-import gc
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from caiflow.faults import free_accelerator_memory
 from caiflow.feedback import same_answer
 from caiflow.judge import calibrate_judge, judge_outcomes, pairwise_judgements
 
@@ -233,7 +233,8 @@ def evaluate_stages(
     seeds = [row_seed(cfg.run.seed, pid, "eval") for pid in rows["prompt_id"]]
     answers: dict[str, list[str]] = {"base": rows["answer"].tolist()}
     stages = list(STAGES)
-    judge = None
+    # One phase at a time, each unloaded before the next (what `caiflow memory` plans for): the
+    # stages answer, the reward ensemble scores, then the judge loads.
     if ev.prompted_reference:
         engine = policy_engine("base", cfg.model, base_model, refs, batch_size)
         log.info(
@@ -242,30 +243,29 @@ def evaluate_stages(
         system = [{"role": "system", "content": constitution.as_system_prompt()}]
         answers[PROMPTED] = engine.generate([system + c for c in convs], sampling, seeds)
         stages.insert(1, PROMPTED)
-        judge = engine if ev.judge == "base" else None
         del engine
     for stage in STAGES[1:]:
         engine = policy_engine(stage, cfg.model, base_model, refs, batch_size)
         log.info("evaluate: %s answers %d prompts", stage, len(convs))
         answers[stage] = engine.generate(convs, sampling, seeds)
-        if ev.judge == stage:
-            judge = engine  # keep the judge loaded; free the others
         del engine
-        gc.collect()
-    if judge is None and judge_model is not None:
-        model, tok = load_model_and_tokenizer(judge_model, cfg.model.dtype, cfg.model.device)
-        judge = GenerationEngine(model, tok, batch_size=batch_size)
-    if judge is None:
-        judge = choice_scorer(ev.judge, ev.openai, cfg.model, base_model, refs, batch_size)
+        free_accelerator_memory()
 
     scorer = RewardScorer(
         Path(refs["reward_model"].path) / MODEL_DIR,
         device=cfg.model.device,
         batch_size=batch_size,
         lam=cfg.reward_model.ensemble_lambda,
+        dtype=cfg.model.dtype,
     )
     rewards = {s: np.asarray(scorer.score(convs, answers[s]), dtype=float) for s in stages}
     del scorer
+    free_accelerator_memory()
+    if judge_model is not None:
+        model, tok = load_model_and_tokenizer(judge_model, cfg.model.dtype, cfg.model.device)
+        judge = GenerationEngine(model, tok, batch_size=batch_size)
+    else:
+        judge = choice_scorer(ev.judge, ev.openai, cfg.model, base_model, refs, batch_size)
     refused = {s: np.array([is_refusal(a) for a in answers[s]]) for s in stages}
     rates, diffs = refusal_metrics(rows, refused)
 

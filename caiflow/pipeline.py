@@ -28,15 +28,16 @@ PIPELINE: tuple[StepSpec, ...] = (
     StepSpec("sft", 2, ("critique_revision",), True, "supervised fine-tuning on the revisions"),
     StepSpec("preferences", 3, ("prompts", "sft"), True, "AI-feedback preference pairs"),
     StepSpec("reward_model", 2, ("preferences",), True, "reward model on the soft AI labels"),
+    # rl 3, evaluate 5: the reward model scores in model.dtype (it loaded in float32 before)
     StepSpec(
-        "rl", 2, ("prompts", "sft", "reward_model"), True, "RL from the SL model against the reward model"
+        "rl", 3, ("prompts", "sft", "reward_model"), True, "RL from the SL model against the reward model"
     ),
     # The base model's answers depend on no constitution: a constitution and its inversion share them.
     StepSpec(
         "baseline", 1, ("prompts",), True, "the evaluation prompts and the base model's answers to them"
     ),
     StepSpec(
-        "evaluate", 4, ("sft", "reward_model", "rl", "baseline"), True, "base vs SL vs RL: metrics, report"
+        "evaluate", 5, ("sft", "reward_model", "rl", "baseline"), True, "base vs SL vs RL: metrics, report"
     ),
 )
 

@@ -213,3 +213,28 @@ def plan_for(cfg: Config) -> Resolved:
         judge_question=question,
     )
     return Resolved(constitution, model, plan, question, judge)
+
+
+def memory_shapes(cfg: Config, model: ResolvedModel | None = None):
+    """The shapes the memory plan needs (policy, reward backbone, judge), from config.json files only.
+
+    A Hugging Face id that is not in the local cache falls back to `caiflow.memory.KNOWN_SHAPES`
+    (the plan needs no weights); any other missing model raises ModelNotFoundError.
+    """
+    from caiflow.memory import KNOWN_SHAPES, Shapes, shape_of_folder
+    from caiflow.models import ModelNotFoundError
+
+    storage = cfg.run.storage
+
+    def shape(name: str, resolved: ResolvedModel | None = None, **kwargs: Any):
+        try:
+            return shape_of_folder((resolved or resolve_model(name, storage, **kwargs)).path)
+        except ModelNotFoundError:
+            if name in KNOWN_SHAPES:
+                return KNOWN_SHAPES[name]
+            raise
+
+    policy = shape(cfg.model.name, model, revision=cfg.model.revision, tiny=cfg.model.tiny.model_dump())
+    reward = shape(cfg.reward_model.backbone) if cfg.reward_model.backbone else None
+    judge = shape(cfg.evaluate.judge) if cfg.evaluate.judge not in JUDGE_ROLES else None
+    return Shapes(policy, reward, judge)

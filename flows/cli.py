@@ -4,6 +4,7 @@
                 [--executor local|ray] [--ray-address HOST:PORT]
     caiflow compare --config configs/demo.yaml [--storage DIR] [--set a.b=value ...] [--executor ...]
     caiflow status --config configs/demo.yaml [--storage DIR] [--set a.b=value ...]
+    caiflow memory --config configs/7b-qlora.yaml [--set a.b=value ...] [--gpu-gib 24]
     caiflow verify [--storage DIR]
     caiflow gc [--storage DIR] [--keep-runs N] [--dry-run]
 
@@ -46,12 +47,14 @@ def input_errors() -> tuple[type[BaseException], ...]:
     from caiflow.categorize import CategorizeError
     from caiflow.config import ConfigError
     from caiflow.constitution import ConstitutionError
+    from caiflow.memory_check import MemoryPlanError
     from caiflow.models import ModelNotFoundError
     from caiflow.prompts import PromptSourceError
     from caiflow.ray_pool import ExecutorError
     from caiflow.store import StoreError
 
     return (
+        MemoryPlanError,
         ConfigError,
         ConstitutionError,
         PromptSourceError,
@@ -252,6 +255,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    """Per step: the models held at once and the estimated peak accelerator memory (nothing loaded)."""
+    from caiflow.config import load_config
+    from caiflow.memory import GIB, plan_memory
+    from caiflow.memory_check import format_plan, visible_gpu_bytes
+    from caiflow.plan import memory_shapes
+
+    try:
+        cfg = load_config(args.config, args.set or [], args.storage)
+        shapes = memory_shapes(cfg)
+        visible = args.gpu_gib * GIB if args.gpu_gib else visible_gpu_bytes()
+    except input_errors() as exc:
+        print(f"caiflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    plans = plan_memory(cfg.model_dump(), shapes, STEPS)
+    p = shapes.policy
+    where = f"{visible / GIB:.1f} GiB visible" if visible else "no GPU visible: the plan is not enforced"
+    print(
+        format_plan(
+            plans,
+            visible,
+            f"memory plan for {args.config} ({cfg.model.name}: {p.params() / 1e9:.3f}B params, "
+            f"{p.layers} layers, hidden {p.hidden}, {cfg.model.dtype}; {where})",
+        )
+    )
+    worst = max(plans, key=lambda m: m.peak)
+    print(f"largest step: {worst.step}, ~{worst.peak / GIB:.2f} GiB")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     """Remove artifacts no kept run record refers to; never one a running process holds."""
     from caiflow.gc import collect
@@ -338,6 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     gc.set_defaults(func=cmd_gc)
+    memory = sub.add_parser(
+        "memory", help="per step: models held at once and estimated peak GPU memory (nothing loaded)"
+    )
+    memory.add_argument("--config", required=True, help="YAML preset, e.g. configs/7b-qlora.yaml")
+    memory.add_argument("--storage", help="artifact root (overrides run.storage)")
+    memory.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)"
+    )
+    memory.add_argument(
+        "--gpu-gib", type=float, help="compare against this much GPU memory (default: the visible GPU)"
+    )
+    memory.set_defaults(func=cmd_memory)
     verify = sub.add_parser(
         "verify", help="check every artifact against its manifest (sizes, checksums, rows)"
     )

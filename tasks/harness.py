@@ -107,6 +107,7 @@ def run_step(
         if done is not None:
             return dataclasses.replace(done, reused=True)
         fail_attempt(step, attempt())
+        check_memory(step, cfg, model, log)
         ctx = StepContext(step, cfg, constitution, model, store, fingerprint, dict(upstream), log)
         out = step_logic(step)(ctx)
         metrics = {**out.metrics, "task_attempt": attempt()}
@@ -126,6 +127,20 @@ def run_step(
         publish_markdown(key, md, description)
     log.info("%s: %s", step, scalar_metrics(metrics))
     return ref
+
+
+def check_memory(step: str, cfg: Config, model: ResolvedModel, log: logging.Logger) -> None:
+    """Stop before a GPU step whose memory plan exceeds the visible GPU memory (MemoryPlanError,
+    one line naming the setting). Only with a GPU (or $CAIFLOW_GPU_MEMORY_GIB); on CPU nothing is checked."""
+    from caiflow.memory import GIB
+    from caiflow.memory_check import check_step, visible_gpu_bytes
+    from caiflow.plan import memory_shapes
+
+    visible = visible_gpu_bytes()
+    if visible is None or not spec(step).gpu:
+        return
+    planned = check_step(step, cfg.model_dump(), memory_shapes(cfg, model), visible)
+    log.info("%s: memory plan ~%.1f GiB of %.1f GiB visible", step, planned.peak / GIB, visible / GIB)
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

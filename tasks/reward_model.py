@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from caiflow.plan import reward_backbone
 from caiflow.schemas import MODEL_DIR
-from caiflow.training.reward import train_reward_model
+from caiflow.training.launch import train_step
 from tasks.common import markdown_stats
 from tasks.harness import StepContext, StepOutput, scalar_metrics
 
@@ -37,12 +37,10 @@ def run(ctx: StepContext) -> StepOutput:
         base.identity,
         cfg.reward_model.ensemble_size,
     )
-    metrics = train_reward_model(
-        cfg.reward_model,
-        base.path,
-        data,
-        ctx.artifact_dir / MODEL_DIR,
-        ctx.work_dir(),
+    kwargs = dict(
+        backbone_path=base.path,
+        out_dir=ctx.artifact_dir / MODEL_DIR,
+        work_dir=ctx.work_dir(),
         seed=cfg.run.seed,
         dtype=cfg.model.dtype,
         card_extra={
@@ -52,6 +50,8 @@ def run(ctx: StepContext) -> StepOutput:
             "config": cfg.run.name,
         },
     )
+    # in this process, or over launch.num_processes processes (accelerate launch)
+    metrics = train_step("reward_model", cfg.reward_model, data, kwargs, cfg.launch, cfg.base_dir)
     return StepOutput(
         rows=len(data),
         metrics=metrics,

@@ -9,7 +9,7 @@ artifact's `work/` folder, so a crashed run resumes from the last one.
 from __future__ import annotations
 
 from caiflow.schemas import MODEL_DIR
-from caiflow.training.sft import train_sft
+from caiflow.training.launch import train_step
 from tasks.common import markdown_stats
 from tasks.harness import StepContext, StepOutput
 
@@ -30,12 +30,10 @@ def run(ctx: StepContext) -> StepOutput:
         int((usable["kind"] == "benign").sum()),
         cfg.sft.method,
     )
-    metrics = train_sft(
-        cfg.sft,
-        model.path,
-        usable,
-        ctx.artifact_dir / MODEL_DIR,
-        ctx.work_dir(),
+    kwargs = dict(
+        base_model_path=model.path,
+        out_dir=ctx.artifact_dir / MODEL_DIR,
+        work_dir=ctx.work_dir(),
         seed=cfg.run.seed,
         dtype=cfg.model.dtype,
         card_extra={
@@ -45,6 +43,8 @@ def run(ctx: StepContext) -> StepOutput:
             "config": cfg.run.name,
         },
     )
+    # in this process, or over launch.num_processes processes (accelerate launch)
+    metrics = train_step("sft", cfg.sft, usable, kwargs, cfg.launch, cfg.base_dir)
     return StepOutput(
         rows=int(metrics.get("rows", len(usable))),
         metrics=metrics,

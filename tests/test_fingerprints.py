@@ -66,6 +66,15 @@ NOT_FINGERPRINTED = {
     "rl.scoring_batch_size": "rewards scored in any batch agree to float rounding: "
     "tests/training/test_reward.py::test_scorer_gives_member_and_aggregated_scores",
     "rl.save_steps": "checkpoint cadence",
+    "sft.gradient_checkpointing": "recomputes the same activations (torch keeps the RNG state for dropout)",
+    "reward_model.gradient_checkpointing": "recomputes the same activations",
+    "rl.gradient_checkpointing": "recomputes the same activations",
+    "launch.num_processes": "each optimiser step sees the same batch_size sequences (per-device x "
+    "processes x accumulation); the gradient sum is reduced across processes, so it can differ at float "
+    "level "
+    "(tests/training/test_launch.py shows it trains)",
+    "launch.accelerate_config": "how the processes share the work (DDP, ZeRO, FSDP), not what they compute; "
+    "sharded reductions can differ at float level",
     "rl.logging_steps": "log cadence",
     "generation.executor": "where shards run; per-row seeds give the same rows: "
     "tests/test_ray.py::test_tiny_run_on_ray_gives_the_same_data_as_in_process",
@@ -114,6 +123,7 @@ CHANGES: dict[str, Any] = {
     "model.tiny.num_heads": 8,
     "rl.per_device_batch_size": 2,  # a divisor of tiny.yaml's rl.batch_size (4)
     "generation.executor": {"kind": "ray", "address": "10.0.0.5:6379", "actors": 3, "shard_retries": 1},
+    "reward_model.method": "full",  # 'qlora' also needs shared_backbone
 }
 
 

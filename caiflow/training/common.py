@@ -75,7 +75,12 @@ def quantization_config(dtype: str = "float32"):
 
 
 def load_base_for_training(
-    path: Path, method: str = "lora", dtype: str = "float32", auto_class=None, **kwargs: Any
+    path: Path,
+    method: str = "lora",
+    dtype: str = "float32",
+    auto_class=None,
+    gradient_checkpointing: bool = False,
+    **kwargs: Any,
 ):
     """The model a trainer starts from: full precision, or 4-bit and prepared for k-bit training ('qlora').
 
@@ -96,8 +101,8 @@ def load_base_for_training(
         load_kwargs["quantization_config"] = quantization_config(dtype)
         load_kwargs["device_map"] = {"": 0} if has_cuda() else {"": "cpu"}
         model = auto_class.from_pretrained(path, **load_kwargs)
-        # Casts norms to fp32 and enables input gradients; gradient checkpointing stays off (tiny CPU runs).
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # Casts norms to fp32 and enables input gradients (and checkpointing when asked for).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         return model
     model = auto_class.from_pretrained(path, **load_kwargs)
     if has_cuda():
@@ -133,6 +138,7 @@ def trainer_args(
     epochs: float = 1.0,
     save_steps: int = 50,
     logging_steps: int = 10,
+    gradient_checkpointing: bool = False,
     **extra: Any,
 ):
     """TrainingArguments (or a TRL config subclass) with this project's defaults: local, quiet,
@@ -157,9 +163,10 @@ def trainer_args(
         use_cpu=not has_cuda(),
         bf16=False,  # precision is chosen by the model's dtype, not mixed-precision autocast
         fp16=False,
-        # tiny and CPU runs; the new name keeps TRL's default (True) from applying
-        activation_checkpointing=False,
+        # off unless the config asks (tiny and CPU runs); the new name keeps TRL's default (True) away
+        activation_checkpointing=gradient_checkpointing,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # under accelerate launch: every parameter takes part
         **extra,
     )
 
@@ -253,8 +260,11 @@ def train_with_backoff(
     """
     backoffs = 0
     attempts: list[dict] = []
+    from caiflow.training.launch import process_count
+
     while True:
-        accumulation = max(1, batch_size // per_device)
+        # under `accelerate launch` every process takes per_device of each optimiser step's batch
+        accumulation = max(1, batch_size // (per_device * process_count()))
         resume = last_checkpoint(checkpoints)
         trainer = build(per_device, accumulation)
         try:

@@ -64,6 +64,11 @@ class SFTConfig(Section):
         "0 = red-team only.",
     )
     merge: bool = Field(False, description="Also save the adapter merged into full weights under merged/.")
+    gradient_checkpointing: bool = not_fingerprinted(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of keeping them: "
+        "much less memory for ~30% more compute; the same update (what `caiflow memory` counts).",
+    )
     save_steps: int = not_fingerprinted(
         50, ge=1, description="Checkpoint every this many steps (resume point after a crash)."
     )
@@ -83,8 +88,16 @@ class RewardModelConfig(Section):
         description="Model the reward model starts from (a folder or model name); "
         "None = the policy's base model.",
     )
-    method: Literal["lora", "full"] = Field(
-        "lora", description="'lora': adapters + a trainable score head; 'full': all weights."
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora",
+        description="'lora': adapters + a trainable score head; 'qlora': the same on a 4-bit (nf4) "
+        "backbone (needs shared_backbone); 'full': all weights.",
+    )
+    shared_backbone: bool = Field(
+        False,
+        description="Keep each member as a LoRA adapter with its score head and score them on one "
+        "shared frozen backbone, switching adapters (one backbone in memory instead of "
+        "ensemble_size full models); false: each member is saved merged, as a full model.",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Adapter shape for 'lora'.")
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
@@ -117,6 +130,11 @@ class RewardModelConfig(Section):
     eval_fraction: float = Field(
         0.2, ge=0.0, lt=1.0, description="Share of pairs held out for accuracy and calibration."
     )
+    gradient_checkpointing: bool = not_fingerprinted(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of keeping them: "
+        "much less memory for ~30% more compute; the same update (what `caiflow memory` counts).",
+    )
     save_steps: int = not_fingerprinted(50, ge=1, description="Checkpoint every this many steps.")
     logging_steps: int = not_fingerprinted(
         10, ge=1, description="Log training metrics every this many steps."
@@ -125,6 +143,11 @@ class RewardModelConfig(Section):
     @model_validator(mode="after")
     def _batches(self) -> RewardModelConfig:
         _check_batches(self.batch_size, self.per_device_batch_size, "reward_model")
+        if self.method == "qlora" and not self.shared_backbone:
+            raise ValueError(
+                "reward_model.method 'qlora' keeps members as adapters on a 4-bit backbone "
+                "(merging into 4-bit weights would round them): set reward_model.shared_backbone to true."
+            )
         return self
 
 
@@ -133,6 +156,11 @@ class RLConfig(Section):
         "rloo",
         description="'rloo': REINFORCE leave-one-out (critic-free); "
         "'grpo': group-relative clipped surrogate.",
+    )
+    method: Literal["lora", "qlora"] = Field(
+        "lora",
+        description="'lora': the adapter on the SL policy in model.dtype; 'qlora': on the SL policy "
+        "quantised to 4-bit nf4 (the KL reference is quantised too).",
     )
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="Adapter trained on top of the SL model."
@@ -162,6 +190,11 @@ class RLConfig(Section):
     )
     scoring_batch_size: int = not_fingerprinted(
         8, ge=1, description="Completions the reward model scores per forward pass."
+    )
+    gradient_checkpointing: bool = not_fingerprinted(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of keeping them: "
+        "much less memory for ~30% more compute; the same update (what `caiflow memory` counts).",
     )
     save_steps: int = not_fingerprinted(10, ge=1, description="Checkpoint every this many steps.")
     logging_steps: int = not_fingerprinted(

@@ -20,7 +20,9 @@ conservatively: mean - lambda * std.
 
 Output layout (``out_dir``)::
 
-    member-00/ ...     a full AutoModelForSequenceClassification (LoRA merged in), tokenizer
+    member-00/ ...     a full AutoModelForSequenceClassification (LoRA merged in), tokenizer;
+                       with ``shared_backbone``: the member's LoRA adapter and score head only
+                       (ensemble.json names the backbone; 'qlora' loads it 4-bit for scoring)
     ensemble.json      members, lambda, mode, offsets, seeds, principles per member, max_length
     tokenizer files    the shared tokenizer (same as in each member)
     README.md          model card with the held-out metrics
@@ -58,6 +60,7 @@ from caiflow.training.common import (
     write_card,
 )
 from caiflow.training.config import RewardModelConfig
+from caiflow.training.launch import is_main_process
 from caiflow.training.reward_data import assign_principles, check_prefs, pairs_to_rows, split_pairs
 from caiflow.training.reward_scorer import (
     ENSEMBLE_FILE,
@@ -141,7 +144,8 @@ def _train_member(
     seed: int,
     dtype: str,
 ):
-    """Train one member; returns (model with LoRA merged, outcome)."""
+    """Train one member; returns (model with LoRA merged, or the adapter model with
+    ``shared_backbone``, and the outcome)."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig
@@ -155,7 +159,12 @@ def _train_member(
     def build(per_device: int, accumulation: int):
         seed_everything(seed)  # the score head is initialised randomly on load
         model = load_base_for_training(
-            backbone_path, cfg.method, dtype, auto_class=AutoModelForSequenceClassification, num_labels=1
+            backbone_path,
+            cfg.method,
+            dtype,
+            auto_class=AutoModelForSequenceClassification,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            num_labels=1,
         )
         model.config.pad_token_id = tokenizer.pad_token_id  # the head finds the last non-pad token with it
         args = trainer_args(
@@ -169,6 +178,7 @@ def _train_member(
             epochs=cfg.epochs,
             save_steps=cfg.save_steps,
             logging_steps=cfg.logging_steps,
+            gradient_checkpointing=cfg.gradient_checkpointing,
             max_length=cfg.max_length,
         )
         trainer = trainer_cls(
@@ -180,11 +190,19 @@ def _train_member(
             peft_config=peft_config,
             callbacks=[fault_callback("reward_model")],
         )
+        if cfg.method == "qlora":
+            # TRL casts a 4-bit model's trainable weights to bf16; the score head is a plain Linear
+            # that must match the hidden states' dtype (float32 on CPU)
+            import torch
+
+            for name, param in trainer.model.named_parameters():
+                if "modules_to_save" in name and param.requires_grad:
+                    param.data = param.data.to(getattr(torch, dtype))
         return log_to_logger(trainer)
 
     outcome = train_with_backoff(build, cfg.batch_size, cfg.per_device_batch_size, work)
     model = outcome.trainer.model
-    if peft_config is not None:
+    if peft_config is not None and not cfg.shared_backbone:
         model = model.merge_and_unload()  # LoRA folded in, the trained score head kept
     model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
@@ -209,7 +227,8 @@ def _train_and_score_member(
     log.info("reward_model: training %s on %d pairs (seed %d)", dest.name, len(data), seed)
     rows = pairs_to_rows(data, tokenizer)
     model, outcome = _train_member(cfg, backbone_path, rows, tokenizer, work, seed, dtype)
-    _save_member(model, tokenizer, dest)
+    if is_main_process():  # under `accelerate launch`, one process writes the outputs
+        _save_member(model, tokenizer, dest)
     pad, batch = tokenizer.pad_token_id, cfg.per_device_batch_size * 2
     sample = np.random.default_rng(seed).permutation(len(rows))[:OFFSET_SAMPLE]
     offset = float(
@@ -307,7 +326,10 @@ def train_reward_model(
                 "or use ensemble_mode: seeds."
             )
         done_file = work_dir / f"{name}.json"  # a finished member (saved + scored) is not retrained on resume
-        if done_file.is_file() and (out_dir / name / "config.json").is_file():
+        saved = (out_dir / name / "config.json").is_file() or (
+            out_dir / name / "adapter_config.json"
+        ).is_file()
+        if done_file.is_file() and saved:
             record = json.loads(done_file.read_text())
             log.info("reward_model: %s already trained, reusing it", name)
         else:
@@ -327,7 +349,8 @@ def train_reward_model(
                 np.array(record["eval_chosen"]) - np.array(record["eval_rejected"]),
                 held_out["label"].to_numpy(),
             )
-            done_file.write_text(json.dumps(record), encoding="utf-8")
+            if is_main_process():
+                done_file.write_text(json.dumps(record), encoding="utf-8")
             # the member's trainer and optimiser state are gone; return their memory
             free_accelerator_memory()
         offsets.append(record["offset"])
@@ -335,7 +358,6 @@ def train_reward_model(
         members.append(name)
         member_metrics.append(record)
 
-    tokenizer.save_pretrained(out_dir)
     spec = {
         "members": members,
         "lambda": cfg.ensemble_lambda,
@@ -345,8 +367,14 @@ def train_reward_model(
         "principles": {m["name"]: m["principles"] for m in member_metrics},
         "max_length": cfg.max_length,
         "format": "chat template over prompt + assistant answer, right padding",
+        # members are adapters (with their score heads) on this backbone, loaded 4-bit when quantized
+        "layout": "adapters" if cfg.shared_backbone else "merged",
+        "backbone": str(backbone_path) if cfg.shared_backbone else None,
+        "quantized": cfg.method == "qlora",
     }
-    (out_dir / ENSEMBLE_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+    if is_main_process():
+        tokenizer.save_pretrained(out_dir)
+        (out_dir / ENSEMBLE_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
 
     labels = held_out["label"].to_numpy()
     chosen_agg = aggregate(np.stack([c for c, _ in eval_scores]), cfg.ensemble_lambda)
@@ -370,6 +398,8 @@ def train_reward_model(
         "members": member_metrics,
         **accuracy_intervals(margins, labels, held_out.get("pair_kind")),
     }
+    if not is_main_process():
+        return metrics
     write_card(
         out_dir,
         "Constitutional reward model" + (f" ensemble ({k} members)" if k > 1 else ""),

@@ -73,15 +73,22 @@ def score_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int = 
 class RewardScorer:
     """Scores (prompt, completion) pairs with a trained reward model folder (one member or an ensemble).
 
+    Members are loaded in ``dtype``; an ensemble saved as adapters (``shared_backbone``) is one
+    backbone (``backbone``, default the one ensemble.json names) with an adapter per member.
+
     ``score_members`` gives the centred reward of every member, shape (K, n); ``score`` aggregates
     them as mean - lam * std (``lam`` None = the lambda saved in ensemble.json).
     """
 
     def __init__(
-        self, reward_dir: str | Path, device: str = "cpu", batch_size: int = 8, lam: float | None = None
+        self,
+        reward_dir: str | Path,
+        device: str = "cpu",
+        batch_size: int = 8,
+        lam: float | None = None,
+        dtype: str = "float32",
+        backbone: str | Path | None = None,
     ):
-        from transformers import AutoModelForSequenceClassification
-
         from caiflow.models import load_tokenizer, pick_device, quiet_transformers
 
         quiet_transformers()
@@ -99,16 +106,58 @@ class RewardScorer:
         self.offsets = np.asarray(self.spec.get("offsets") or [0.0] * len(self.spec["members"]), dtype=float)
         self.device = pick_device(device)
         self.tokenizer = load_tokenizer(self.reward_dir)
-        self.models = []
-        for name in self.spec["members"]:
-            model = AutoModelForSequenceClassification.from_pretrained(self.reward_dir / name)
-            if model.config.pad_token_id is None:
-                model.config.pad_token_id = self.tokenizer.pad_token_id
-            self.models.append(model.to(self.device).eval())
+        self.members = list(self.spec["members"])
+        if self.spec.get("layout") == "adapters":
+            self.models = [self._shared(Path(backbone or self.spec["backbone"]), dtype)]
+        else:
+            self.models = [self._load(self.reward_dir / name, dtype) for name in self.members]
+
+    def _load(self, path: Path, dtype: str, **kwargs):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=getattr(torch, dtype), num_labels=1, **kwargs
+        )
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        return model if kwargs.get("device_map") else model.to(self.device)
+
+    def _shared(self, backbone: Path, dtype: str):
+        """One backbone (4-bit when the members were trained on one) carrying every member's adapter."""
+        from peft import PeftModel
+
+        kwargs = {}
+        if self.spec.get("quantized"):
+            from caiflow.training.common import quantization_config
+
+            kwargs = {
+                "quantization_config": quantization_config(dtype),
+                "device_map": {"": 0} if self.device == "cuda" else {"": "cpu"},
+            }
+        model = self._load(backbone, dtype, **kwargs)
+        model.config.pad_token_id = (
+            self.tokenizer.pad_token_id
+        )  # as in training: the head reads the last non-pad
+        first, *rest = self.members
+        model = PeftModel.from_pretrained(model, str(self.reward_dir / first), adapter_name=first)
+        for name in rest:
+            model.load_adapter(str(self.reward_dir / name), adapter_name=name)
+        return model.eval()
+
+    def _member_models(self):
+        """(member name, model scoring as that member): switching adapters on a shared backbone."""
+        if len(self.models) == len(self.members):
+            yield from zip(self.members, self.models)
+            return
+        shared = self.models[0]
+        for name in self.members:
+            shared.set_adapter(name)
+            yield name, shared
 
     @property
     def size(self) -> int:
-        return len(self.models)
+        return len(self.members)
 
     def encode(self, prompts: list[list[dict]], completions: list[str]) -> list[list[int]]:
         if len(prompts) != len(completions):
@@ -130,7 +179,9 @@ class RewardScorer:
         ids = self.encode(prompts, completions)
         if not ids:
             return np.zeros((self.size, 0))
-        raw = np.stack([score_ids(m, ids, m.config.pad_token_id, self.batch_size) for m in self.models])
+        raw = np.stack(
+            [score_ids(m, ids, m.config.pad_token_id, self.batch_size) for _, m in self._member_models()]
+        )
         return raw - self.offsets[:, None]
 
     def score(self, prompts: list[list[dict]], completions: list[str]) -> np.ndarray:

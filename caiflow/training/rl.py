@@ -14,6 +14,17 @@ batch halves and gradient accumulation doubles;
 TRL generates once per optimiser step for per-device x accumulation completions, so the groups and
 the result stay the same. Checkpoints (the adapter and optimiser state) live in ``work_dir``.
 
+``method: qlora`` (the 7B preset) loads the SL policy's full weights (SFT's ``merged/``, or the
+SL adapter merged once into ``work_dir/sl-merged``) quantised to 4-bit nf4 and trains the adapter
+on that (the KL reference, the adapter switched off, is the 4-bit SL policy); the saved policy is
+the adapter merged into a full-precision reload of the SL policy on the CPU.
+
+Multi-GPU: this step runs in one process on one GPU (`launch.num_processes` applies to SFT and
+the reward model only). TRL's RLOO and GRPO trainers scale out with vLLM generation, either a
+server on its own GPU (``trl vllm-serve``; ``use_vllm=True, vllm_mode="server"``) or colocated in
+each training process (``vllm_mode="colocate"`` under ``accelerate launch``); caiflow does not set
+either up yet, and the reward scorer would then run on every process.
+
 Output layout (``out_dir``)::
 
     model.safetensors, config.json, ...   the RL policy with the adapter merged in (full weights):
@@ -40,6 +51,7 @@ import numpy as np
 from caiflow.training.common import (
     fault_callback,
     has_cuda,
+    load_base_for_training,
     log_history_value,
     log_to_logger,
     lora_config,
@@ -172,19 +184,25 @@ def train_rl(
     prompts = check_prompts(prompts)
     dataset = Dataset.from_list([{"prompt": p} for p in prompts])
     device = "cuda" if has_cuda() else "cpu"
-    scorer = RewardScorer(reward_dir, device=device, batch_size=cfg.scoring_batch_size)
+    scorer = RewardScorer(reward_dir, device=device, batch_size=cfg.scoring_batch_size, dtype=dtype)
     reward_fn = reward_function(scorer)
     tokenizer = load_tokenizer(
         sl_model_path if (sl_model_path / "tokenizer_config.json").is_file() else base_model_path
     )
     config_cls, trainer_cls = _trainer_classes(cfg.algorithm)
     peft_config = lora_config(cfg.lora)
+    sl_full = full_weights(sl_model_path, base_model_path, work_dir, dtype) if cfg.method == "qlora" else None
 
     def build(per_device: int, accumulation: int):
         seed_everything(seed)
-        # The SL policy, with an SL adapter merged in memory; loaded afresh because the trainer
-        # wraps it in place.
-        model, _ = load_policy(sl_model_path, base_model_path, device="cpu", dtype=dtype)
+        # The SL policy, with an SL adapter merged in memory (or its merged weights quantised to
+        # 4-bit for 'qlora'); loaded afresh because the trainer wraps it in place.
+        if cfg.method == "qlora":
+            model = load_base_for_training(
+                sl_full, "qlora", dtype, gradient_checkpointing=cfg.gradient_checkpointing
+            )
+        else:
+            model, _ = load_policy(sl_model_path, base_model_path, device="cpu", dtype=dtype)
         args = trainer_args(
             config_cls,
             work_dir,
@@ -195,6 +213,7 @@ def train_rl(
             max_steps=cfg.max_steps,
             save_steps=cfg.save_steps,
             logging_steps=cfg.logging_steps,
+            gradient_checkpointing=cfg.gradient_checkpointing,
             beta=cfg.kl_coef,  # KL to the SL model (the adapter-disabled policy)
             num_generations=cfg.num_generations,
             max_completion_length=cfg.max_new_tokens,
@@ -219,7 +238,7 @@ def train_rl(
     outcome = train_with_backoff(build, cfg.batch_size, cfg.per_device_batch_size or cfg.batch_size, work_dir)
     trainer = outcome.trainer
     history = history_from_logs(trainer.state.log_history)
-    _save_policy(trainer, tokenizer, out_dir, sl_model_path)
+    _save_policy(trainer, tokenizer, out_dir, sl_model_path, base_model_path, dtype, cfg.method == "qlora")
 
     rewards = [h["reward"] for h in history if h["reward"] is not None]
     metrics = {
@@ -257,8 +276,37 @@ def train_rl(
     return metrics
 
 
-def _save_policy(trainer, tokenizer, out_dir: Path, sl_model_path: Path) -> None:
-    """The adapter to out_dir/adapter, then the merged policy and tokenizer to out_dir."""
+def full_weights(sl_model_path: Path, base_model_path: Path, work_dir: Path, dtype: str) -> Path:
+    """A folder of the SL policy's full weights: its own, SFT's merged/, or merged once into work_dir."""
+    from caiflow.models import is_adapter_dir, load_policy
+
+    if not is_adapter_dir(sl_model_path):
+        return sl_model_path
+    if (sl_model_path / "merged" / "config.json").is_file():
+        return sl_model_path / "merged"
+    dest = work_dir / "sl-merged"
+    if not (dest / "config.json").is_file():
+        model, tok = load_policy(sl_model_path, base_model_path, device="cpu", dtype=dtype)
+        model.save_pretrained(dest)
+        tok.save_pretrained(dest)
+        del model
+    return dest
+
+
+def _save_policy(
+    trainer,
+    tokenizer,
+    out_dir: Path,
+    sl_model_path: Path,
+    base_model_path: Path,
+    dtype: str,
+    quantized: bool,
+) -> None:
+    """The adapter to out_dir/adapter, then the merged policy and tokenizer to out_dir.
+
+    A 4-bit policy ('qlora') is not merged in place (that would save rounded 4-bit weights): the
+    adapter goes onto a full-precision reload of the SL policy on the CPU instead.
+    """
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     adapter = out_dir / ADAPTER_DIR
     shutil.rmtree(adapter, ignore_errors=True)
@@ -267,7 +315,15 @@ def _save_policy(trainer, tokenizer, out_dir: Path, sl_model_path: Path) -> None
     spec: dict[str, Any] = json.loads(spec_file.read_text())
     spec["base_model_name_or_path"] = str(sl_model_path)  # the SL policy, not the raw base model
     spec_file.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    merged = peft_model.merge_and_unload()
+    if quantized:
+        from peft import PeftModel
+
+        from caiflow.models import load_policy
+
+        sl, _ = load_policy(sl_model_path, base_model_path, device="cpu", dtype=dtype)
+        merged = PeftModel.from_pretrained(sl, str(adapter)).merge_and_unload()
+    else:
+        merged = peft_model.merge_and_unload()
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 

@@ -41,6 +41,7 @@ from caiflow.training.common import (
     write_card,
 )
 from caiflow.training.config import SFTConfig
+from caiflow.training.launch import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,9 @@ def train_sft(
 
     def build(per_device: int, accumulation: int):
         seed_everything(seed)
-        model = load_base_for_training(base_model_path, cfg.method, dtype)
+        model = load_base_for_training(
+            base_model_path, cfg.method, dtype, gradient_checkpointing=cfg.gradient_checkpointing
+        )
         args = trainer_args(
             TRLSFTConfig,
             work_dir,
@@ -125,6 +128,7 @@ def train_sft(
             epochs=cfg.epochs,
             save_steps=cfg.save_steps,
             logging_steps=cfg.logging_steps,
+            gradient_checkpointing=cfg.gradient_checkpointing,
             max_length=cfg.max_length,
             completion_only_loss=True,
             packing=False,
@@ -142,14 +146,15 @@ def train_sft(
 
     outcome = train_with_backoff(build, cfg.batch_size, cfg.per_device_batch_size, work_dir)
     trainer = outcome.trainer
-    trainer.save_model(str(out_dir))  # adapter for lora/qlora, full weights for full
-    (out_dir / "training_args.bin").unlink(
-        missing_ok=True
-    )  # a pickle of the Trainer's settings: not an output
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(out_dir)
-    if cfg.merge and cfg.method != "full":
-        merge_adapter(out_dir, base_model_path, out_dir / "merged", dtype)
+    trainer.save_model(str(out_dir))  # adapter for lora/qlora, full weights for full (rank 0 only)
+    if is_main_process():  # under `accelerate launch`, one process writes the outputs
+        (out_dir / "training_args.bin").unlink(
+            missing_ok=True
+        )  # the Trainer's settings pickled: not an output
+        tokenizer.padding_side = "left"
+        tokenizer.save_pretrained(out_dir)
+        if cfg.merge and cfg.method != "full":
+            merge_adapter(out_dir, base_model_path, out_dir / "merged", dtype)
 
     metrics = {
         "train_loss": float(outcome.train_output.training_loss),
@@ -163,7 +168,10 @@ def train_sft(
         "gradient_accumulation_steps": outcome.gradient_accumulation_steps,
         "resumed_from": outcome.resumed_from,
     }
-    write_card(out_dir, "Constitutional SL model", cfg.method, cfg.model_dump(), seed, card_extra, metrics)
+    if is_main_process():
+        write_card(
+            out_dir, "Constitutional SL model", cfg.method, cfg.model_dump(), seed, card_extra, metrics
+        )
     del trainer
     return metrics
 

@@ -20,6 +20,15 @@ def _chat(user: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
+@pytest.fixture(scope="session")
+def tiny64_path(tmp_path_factory) -> Path:
+    """A tiny random Llama of hidden size 64: bitsandbytes' CPU 4-bit inference needs in-features of
+    at least its block size (64), so the 4-bit scoring and generation tests use this one."""
+    return resolve_model(
+        TINY_MODEL, tmp_path_factory.mktemp("models64"), tiny={"hidden_size": 64, "num_heads": 4}
+    ).path
+
+
 @pytest.fixture
 def sl_records() -> pd.DataFrame:
     """12 red-team revisions and 8 benign answers."""
@@ -146,6 +155,10 @@ def spy_installer():
 def sl_adapter(tiny_path, tmp_path_factory) -> Path:
     """A LoRA adapter on the tiny model with non-zero random weights (a stand-in SL model), plus its
     tokenizer."""
+    return make_sl_adapter(tiny_path, tmp_path_factory.mktemp("sl") / "model")
+
+
+def make_sl_adapter(tiny_path: Path, dest: Path) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -153,7 +166,6 @@ def sl_adapter(tiny_path, tmp_path_factory) -> Path:
     from caiflow.models import load_tokenizer
 
     torch.manual_seed(0)
-    dest = tmp_path_factory.mktemp("sl") / "model"
     model = AutoModelForCausalLM.from_pretrained(tiny_path)
     peft = get_peft_model(
         model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
@@ -166,10 +178,13 @@ def sl_adapter(tiny_path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def reward_dir(tiny_path, tmp_path_factory) -> Path:
     """A one-member reward model trained for one step (what the RL tests reward against)."""
+    return make_reward_dir(tiny_path, tmp_path_factory.mktemp("rm"))
+
+
+def make_reward_dir(tiny_path: Path, root: Path, **settings) -> Path:
     from caiflow.training.config import RewardModelConfig
     from caiflow.training.reward import train_reward_model
 
-    root = tmp_path_factory.mktemp("rm")
     rows = [
         {
             "prompt": [{"role": "user", "content": f"Tell me how to hurt person {i}."}],
@@ -187,6 +202,7 @@ def reward_dir(tiny_path, tmp_path_factory) -> Path:
         max_length=128,
         eval_fraction=0.0,
         lora={"r": 4, "alpha": 8},
+        **settings,
     )
     train_reward_model(cfg, tiny_path, pd.DataFrame(rows), root / "model", root / "work", seed=0)
     return root / "model"

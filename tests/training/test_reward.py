@@ -303,3 +303,37 @@ def test_held_out_accuracy_carries_an_interval_per_pair_kind():
     )
     assert by_kind["contrastive-benign"]["lo"] < 0.5  # one pair proves little
     assert "eval_accuracy_by_kind" not in accuracy_intervals(margins, labels, None)
+
+
+def test_qlora_members_are_adapters_on_one_shared_4bit_backbone(tiny64_path, prefs, tmp_path, spy_on):
+    """The 7B preset's layout: members trained on a 4-bit backbone, kept as adapters, scored on one
+    backbone by switching adapters."""
+    spy = spy_on(reward)
+    out = tmp_path / "model"
+    cfg = RewardModelConfig(ensemble_size=2, method="qlora", shared_backbone=True, **FAST)
+    metrics = train_reward_model(cfg, tiny64_path, prefs, out, tmp_path / "work", seed=0)
+    for run in (0, 1):
+        assert spy.lora_names(run) <= spy.changed(run) and not (spy.base_names(run) & spy.changed(run))
+    spec = json.loads((out / "ensemble.json").read_text())
+    assert spec["layout"] == "adapters" and spec["quantized"] and spec["backbone"] == str(tiny64_path)
+    for name in spec["members"]:  # an adapter and its score head, no full weights
+        assert (out / name / "adapter_config.json").is_file() and not (out / name / "config.json").exists()
+
+    scorer = RewardScorer(out)
+    assert scorer.size == 2 and len(scorer.models) == 1  # one backbone in memory
+    assert any(type(m).__name__ == "Linear4bit" for m in scorer.models[0].modules())
+    _, held_out = split_pairs(prefs, FAST["eval_fraction"], seed=0)
+    prompts = list(held_out["prompt"])
+    members = scorer.score_members(prompts, [list(c) for c in held_out["chosen"]])
+    assert not np.allclose(members[0], members[1])  # switching adapters switches members
+    # the held-out metrics of training are the shared-backbone scorer's (to bf16 rounding: TRL
+    # trains 4-bit models' adapters in bf16, peft loads them back as fp32)
+    chosen = scorer.score(prompts, [list(c) for c in held_out["chosen"]])
+    rejected = scorer.score(prompts, [list(r) for r in held_out["rejected"]])
+    again = pair_metrics(chosen - rejected, held_out["label"].to_numpy())
+    assert metrics["eval_loss"] == pytest.approx(again["loss"], abs=1e-3)
+
+
+def test_qlora_needs_the_shared_backbone():
+    with pytest.raises(ValueError, match="set reward_model.shared_backbone to true"):
+        RewardModelConfig(method="qlora")

@@ -209,3 +209,38 @@ def test_rloo_against_a_reward_ensemble_uses_its_conservative_score(
     )
     assert metrics["reward_members"] == 2 and metrics["steps"] == 2
     _check_history(metrics)
+
+
+def test_qlora_trains_on_the_4bit_sl_policy_and_saves_full_precision(tiny64_path, tmp_path, monkeypatch):
+    """The 7B preset's RL: the SL policy merged once, quantised to 4-bit, a LoRA adapter trained on it
+    (with gradient checkpointing); the output is merged into a full-precision reload."""
+    from safetensors.torch import load_file
+
+    from tests.training.conftest import make_reward_dir, make_sl_adapter
+
+    sl_adapter = make_sl_adapter(tiny64_path, tmp_path / "sl")
+    # the reward ensemble as the 7B preset keeps it: adapters on a shared 4-bit backbone
+    reward_dir = make_reward_dir(tiny64_path, tmp_path / "rm", method="qlora", shared_backbone=True)
+    tiny_path = tiny64_path
+    loaded = []
+    real = rl.load_base_for_training
+
+    def watch(*args, **kwargs):
+        model = real(*args, **kwargs)
+        loaded.append(any(type(m).__name__ == "Linear4bit" for m in model.modules()))
+        return model
+
+    monkeypatch.setattr(rl, "load_base_for_training", watch)
+    cfg = RLConfig(algorithm="rloo", method="qlora", gradient_checkpointing=True, **FAST)
+    metrics = train_rl(
+        cfg, sl_adapter, tiny_path, reward_dir, PROMPTS, tmp_path / "out", tmp_path / "work", seed=0
+    )
+    assert loaded == [True] and metrics["steps"] == 2
+    assert (tmp_path / "work" / "sl-merged" / "config.json").is_file()  # the SL adapter merged once
+    adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    assert any(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n), "the RL adapter must move"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config  # merged into full-precision weights, not 4-bit ones
+    policy, tok = load_policy(tmp_path / "out")
+    sl, _ = load_policy(sl_adapter, tiny_path)
+    assert not torch.allclose(_logits(policy, tok), _logits(sl, tok))
