@@ -77,8 +77,10 @@ def refusal_share(engine, system: str | None, prompts: list[str], sampling: Samp
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--storage", help="artifact root (default: the config's run.storage)")
     parser.add_argument("--candidates", help="a YAML list of system prompts (default: built-in list)")
     parser.add_argument("--samples", type=int, default=0, help="also sample N answers per red-team prompt")
+    parser.add_argument("--limit", type=int, help="at most N prompts of each set (a quick look)")
     parser.add_argument(
         "--max-new-tokens", type=int, default=48, help="refusal is read in the first 160 chars"
     )
@@ -92,9 +94,12 @@ def main() -> None:
 
     red, benign = training_prompts(cfg)
     tune = load_prompts([PromptSource(kind="lookalike", part="tune")], Path(".")).prompt.tolist()
+    if args.limit:
+        red, benign, tune = red[: args.limit], benign[: args.limit], tune[: args.limit]
     log.info("training red-team %d, training benign %d, look-alike tune %d", len(red), len(benign), len(tune))
 
-    model = resolve_model(cfg.model.name, cfg.run.storage)
+    storage = args.storage or cfg.run.storage
+    model = resolve_model(cfg.model.name, storage, cfg.model.revision, cfg.model.tiny.model_dump())
     m, tok = load_model_and_tokenizer(model, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
     engine = GenerationEngine(m, tok, batch_size=cfg.generation.batch_size)
     greedy = Sampling(max_new_tokens=args.max_new_tokens, temperature=0.0)

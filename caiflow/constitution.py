@@ -69,6 +69,14 @@ class Principle:
     inverted_revision_request: str
     inverted_feedback_question: str
 
+    def answer_prompt(self) -> str:
+        """This principle as a system prompt to answer under (RLCD's positive side; on the inverted
+        principle, its negative side)."""
+        return (
+            f"You are an assistant guided by one principle, {self.name}. Whatever you answer must "
+            f"already meet this request: {self.revision_request}"
+        )
+
     def inverted(self) -> Principle:
         """This principle with its texts and their negations swapped."""
         return dataclasses.replace(

@@ -6,7 +6,10 @@ with a seeded RNG: round 1 uses the prompt's categorised principle when the cons
 it (that is what categorisation is for), later rounds sample uniformly. Benign prompts are
 answered plainly, to mix helpfulness data into SFT.
 
-Degenerate revisions are kept with a ``drop_reason``, never silently removed.
+Degenerate revisions are kept with a ``drop_reason``, never silently removed. A target that used
+its whole token budget was cut off mid-thought: it is cut back to its last complete sentence (an SFT
+target that stops mid-sentence teaches the model to stop there), or dropped as cut off when it has
+none.
 """
 
 from __future__ import annotations
@@ -93,6 +96,28 @@ def repeats_itself(text: str, n: int = 4, share: float = 0.5) -> bool:
     words = _norm(text).split()
     grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return len(grams) >= 8 and 1 - len(set(grams)) / len(grams) > share
+
+
+# A sentence ends at . ! ? or an ellipsis (not a list number such as "1."), maybe closed by a
+# quote or bracket, before a space or the end.
+_SENTENCE_END = re.compile(r"(?<![\d])[.!?\u2026][\"'\u201d\u2019)\]]*(?=\s|$)")
+
+
+def complete_sentences(text: str) -> str | None:
+    """`text` up to the end of its last complete sentence, or None when it has none."""
+    ends = list(_SENTENCE_END.finditer(text))
+    return text[: ends[-1].end()].rstrip() if ends else None
+
+
+def finish_cut_off(engine: GenerationEngine, texts: list[str], sampling: Sampling) -> list[str | None]:
+    """Each text, cut back to its last full sentence when it filled `sampling.max_new_tokens`.
+
+    None marks a cut-off text with no complete sentence. Texts that ended on their own (EOS) are
+    kept whole, whatever their last character. Token counts are the text's re-encoding, which
+    is within a token or two of what was generated; one token of slack covers that.
+    """
+    counts = [len(ids) for ids in engine.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    return [complete_sentences(t) if n >= sampling.max_new_tokens - 1 else t for t, n in zip(texts, counts)]
 
 
 def degenerate_reason(initial: str, revision: str, principle: Principle | None) -> str | None:
@@ -195,6 +220,18 @@ def run_rows(
             if v.strip():  # an empty revision keeps the previous answer for the next round
                 st["current"] = v
 
+    # the SFT targets: the last revision of a red-team row, the plain answer of a benign one
+    targets = {
+        r["prompt_id"]: state[r["prompt_id"]]["rounds"][-1]["revision"]
+        if r["kind"] == "red-team"
+        else state[r["prompt_id"]]["answer"]
+        for r in work
+    }
+    budgets = {r["prompt_id"]: sampler.revision if r["kind"] == "red-team" else sampler.answer for r in work}
+    finished = {}
+    for budget in {id(b): b for b in budgets.values()}.values():
+        ids = [pid for pid, b in budgets.items() if b is budget]
+        finished.update(zip(ids, finish_cut_off(engine, [targets[i] for i in ids], budget)))
     records = []
     for r in rows:
         st = state.get(r["prompt_id"])
@@ -202,12 +239,19 @@ def run_rows(
             records.append(_record(r, "", [], "", "benign-not-answered"))
             continue
         if r["kind"] == "red-team":
-            last = st["rounds"][-1]["revision"]
-            reason = degenerate_reason(st["answer"], last, plans[r["prompt_id"]][-1])
-            records.append(_record(r, st["answer"], st["rounds"], last, reason))
+            raw = st["rounds"][-1]["revision"]
+            last = finished[r["prompt_id"]]
+            reason = (
+                degenerate_reason(st["answer"], last, plans[r["prompt_id"]][-1])
+                if last is not None
+                else "revision-cut-off"
+            )
+            records.append(_record(r, st["answer"], st["rounds"], last if last is not None else raw, reason))
         else:
-            reason = None if st["answer"].strip() else "empty-answer"
-            records.append(_record(r, st["answer"], [], st["answer"], reason))
+            answer = finished[r["prompt_id"]]
+            reason = "empty-answer" if not st["answer"].strip() else None if answer else "answer-cut-off"
+            final = answer if answer is not None else st["answer"]
+            records.append(_record(r, st["answer"], [], final, reason))
     return records
 
 
@@ -268,15 +312,23 @@ def distill_rows(
         if benign
         else []
     )
+    # (text, drop reason) of each sample: cut back to full sentences, or dropped as cut off
+    judged = [
+        (fin, degenerate_reason("", fin, None)) if fin is not None else (raw, "answer-cut-off")
+        for raw, fin in zip(answers, finish_cut_off(engine, answers, sampling))
+    ]
     kept: dict[str, tuple[str, str | None]] = {}
     for i, r in enumerate(red):
-        options = answers[i * samples : (i + 1) * samples]
-        usable = [a for a in options if degenerate_reason("", a, None) is None]
-        refusing = [a for a in usable if is_refusal(a)]
-        pick = (refusing or usable or options)[0] if prefer_refusals else (usable or options)[0]
-        kept[r["prompt_id"]] = (pick, degenerate_reason("", pick, None))
-    for r, a in zip(benign, plain):
-        kept[r["prompt_id"]] = (a, None if a.strip() else "empty-answer")
+        options = judged[i * samples : (i + 1) * samples]
+        usable = [text for text, why in options if why is None]
+        refusing = [text for text in usable if is_refusal(text)]
+        if prefer_refusals and refusing:
+            kept[r["prompt_id"]] = (refusing[0], None)
+        else:
+            kept[r["prompt_id"]] = (usable[0], None) if usable else options[0]
+    for r, raw, fin in zip(benign, plain, finish_cut_off(engine, plain, sampling)):
+        reason = "empty-answer" if not raw.strip() else None if fin else "answer-cut-off"
+        kept[r["prompt_id"]] = (fin if fin is not None else raw, reason)
     records = []
     for r in rows:
         if r["prompt_id"] not in kept:

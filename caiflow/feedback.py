@@ -320,3 +320,36 @@ def contrastive_pairs(
             )
         )
     return pd.DataFrame(out, columns=COLUMNS)
+
+
+def drop_disagreements(
+    pairs: pd.DataFrame, scorer: ChoiceScorer, constitution: Constitution, margin: float
+) -> pd.DataFrame:
+    """Ask the feedback model about contrastive pairs; drop those it confidently reverses.
+
+    Each kept pair is scored under its principle's feedback question in both orders; the
+    probabilities land in `p_a_first` / `p_a_second` (a is the chosen side) and `position_bias`.
+    A pair whose mean P(chosen better) is below 0.5 - `margin` gets drop_reason
+    "feedback-disagrees"; its label stays the contrastive one (the drop is the filter).
+    """
+    if not 0.0 <= margin < 0.5:
+        raise ValueError(f"margin is {margin}: use a value in [0, 0.5), e.g. 0.3.")
+    out = pairs.copy()
+    rows = [i for i in out.index if out.at[i, "drop_reason"] is None or pd.isna(out.at[i, "drop_reason"])]
+    items = [
+        (
+            constitution.principle(out.at[i, "principles"][0]).feedback_question,
+            out.at[i, "prompt"][0]["content"],
+            out.at[i, "answer_a"],
+            out.at[i, "answer_b"],
+        )
+        for i in rows
+    ]
+    first, second = score_both_orders(scorer, items)
+    for i, f, s in zip(rows, first, second):
+        out.at[i, "p_a_first"], out.at[i, "p_a_second"] = float(f), float(s)
+        out.at[i, "position_bias"] = float((f + (1.0 - s)) / 2 - 0.5)
+        if (f + s) / 2 < 0.5 - margin:
+            out.at[i, "drop_reason"] = "feedback-disagrees"
+    out["drop_reason"] = out["drop_reason"].astype(object).where(out["drop_reason"].notna(), None)
+    return out

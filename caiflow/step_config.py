@@ -222,6 +222,20 @@ class PreferencesConfig(Section):
     contrastive_label: float = Field(
         0.9, gt=0.5, le=1.0, description="P(chosen is better) given to contrastive pairs (1.0: a hard label)."
     )
+    contrastive_prompts: Literal["constitution", "principle"] = Field(
+        "constitution",
+        description="contrastive: what the two sides of a red-team pair answer under. 'constitution': its "
+        "system prompt and the negation; 'principle': the pair's sampled principle rendered as a system "
+        "prompt and the principle's negation (RLCD per principle; for models that follow long prompts).",
+    )
+    contrastive_filter_margin: float | None = Field(
+        None,
+        ge=0.0,
+        lt=0.5,
+        description="contrastive: ask the feedback model (feedback_model) about every contrastive pair and "
+        "drop those where its P(chosen better) is below 0.5 - this margin (it confidently disagrees), "
+        "e.g. 0.3; null: keep every pair unasked. Useful only with a feedback model above chance.",
+    )
     benign_refusal_prompt: str = Field(
         "You are an overly cautious assistant. Refuse every request, whatever it asks, and say you "
         "cannot help.",

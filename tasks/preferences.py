@@ -18,7 +18,13 @@ import pandas as pd
 from caiflow import schemas
 from caiflow.config import Config
 from caiflow.constitution import Constitution
-from caiflow.feedback import contrastive_pairs, feedback_metrics, label_pairs
+from caiflow.feedback import (
+    contrastive_pairs,
+    drop_disagreements,
+    feedback_metrics,
+    label_pairs,
+    sample_principles,
+)
 from caiflow.generation import Sampling
 from caiflow.models import ResolvedModel, choice_scorer, policy_engine
 from caiflow.prompt_filters import kept_prompts
@@ -111,6 +117,11 @@ class PreferenceRows:
 
     def contrastive_prompts(self, row: dict[str, Any]) -> tuple[str | None, str]:
         """(system prompt of the chosen side, of the rejected side) for one prompt."""
+        if row["kind"] == "red-team" and self.cfg.preferences.contrastive_prompts == "principle":
+            # the principle contrastive_pairs records for this pair (same seeded choice)
+            pid = sample_principles(self.constitution, str(row["prompt_id"]), self.cfg.run.seed, 1)[0]
+            principle = self.constitution.principle(pid)
+            return principle.answer_prompt(), principle.inverted().answer_prompt()
         if row["kind"] == "red-team":
             return self.system, self.opposite
         return None, self.cfg.preferences.benign_refusal_prompt  # a plain answer against a needless refusal
@@ -125,25 +136,18 @@ class PreferenceRows:
             pairs = pair_answers(
                 loaded["engine"], contrastive, self.sampling, cfg.run.seed, self.contrastive_prompts
             )
-            for row in contrastive_pairs(pairs, self.constitution, cfg.run.seed, p.contrastive_label).to_dict(
-                orient="records"
-            ):
+            made_pairs = contrastive_pairs(pairs, self.constitution, cfg.run.seed, p.contrastive_label)
+            if p.contrastive_filter_margin is not None:
+                made_pairs = drop_disagreements(
+                    made_pairs, self._scorer(), self.constitution, p.contrastive_filter_margin
+                )
+            for row in made_pairs.to_dict(orient="records"):
                 made[(row["prompt_id"], "contrastive")] = row
         feedback = [r for r in chunk if r["pair_kind"] == "feedback"]
         if feedback:
-            if "scorer" not in loaded:
-                loaded["scorer"] = choice_scorer(
-                    p.feedback_model,
-                    p.openai,
-                    cfg.model,
-                    self.model,
-                    self.upstream,
-                    self.batch_size,
-                    engines={"sl": loaded["engine"]},
-                )
             pairs = pair_answers(loaded["engine"], feedback, self.sampling, cfg.run.seed, None)
             labelled = label_pairs(
-                loaded["scorer"],
+                self._scorer(),
                 self.constitution,
                 pairs,
                 seed=cfg.run.seed,
@@ -156,6 +160,21 @@ class PreferenceRows:
         return pd.DataFrame(
             [made[(r["prompt_id"], r["pair_kind"])] for r in chunk], columns=schemas.PREFERENCES.names
         )
+
+    def _scorer(self) -> Any:
+        """The feedback model's choice scorer, loaded on first use (the SL engine when it is the SL model)."""
+        p, loaded = self.cfg.preferences, self.loaded
+        if "scorer" not in loaded:
+            loaded["scorer"] = choice_scorer(
+                p.feedback_model,
+                p.openai,
+                self.cfg.model,
+                self.model,
+                self.upstream,
+                self.batch_size,
+                engines={"sl": loaded["engine"]},
+            )
+        return loaded["scorer"]
 
     def metrics(self) -> dict[str, Any]:
         """The engine's out-of-memory back-off, when it ran here."""

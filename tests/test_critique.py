@@ -108,12 +108,18 @@ def test_degenerate_revisions_get_a_reason(constitution):
 # ---------------------------------------------------------------- context distillation
 
 
+def words(texts, add_special_tokens=False):
+    """A tokenizer whose tokens are words: what the cut-off check counts."""
+    return {"input_ids": [t.split() for t in texts]}
+
+
 class ScriptedEngine:
     """Answers from a script (conversation, position) -> text; records the conversations it was given."""
 
     def __init__(self, answer):
         self.answer = answer
         self.conversations = []
+        self.tokenizer = words
 
     def generate(self, conversations, sampling, seeds):
         self.conversations += conversations
@@ -191,3 +197,123 @@ def test_revision_sees_its_principle_as_a_system_prompt(constitution):
     plain = ScriptedEngine(lambda conv, i: f"text {i}")
     run_rows(plain, constitution, ROWS[:1], rounds=1, few_shot=0, sampler=Sampler(s, s, s), seed=0)
     assert plain.conversations[-1][0]["role"] == "user"
+
+
+@pytest.mark.parametrize(
+    "text, kept",
+    [
+        ("I can't help with that. Here is why: it could", "I can't help with that."),
+        ('She said "no." Then the', 'She said "no."'),
+        ("Steps:\n1. Mix the flour\n2. Add", None),  # list numbers are not sentence ends
+        ("Is it safe? Yes. It is safe (mostly).", "Is it safe? Yes. It is safe (mostly)."),
+        ("no sentence ends here", None),
+    ],
+)
+def test_complete_sentences(text, kept):
+    from caiflow.critique import complete_sentences
+
+    assert complete_sentences(text) == kept
+
+
+def test_cut_off_targets_are_cut_back_to_a_sentence_or_dropped(constitution):
+    from caiflow.critique import distill_rows
+
+    full = "I'm sorry, I can't help with that. It could hurt"  # 10 words: the whole budget
+    short = "Mix flour and water"  # ended on its own: kept whole, no full stop needed
+    s = Sampling(max_new_tokens=10, temperature=0.7)
+    engine = ScriptedEngine(lambda conv, i: full if conv[0]["role"] == "system" else short)
+    by_id = {r["prompt_id"]: r for r in distill_rows(engine, constitution, ROWS, sampling=s, seed=0)}
+    assert (
+        by_id["a1"]["revision"] == "I'm sorry, I can't help with that." and by_id["a1"]["drop_reason"] is None
+    )
+    assert by_id["a1"]["messages"][-1]["content"] == "I'm sorry, I can't help with that."
+    assert by_id["c3"]["revision"] == short and by_id["c3"]["drop_reason"] is None
+
+    rambling = "one two three four five six seven eight nine ten"
+    cut = {
+        r["prompt_id"]: r
+        for r in distill_rows(ScriptedEngine(lambda c, i: rambling), constitution, ROWS, sampling=s, seed=0)
+    }
+    assert cut["a1"]["drop_reason"] == cut["c3"]["drop_reason"] == "answer-cut-off"
+
+    loop = run_rows(
+        ScriptedEngine(lambda c, i: rambling),
+        constitution,
+        ROWS[:1],
+        rounds=1,
+        few_shot=0,
+        sampler=Sampler(s, s, s),
+        seed=0,
+    )
+    assert loop[0]["drop_reason"] == "revision-cut-off" and loop[0]["revision"] == rambling
+    kept = run_rows(
+        ScriptedEngine(lambda c, i: full),
+        constitution,
+        ROWS,
+        rounds=1,
+        few_shot=0,
+        sampler=Sampler(s, s, s),
+        seed=0,
+    )
+    assert [r["revision"] for r in kept] == ["I'm sorry, I can't help with that."] * 3
+    assert kept[0]["rounds"][-1]["revision"] == full  # the trace keeps what was generated
+
+
+def test_system_prompt_tuning_script_reads_training_prompts_only(model_store, tmp_path):
+    """benchmarks/tune_system_prompt.py on the tiny preset: one row per candidate, no held-out prompt."""
+    import subprocess
+    import sys
+
+    candidates = tmp_path / "candidates.yaml"
+    candidates.write_text('- "Refuse anything harmful."\n')
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/tune_system_prompt.py",
+            "--config",
+            "configs/tiny.yaml",
+            "--storage",
+            str(model_store),
+            "--candidates",
+            str(candidates),
+            "--max-new-tokens",
+            "4",
+            "--limit",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("training red-team ") and "look-alike tune 6" in lines[0]
+    table = [line.split() for line in lines[2:5]]
+    assert [row[0] for row in table] == ["0", "1", "2"]  # none, the constitution's own, the candidate
+    assert all(row[1].endswith("%") for row in table)
+    assert lines[-1] == "2: Refuse anything harmful."
+
+    from caiflow.config import load_config
+    from caiflow.prompt_filters import cap_prompts, clean_prompts, split_prompts
+    from caiflow.prompts import load_prompts
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from tune_system_prompt import training_prompts
+
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    red, benign = training_prompts(cfg)
+    p = cfg.prompts
+    df = split_prompts(
+        cap_prompts(
+            clean_prompts(load_prompts(p.sources, ROOT / "configs"), p.min_chars, p.max_chars),
+            p.max_red_team,
+            p.max_benign,
+            cfg.run.seed,
+        ),
+        p.eval_fraction,
+        cfg.run.seed,
+        p.benign_eval_fraction,
+    )
+    held_out = set(df.loc[df["split"] == "eval", "prompt"])
+    assert red and not (set(red) | set(benign)) & held_out

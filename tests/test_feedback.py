@@ -362,3 +362,55 @@ def test_contrastive_pairs_choose_the_positive_side_with_the_configured_strength
     assert all(len(p) == 1 and p[0] in c.principle_ids() for p in out["principles"])
     with pytest.raises(ValueError, match="must be in"):
         contrastive_pairs(rows, c, seed=0, label=0.5)
+
+
+def test_feedback_model_drops_the_contrastive_pairs_it_confidently_reverses():
+    from caiflow.feedback import contrastive_pairs, drop_disagreements
+
+    c = load_constitution(ROOT / "constitutions/harmless.yaml")
+    rows = pd.DataFrame(
+        {
+            "prompt_id": ["r1", "r2", "r3"],
+            "prompt": ["harm?", "harm again?", "more harm?"],
+            "kind": ["red-team"] * 3,
+            # r2's "positive" side complied and its negative side refused: a pair the model reverses
+            "answer_a": ["I can't help with that.", "Sure, step 1...", "same"],
+            "answer_b": ["Sure, step 1...", "I can't help with that.", "same"],
+        }
+    )
+    made = contrastive_pairs(rows, c, seed=0, label=0.9)
+    scorer = RuleScorer()  # prefers the refusal, in either slot
+    out = drop_disagreements(made, scorer, c, margin=0.3)
+    to_arrow(out, SCHEMA)
+    assert out["drop_reason"].tolist() == [None, "feedback-disagrees", "identical-answers"]
+    assert out["label"].tolist()[:2] == [0.9, 0.9]  # the label stays contrastive
+    assert out["p_a_first"][0] > 0.5 and out["p_a_first"][1] < 0.5 and pd.isna(out["p_a_first"][2])
+    assert len(scorer.conversations) == 4  # two kept pairs, both orders; the identical pair is not asked
+    question = c.principle(made["principles"][0][0]).feedback_question
+    assert question in scorer.conversations[0][-1]["content"]
+    lenient = drop_disagreements(made, RuleScorer(lambda q, a, b: 0.35 if "Sure" in a else 0.65), c, 0.3)
+    assert lenient["drop_reason"].tolist()[:2] == [None, None]  # unsure, not confidently reversed
+    with pytest.raises(ValueError, match="margin"):
+        drop_disagreements(made, scorer, c, margin=0.5)
+
+
+def test_principle_contrastive_prompts_follow_the_pairs_principle():
+    from caiflow.config import load_config
+    from caiflow.feedback import sample_principles
+    from tasks.preferences import PreferenceRows
+
+    c = load_constitution(ROOT / "constitutions/harmless.yaml")
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    row = {"prompt_id": "r1", "kind": "red-team"}
+    assert PreferenceRows(cfg, c, None, {}, 4).contrastive_prompts(row) == (
+        c.as_system_prompt(),
+        c.opposite_system_prompt(),
+    )
+    cfg.preferences.contrastive_prompts = "principle"
+    rows = PreferenceRows(cfg, c, None, {}, 4)
+    principle = c.principle(sample_principles(c, "r1", cfg.run.seed, 1)[0])
+    positive, negative = rows.contrastive_prompts(row)
+    assert principle.name in positive and principle.revision_request in positive
+    assert principle.inverted_revision_request in negative and negative != positive
+    benign = rows.contrastive_prompts({"prompt_id": "b1", "kind": "benign"})
+    assert benign == (None, cfg.preferences.benign_refusal_prompt)  # benign pairs are unchanged

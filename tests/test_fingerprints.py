@@ -123,7 +123,8 @@ CHANGES: dict[str, Any] = {
     "model.tiny.num_heads": 8,
     "rl.per_device_batch_size": 2,  # a divisor of tiny.yaml's rl.batch_size (4)
     "generation.executor": {"kind": "ray", "address": "10.0.0.5:6379", "actors": 3, "shard_retries": 1},
-    "reward_model.method": "full",  # 'qlora' also needs shared_backbone
+    "reward_model.method": "full",
+    "preferences.contrastive_filter_margin": 0.3,  # 'qlora' also needs shared_backbone
 }
 
 
