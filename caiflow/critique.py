@@ -42,9 +42,14 @@ class Sampler:
     revision: Sampling
 
 
-def _few_shot_turns(examples: tuple[FewShot, ...], principle_of, n: int) -> list[dict[str, str]]:
+def few_shot_turns(
+    examples: tuple[FewShot, ...], principle_of, n: int, principle: str | None = None
+) -> list[dict[str, str]]:
+    """The first `n` examples as chat turns, those of `principle` (the round's) first: the model
+    sees how that principle is critiqued and applied before it is asked to."""
+    ordered = sorted(examples, key=lambda ex: ex.principle != principle) if principle else examples
     turns: list[dict[str, str]] = []
-    for ex in examples[:n]:
+    for ex in ordered[:n]:
         p = principle_of(ex.principle)
         turns += [
             {"role": "user", "content": ex.prompt},
@@ -157,7 +162,7 @@ def run_rows(
     All rows of one stage go to the engine together, so batching is across prompts.
     """
     by_id = {p.id: p for p in constitution.principles}
-    shots = _few_shot_turns(constitution.few_shot, by_id.get, few_shot)
+    shots = {pid: few_shot_turns(constitution.few_shot, by_id.get, few_shot, pid) for pid in by_id}
     work = [r for r in rows if r["kind"] == "red-team" or answer_benign]
 
     answers = engine.generate(
@@ -177,7 +182,7 @@ def run_rows(
         for r in red:
             p = plans[r["prompt_id"]][k]
             convs.append(
-                shots
+                shots[p.id]
                 + [
                     {"role": "user", "content": r["prompt"]},
                     {"role": "assistant", "content": state[r["prompt_id"]]["current"]},

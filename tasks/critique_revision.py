@@ -20,7 +20,7 @@ import pandas as pd
 from caiflow import schemas
 from caiflow.config import Config
 from caiflow.constitution import Constitution
-from caiflow.critique import Sampler, distill_rows, run_rows
+from caiflow.critique import Sampler, distill_rows, few_shot_turns, principle_system_prompt, run_rows
 from caiflow.generation import GenerationEngine, Sampling
 from caiflow.models import ResolvedModel, load_model_and_tokenizer
 from caiflow.plan import critique_row_context
@@ -81,7 +81,9 @@ def run(ctx: StepContext) -> StepOutput:
         markdown=[
             (
                 "critique-revision-report",
-                markdown_stats("Critique-revision", metrics) + examples_md(df),
+                markdown_stats("Critique-revision", metrics)
+                + prompts_md(ctx.constitution, c)
+                + examples_md(df),
                 "Statistics and before/after examples",
             )
         ],
@@ -152,6 +154,24 @@ def sl_metrics(df: pd.DataFrame) -> dict[str, Any]:
     for reason, n in df["drop_reason"].dropna().value_counts().items():
         out[f"dropped_{reason}"] = int(n)
     return out
+
+
+def prompts_md(constitution: Constitution, c: Any) -> str:
+    """What the model was shown besides the prompt: the system prompt (context distillation) or, per
+    principle, the few-shot turns before each critique request and the revision's system prompt."""
+    if c.method == "context_distillation":
+        return f"\n## System prompt the answers were made under\n\n> {constitution.as_system_prompt()}\n"
+    by_id = {p.id: p for p in constitution.principles}
+    heading = f"Few-shot turns before each critique request ({c.few_shot}, the principle's own first)"
+    parts = [f"\n## {heading}\n"]
+    for pid, principle in by_id.items():
+        turns = few_shot_turns(constitution.few_shot, by_id.get, c.few_shot, pid)
+        parts.append(f"<details><summary>{principle.name}</summary>\n")
+        if c.principle_system_prompt:
+            parts.append(f"**system (revision step):** {principle_system_prompt(principle)}\n")
+        parts += [f"**{t['role']}:** {t['content']}\n" for t in turns] or ["(no few-shot examples)\n"]
+        parts.append("</details>\n")
+    return "\n".join(parts)
 
 
 def examples_md(df: pd.DataFrame, n: int = 3) -> str:

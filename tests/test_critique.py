@@ -317,3 +317,27 @@ def test_system_prompt_tuning_script_reads_training_prompts_only(model_store, tm
     )
     held_out = set(df.loc[df["split"] == "eval", "prompt"])
     assert red and not (set(red) | set(benign)) & held_out
+
+
+def test_few_shot_shows_the_rounds_principle_first_and_the_report_renders_it(constitution):
+    from caiflow.critique import few_shot_turns
+    from caiflow.step_config import CritiqueRevisionConfig
+    from tasks.critique_revision import prompts_md
+
+    by_id = {p.id: p for p in constitution.principles}
+    assert {ex.principle for ex in constitution.few_shot} == set(by_id)  # an example for every principle
+    for pid, principle in by_id.items():
+        turns = few_shot_turns(constitution.few_shot, by_id.get, 2, pid)
+        assert len(turns) == 12 and turns[2]["content"] == principle.critique_request
+        assert turns[8]["content"] != principle.critique_request  # the second example is another's
+    engine = ScriptedEngine(lambda conv, i: "I can't help with that.")
+    s = Sampling(max_new_tokens=8, temperature=0.7)
+    run_rows(engine, constitution, ROWS[:1], rounds=1, few_shot=1, sampler=Sampler(s, s, s), seed=0)
+    privacy = by_id["privacy"]
+    assert engine.conversations[1][2]["content"] == privacy.critique_request  # a1 is a privacy prompt
+
+    report = prompts_md(constitution, CritiqueRevisionConfig(few_shot=1))
+    assert report.count("<details>") == len(by_id) and privacy.critique_request in report
+    assert constitution.as_system_prompt() in prompts_md(
+        constitution, CritiqueRevisionConfig(method="context_distillation")
+    )
