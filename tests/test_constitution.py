@@ -80,7 +80,7 @@ def test_harmless_loads_and_covers_required_principles():
     assert isinstance(c, Constitution)
     assert REQUIRED_IDS <= set(c.principle_ids())
     assert 6 <= len(c.principles) <= 8
-    assert 3 <= len(c.few_shot) <= 4
+    assert {ex.principle for ex in c.few_shot} == set(c.principle_ids())  # one example per principle
     for p in c.principles:
         assert isinstance(p, Principle)
         assert p.feedback_question.startswith("Which of these assistant responses")
