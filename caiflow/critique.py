@@ -121,6 +121,8 @@ def finish_cut_off(engine: GenerationEngine, texts: list[str], sampling: Samplin
     kept whole, whatever their last character. Token counts are the text's re-encoding, which
     is within a token or two of what was generated; one token of slack covers that.
     """
+    if not texts:
+        return []
     counts = [len(ids) for ids in engine.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
     return [complete_sentences(t) if n >= sampling.max_new_tokens - 1 else t for t, n in zip(texts, counts)]
 

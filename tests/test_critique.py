@@ -341,3 +341,14 @@ def test_few_shot_shows_the_rounds_principle_first_and_the_report_renders_it(con
     assert constitution.as_system_prompt() in prompts_md(
         constitution, CritiqueRevisionConfig(method="context_distillation")
     )
+
+
+def test_a_shard_without_benign_rows_is_fine_with_a_real_tokenizer(tiny_model, constitution):
+    from caiflow.critique import distill_rows, finish_cut_off
+
+    engine = ScriptedEngine(lambda c, i: "I'm sorry, I can't help with that.")
+    engine.tokenizer = tiny_model[1]  # a real tokenizer raises on an empty batch
+    s = Sampling(max_new_tokens=64, temperature=0.7)
+    assert finish_cut_off(engine, [], s) == []
+    rows = distill_rows(engine, constitution, ROWS[:2], sampling=s, seed=0)
+    assert [r["drop_reason"] for r in rows] == [None, None]
