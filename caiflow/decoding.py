@@ -180,8 +180,9 @@ class ContinuousDecoder:
             picks = logits.argmax(dim=-1)
         else:
             steps = torch.tensor([len(self.tokens.get(r, ())) for r in batch.rows], dtype=torch.int64)
-            picks = pick_tokens(logits, self.seeds[batch.rows].to(self.device), steps.to(self.device),
-                                s.temperature, s.top_p)
+            picks = pick_tokens(
+                logits, self.seeds[batch.rows].to(self.device), steps.to(self.device), s.temperature, s.top_p
+            )
         batch.last = picks
         is_eos = torch.isin(picks, self.eos).tolist()
         for i, (r, tok) in enumerate(zip(batch.rows, picks.tolist())):

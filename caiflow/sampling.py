@@ -85,7 +85,6 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
-
 # ---------------------------------------------------------------- without hashing the whole vocabulary
 
 # Bounds of -log(-log(u)) for the uniforms of `row_uniforms`, u in [2^-25, 1 - 2^-25].
@@ -141,9 +140,7 @@ def pick_tokens(
         cand_idx[cand_rows, slot] = cand_tok
         cand_val[cand_rows, slot] = logp[cand_rows, cand_tok]
     k = cand_idx.shape[1]
-    noise = _noise(
-        seeds.repeat_interleave(k), steps.repeat_interleave(k), cand_idx.reshape(-1)
-    ).view(rows, k)
+    noise = _noise(seeds.repeat_interleave(k), steps.repeat_interleave(k), cand_idx.reshape(-1)).view(rows, k)
     score = cand_val - noise
     # argmax over the vocabulary takes the lowest token id among equal scores: do the same
     top = score.max(dim=-1, keepdim=True).values
@@ -168,5 +165,3 @@ def _nucleus(logp: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tens
     out = torch.full_like(probs, float("-inf"))
     out[kept] = flat
     return idx, out
-
-
