@@ -66,6 +66,17 @@ class Sampling:
 
 # ---------------------------------------------------------------- engine
 
+# A shared prefix shorter than this is not worth copying its cache into every row.
+PREFIX_MIN_TOKENS = 16
+
+
+def engine_options(generation: Any) -> dict[str, Any]:
+    """GenerationEngine keyword arguments from a config's `generation` section."""
+    return {
+        "decoding": generation.decoding,
+        "prefix_min_tokens": PREFIX_MIN_TOKENS if generation.prefix_cache else None,
+    }
+
 
 class GenerationEngine:
     """Batched generation and option scoring for one loaded causal LM and its tokenizer."""
@@ -78,7 +89,7 @@ class GenerationEngine:
         max_input_tokens: int | None = None,
         progress: Callable[[int, int], None] | None = None,
         decoding: str = "continuous",
-        prefix_min_tokens: int | None = 16,
+        prefix_min_tokens: int | None = PREFIX_MIN_TOKENS,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size is {batch_size}: set it to 1 or more.")

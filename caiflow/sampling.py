@@ -112,6 +112,48 @@ def _noise(seeds: torch.Tensor, steps: torch.Tensor, tokens: torch.Tensor) -> to
     return torch.log(-torch.log(u))[:n]
 
 
+_TOKEN_TERMS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _full_vocab_pick(logp: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """argmax(logp - log(-log(row_uniforms))) per row, computed a few rows at a time and in place.
+
+    The same integer and float operations as `row_uniforms` and PerRowSampler (so the same token),
+    on buffers that stay in the CPU's cache instead of a dozen fresh (rows, vocab) int64 tensors.
+    """
+    rows, vocab = logp.shape
+    key = (vocab, str(logp.device))
+    if key not in _TOKEN_TERMS:
+        _TOKEN_TERMS[key] = torch.arange(vocab, dtype=torch.int64, device=logp.device) * _MIX1
+    terms = _TOKEN_TERMS[key]
+    base = seeds * _GOLDEN + (steps + 1) * _MIX2  # int64 sums wrap, so the order of the terms is free
+    chunk = max(1, min(rows, (1 << 18) // vocab))
+    x = torch.empty((chunk, vocab), dtype=torch.int64, device=logp.device)
+    t = torch.empty_like(x)
+    u = torch.empty((chunk, vocab), dtype=torch.float32, device=logp.device)
+    picks = torch.empty(rows, dtype=torch.int64, device=logp.device)
+    for start in range(0, rows, chunk):
+        n = min(chunk, rows - start)
+        xs, ts, us = x[:n], t[:n], u[:n]
+        torch.add(terms, base[start : start + n].unsqueeze(1), out=xs)
+        for shift, mult in ((30, _MIX1), (27, _MIX2), (31, None)):
+            torch.bitwise_right_shift(xs, shift, out=ts)
+            ts.bitwise_and_((1 << (64 - shift)) - 1)
+            xs.bitwise_xor_(ts)
+            if mult is not None:
+                xs.mul_(mult)
+        torch.bitwise_right_shift(xs, 40, out=ts)
+        ts.bitwise_and_((1 << 24) - 1)
+        us.copy_(ts)
+        us.add_(0.5).div_(float(1 << 24))
+        torch.log(us, out=us)
+        us.neg_()
+        torch.log(us, out=us)
+        torch.sub(logp[start : start + n], us, out=us)
+        picks[start : start + n] = us.argmax(dim=-1)
+    return picks
+
+
 def _padded_log(x: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     pad = (-n) % _VEC
@@ -126,19 +168,8 @@ def pick_tokens(
     logp = torch.log_softmax(scores.float() / temperature, dim=-1)
     if top_p < 1.0:
         cand_idx, cand_val = _nucleus(logp, top_p)  # (rows, k): log(p) inside the nucleus, -inf outside
-    else:
-        top_val, top_idx = logp.max(dim=-1)
-        best = top_val - _noise(seeds, steps, top_idx)  # a lower bound on the winning score
-        threshold = best - GUMBEL_MAX - _SLACK
-        cand_rows, cand_tok = (logp >= threshold.unsqueeze(1)).nonzero(as_tuple=True)
-        counts = torch.bincount(cand_rows, minlength=rows)
-        k = int(counts.max())
-        # Lay the candidates out as (rows, k), -inf where a row has fewer.
-        slot = torch.arange(cand_rows.numel(), device=logp.device) - (counts.cumsum(0) - counts)[cand_rows]
-        cand_idx = torch.zeros((rows, k), dtype=torch.int64, device=logp.device)
-        cand_val = torch.full((rows, k), float("-inf"), device=logp.device)
-        cand_idx[cand_rows, slot] = cand_tok
-        cand_val[cand_rows, slot] = logp[cand_rows, cand_tok]
+    else:  # nearly every token could win: hash the whole vocabulary, in cache-sized chunks
+        return _full_vocab_pick(logp, seeds, steps)
     k = cand_idx.shape[1]
     noise = _noise(seeds.repeat_interleave(k), steps.repeat_interleave(k), cand_idx.reshape(-1)).view(rows, k)
     score = cand_val - noise

@@ -21,7 +21,7 @@ from caiflow import schemas
 from caiflow.config import Config
 from caiflow.constitution import Constitution
 from caiflow.critique import Sampler, distill_rows, run_rows
-from caiflow.generation import GenerationEngine, Sampling
+from caiflow.generation import GenerationEngine, Sampling, engine_options
 from caiflow.models import ResolvedModel, load_model_and_tokenizer
 from caiflow.plan import critique_row_context
 from caiflow.prompt_filters import kept_prompts
@@ -104,7 +104,9 @@ class CritiqueRows:
             model_obj, tok = load_model_and_tokenizer(
                 self.model, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code
             )
-            self.engine = GenerationEngine(model_obj, tok, batch_size=self.batch_size)
+            self.engine = GenerationEngine(
+                model_obj, tok, batch_size=self.batch_size, **engine_options(cfg.generation)
+            )
         if c.method == "context_distillation":
             return distill_rows(
                 self.engine,

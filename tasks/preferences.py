@@ -118,7 +118,9 @@ class PreferenceRows:
     def __call__(self, chunk: list[dict[str, Any]]) -> pd.DataFrame:
         cfg, p, loaded = self.cfg, self.cfg.preferences, self.loaded
         if not loaded:  # every pair depends on the SL model: load it once there is work
-            loaded["engine"] = policy_engine("sl", cfg.model, self.model, self.upstream, self.batch_size)
+            loaded["engine"] = policy_engine(
+                "sl", cfg.model, self.model, self.upstream, self.batch_size, cfg.generation
+            )
         made = {}
         contrastive = [r for r in chunk if r["pair_kind"] == "contrastive"]
         if contrastive:
