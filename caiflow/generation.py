@@ -123,12 +123,15 @@ class GenerationEngine:
         self.prefix_min_tokens = prefix_min_tokens
         self.prefill_tokens = 0  # prompt tokens run through the model (a shared prefix once), for figures
 
-    def oom_metrics(self, start_batch_size: int) -> dict[str, int]:
-        """What out-of-memory back-off did to this engine, for a step's metrics."""
+    def engine_metrics(self, start_batch_size: int) -> dict[str, Any]:
+        """For a step's metrics: what out-of-memory back-off did, and the tokens this engine ran."""
         return {
             "oom_backoffs": self.backoffs,
             "final_batch_size": self.batch_size,
             "start_batch_size": start_batch_size,
+            "generated_tokens": self.generated_tokens,  # new tokens, EOS excluded (throughput figures)
+            "prefill_tokens": self.prefill_tokens,  # prompt tokens run; a shared prefix counted once
+            "decoding": self.decoding,
         }
 
     # ------------------------------------------------------------ prompts

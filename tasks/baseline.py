@@ -49,7 +49,7 @@ class BaseAnswers:
 
     def metrics(self) -> dict[str, Any]:
         """The engine's out-of-memory back-off, when it ran here."""
-        return self.engine.oom_metrics(self.batch_size) if self.engine else {}
+        return self.engine.engine_metrics(self.batch_size) if self.engine else {}
 
 
 def run(ctx: StepContext) -> StepOutput:

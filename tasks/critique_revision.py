@@ -132,7 +132,7 @@ class CritiqueRows:
 
     def metrics(self) -> dict[str, Any]:
         """The engine's out-of-memory back-off, when it ran here."""
-        return self.engine.oom_metrics(self.batch_size) if self.engine else {}
+        return self.engine.engine_metrics(self.batch_size) if self.engine else {}
 
 
 def sl_metrics(df: pd.DataFrame) -> dict[str, Any]:

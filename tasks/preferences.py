@@ -161,7 +161,7 @@ class PreferenceRows:
 
     def metrics(self) -> dict[str, Any]:
         """The engine's out-of-memory back-off, when it ran here."""
-        return self.loaded["engine"].oom_metrics(self.batch_size) if self.loaded else {}
+        return self.loaded["engine"].engine_metrics(self.batch_size) if self.loaded else {}
 
 
 def _examples(df: pd.DataFrame, n: int = 3) -> str:
