@@ -167,7 +167,10 @@ def pick_tokens(
     rows, vocab = scores.shape
     logp = torch.log_softmax(scores.float() / temperature, dim=-1)
     if top_p < 1.0:
-        cand_idx, cand_val = _nucleus(logp, top_p)  # (rows, k): log(p) inside the nucleus, -inf outside
+        nucleus = _nucleus(logp, top_p)  # (rows, k): log(p) inside the nucleus, -inf outside
+        if nucleus is None:  # PerRowSampler's own filter, then every token hashed
+            return _full_vocab_pick(torch.log(_top_p_filter(logp.exp(), top_p)), seeds, steps)
+        cand_idx, cand_val = nucleus
     else:  # nearly every token could win: hash the whole vocabulary, in cache-sized chunks
         return _full_vocab_pick(logp, seeds, steps)
     k = cand_idx.shape[1]
@@ -179,8 +182,11 @@ def pick_tokens(
     return tied.min(dim=-1).values
 
 
-def _nucleus(logp: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k token ids covering each row's nucleus, and log(p) there as _top_p_filter keeps it."""
+def _nucleus(logp: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Top-k token ids covering each row's nucleus, and log(p) there as _top_p_filter keeps it.
+
+    None when the nucleus of some row is wider than an eighth of the vocabulary.
+    """
     vocab = logp.shape[-1]
     k = min(64, vocab)
     while True:
@@ -190,7 +196,9 @@ def _nucleus(logp: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tens
         # Every token past k has at least this much mass before it; once that reaches top_p, none is kept.
         if k == vocab or bool((mass_before[:, -1] + probs[:, -1] >= top_p).all()):
             break
-        k = min(vocab, k * 4)
+        if k * 8 > vocab // 8:  # a wide nucleus (a flat distribution): one sort is cheaper than more top-k
+            return None
+        k = min(vocab, k * 8)
     kept = mass_before < top_p
     flat = _padded_log(probs[kept])
     out = torch.full_like(probs, float("-inf"))
