@@ -21,11 +21,14 @@ import argparse
 import json
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's caiflow, not an installed one
 
 from caiflow.generation import GenerationEngine, Sampling
 from caiflow.models import DEFAULT_MODEL, load_model_and_tokenizer, resolve_model
