@@ -1,10 +1,18 @@
-"""Generation throughput: the batched engine against one-prompt-at-a-time ``model.generate``.
+"""Generation throughput: caiflow's engine against batched ``model.generate``, in one run.
 
     python benchmarks/generation.py [--storage DIR] [--prompts 64] [--new-tokens 64] [--batch-size 64]
+        [--repeats 3] [--dtype float32|bfloat16] [--scenario answers|critique] [--top-p 1.0]
 
-Both sides load the default model, format the same chat prompts, sample with the same settings
-(temperature 0.7, top_p 1.0) and stop at EOS; throughput counts the new tokens actually
-generated (EOS excluded), so a side that stops early is not credited with tokens it skipped.
+The baseline is what a user of transformers would write: left-padded batches of ``batch_size``
+prompts through ``model.generate`` with its own sampling (``do_sample``, the same temperature and
+top_p). The engine samples with per-row seeds (outputs independent of the batch). Both sides
+load the same model, format the same chat prompts and stop at EOS; throughput counts the new
+tokens actually generated (EOS excluded). The sides run interleaved (baseline, engine, baseline,
+engine, ...) so both see the same machine load; the medians are printed, with the load average.
+
+``--scenario critique`` times the critique requests of critique-revision (the constitution's
+few-shot turns before each prompt, answer and critique request): the engine with and without
+its shared-prefix cache, next to the baseline.
 """
 
 from __future__ import annotations
@@ -12,11 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's caiflow, not an installed one
 
 from caiflow.generation import GenerationEngine, Sampling
 from caiflow.models import DEFAULT_MODEL, load_model_and_tokenizer, resolve_model
@@ -113,29 +125,70 @@ def load_prompts(n: int) -> list[list[dict]]:
     return [convs[i % len(convs)] for i in range(n)]
 
 
-def one_at_a_time(
-    model, tokenizer, engine: GenerationEngine, prompts: list[str], sampling: Sampling, seeds: list[int]
+def hf_batched_generate(
+    model, engine: GenerationEngine, prompts: list[str], sampling: Sampling, batch_size: int, seed: int = 0
 ) -> tuple[int, float]:
-    """Plain per-prompt model.generate with HF sampling; returns (new tokens, seconds)."""
+    """The baseline: left-padded batches through ``model.generate``, HF sampling; (new tokens, seconds)."""
     config = GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
-        do_sample=True,
-        temperature=sampling.temperature,
+        do_sample=not sampling.greedy,
+        temperature=sampling.temperature if not sampling.greedy else 1.0,
         top_p=sampling.top_p,
         top_k=None,
+        repetition_penalty=1.0,
         eos_token_id=engine.eos_token_ids,
         pad_token_id=engine.pad_token_id,
     )
     eos = set(engine.eos_token_ids)
+    torch.manual_seed(seed)
     tokens, start = 0, time.perf_counter()
     with torch.inference_mode():
-        for prompt, seed in zip(prompts, seeds):
-            ids = torch.tensor([engine._encode(prompt)], device=model.device)
-            torch.manual_seed(seed)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-            new = out[0, ids.shape[1] :].tolist()
-            tokens += next((k for k, t in enumerate(new) if t in eos), len(new))
+        for i in range(0, len(prompts), batch_size):
+            ids, mask = engine._pad_left([engine._encode(p) for p in prompts[i : i + batch_size]])
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            for new in out[:, ids.shape[1] :].tolist():
+                tokens += next((k for k, t in enumerate(new) if t in eos), len(new))
     return tokens, time.perf_counter() - start
+
+
+def engine_run(
+    engine: GenerationEngine, prompts: list[str], sampling: Sampling
+) -> tuple[int, float, list[str]]:
+    """The engine on the same prompts; (new tokens, seconds, texts)."""
+    engine.generated_tokens = 0
+    start = time.perf_counter()
+    texts = engine.generate_text(prompts, sampling, list(range(len(prompts))))
+    return engine.generated_tokens, time.perf_counter() - start, texts
+
+
+def critique_prompts(engine: GenerationEngine, n: int) -> list[str]:
+    """n critique requests as critique-revision builds them: few-shot turns, prompt, answer, request."""
+    from caiflow.constitution import load_constitution
+    from caiflow.critique import _few_shot_turns
+
+    constitution = load_constitution(Path(__file__).resolve().parents[1] / "constitutions" / "harmless.yaml")
+    by_id = {p.id: p for p in constitution.principles}
+    shots = _few_shot_turns(constitution.few_shot, by_id.get, 1)
+    principle = constitution.principles[0]
+    convs = load_prompts(n)
+    return [
+        engine.format_chat(
+            shots
+            + c
+            + [
+                {"role": "assistant", "content": "Sure, here is how you could do that."},
+                {"role": "user", "content": principle.critique_request},
+            ]
+        )
+        for c in convs
+    ]
+
+
+def load_average() -> str:
+    try:
+        return "load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "load average unknown"
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -143,53 +196,81 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--storage", default="storage", help="artifact root holding the cached default model")
     parser.add_argument("--prompts", type=int, default=64, help="number of prompts")
     parser.add_argument("--new-tokens", type=int, default=64, help="max new tokens per prompt")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size of both sides (default: 64)")
     parser.add_argument(
-        "--batch-size", type=int, default=64, help="engine batch size (default: all 64 prompts in one batch)"
+        "--repeats", type=int, default=3, help="interleaved runs of each side; medians printed"
+    )
+    parser.add_argument("--dtype", default="float32", help="model dtype of both sides: float32 or bfloat16")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1.0: off)")
+    parser.add_argument(
+        "--scenario",
+        choices=["answers", "critique"],
+        default="answers",
+        help="answers: plain chat prompts; critique: few-shot critique requests (shared-prefix cache on/off)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    model, tokenizer = load_model_and_tokenizer(resolve_model(DEFAULT_MODEL, args.storage))
+    model, tokenizer = load_model_and_tokenizer(resolve_model(DEFAULT_MODEL, args.storage), dtype=args.dtype)
     engine = GenerationEngine(model, tokenizer, batch_size=args.batch_size)
-    prompts = [engine.format_chat(c) for c in load_prompts(args.prompts)]
-    seeds = list(range(len(prompts)))
-    sampling = Sampling(max_new_tokens=args.new_tokens, temperature=0.7, top_p=1.0)
+    if args.scenario == "critique":
+        prompts = critique_prompts(engine, args.prompts)
+    else:
+        prompts = [engine.format_chat(c) for c in load_prompts(args.prompts)]
+    sampling = Sampling(max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p)
     log.info(
-        "model %s, %d prompts, %d max new tokens, engine batch size %d, %d torch threads",
+        "model %s (%s), %s: %d prompts (%d prompt tokens on average), %d max new tokens, batch size %d, "
+        "%d torch threads, %s",
         DEFAULT_MODEL,
+        args.dtype,
+        args.scenario,
         len(prompts),
+        sum(len(engine._encode(p)) for p in prompts) // len(prompts),
         args.new_tokens,
         args.batch_size,
         torch.get_num_threads(),
+        load_average(),
     )
-
     engine.generate_text(prompts[:2], Sampling(max_new_tokens=4), [0, 1])  # warm-up, not timed
 
-    engine.generated_tokens = 0
-    start = time.perf_counter()
-    texts = engine.generate_text(prompts, sampling, seeds)
-    engine_s = time.perf_counter() - start
-    engine_tokens = engine.generated_tokens
-    log.info(
-        "engine:          %5d tokens in %7.1f s = %7.1f tokens/s (%d backoffs)",
-        engine_tokens,
-        engine_s,
-        engine_tokens / engine_s,
-        engine.backoffs,
-    )
-
-    base_tokens, base_s = one_at_a_time(model, tokenizer, engine, prompts, sampling, seeds)
-    log.info(
-        "one at a time:   %5d tokens in %7.1f s = %7.1f tokens/s", base_tokens, base_s, base_tokens / base_s
-    )
-
-    speedup = (engine_tokens / engine_s) / (base_tokens / base_s)
-    log.info("speed-up: %.1fx", speedup)
+    sides: dict[str, GenerationEngine | None] = {"generate (batched)": None, "engine": engine}
+    if args.scenario == "critique":
+        sides["engine, no prefix cache"] = GenerationEngine(
+            model, tokenizer, batch_size=args.batch_size, prefix_min_tokens=None
+        )
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    texts: list[str] = []
+    for r in range(args.repeats):
+        for name, side in sides.items():
+            if side is None:
+                tokens, seconds = hf_batched_generate(
+                    model, engine, prompts, sampling, args.batch_size, seed=r
+                )
+            else:
+                side.prefill_tokens = 0
+                tokens, seconds, texts = engine_run(side, prompts, sampling)
+            rates[name].append(tokens / seconds)
+            extra = f", {side.prefill_tokens} prompt tokens prefilled" if side is not None else ""
+            log.info(
+                "run %d %-24s %5d tokens in %6.1f s = %6.1f tokens/s%s",
+                r + 1,
+                name,
+                tokens,
+                seconds,
+                tokens / seconds,
+                extra,
+            )
+    medians = {name: statistics.median(v) for name, v in rates.items()}
+    base = medians["generate (batched)"]
+    for name, rate in medians.items():
+        log.info("median %-24s %6.1f tokens/s = %.2fx batched generate", name, rate, rate / base)
+    log.info("after the runs: %s", load_average())
     log.info("sample answer: %r", texts[0][:200])
     return {
-        "engine_tokens_per_s": engine_tokens / engine_s,
-        "baseline_tokens_per_s": base_tokens / base_s,
-        "speedup": speedup,
+        "engine_tokens_per_s": medians["engine"],
+        "baseline_tokens_per_s": base,
+        "speedup": medians["engine"] / base,
     }
 
 

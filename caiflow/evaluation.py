@@ -236,7 +236,7 @@ def evaluate_stages(
     # One phase at a time, each unloaded before the next (what `caiflow memory` plans for): the
     # stages answer, the reward ensemble scores, then the judge loads.
     if ev.prompted_reference:
-        engine = policy_engine("base", cfg.model, base_model, refs, batch_size)
+        engine = policy_engine("base", cfg.model, base_model, refs, batch_size, cfg.generation)
         log.info(
             "evaluate: the base model with the constitution as system prompt answers %d prompts", len(convs)
         )
@@ -245,7 +245,7 @@ def evaluate_stages(
         stages.insert(1, PROMPTED)
         del engine
     for stage in STAGES[1:]:
-        engine = policy_engine(stage, cfg.model, base_model, refs, batch_size)
+        engine = policy_engine(stage, cfg.model, base_model, refs, batch_size, cfg.generation)
         log.info("evaluate: %s answers %d prompts", stage, len(convs))
         answers[stage] = engine.generate(convs, sampling, seeds)
         del engine
@@ -265,7 +265,9 @@ def evaluate_stages(
         model, tok = load_model_and_tokenizer(judge_model, cfg.model.dtype, cfg.model.device)
         judge = GenerationEngine(model, tok, batch_size=batch_size)
     else:
-        judge = choice_scorer(ev.judge, ev.openai, cfg.model, base_model, refs, batch_size)
+        judge = choice_scorer(
+            ev.judge, ev.openai, cfg.model, base_model, refs, batch_size, generation=cfg.generation
+        )
     refused = {s: np.array([is_refusal(a) for a in answers[s]]) for s in stages}
     rates, diffs = refusal_metrics(rows, refused)
 

@@ -27,11 +27,15 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessorList
 
+from caiflow.decoding import supports as supports_continuous
 from caiflow.faults import free_accelerator_memory, inject_oom, is_out_of_memory
+from caiflow.sampling import PerRowSampler, row_uniforms
 
 log = logging.getLogger(__name__)
+
+__all__ = ["GenerationEngine", "PerRowSampler", "Sampling", "row_uniforms"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -60,78 +64,18 @@ class Sampling:
         return self.temperature == 0
 
 
-# ---------------------------------------------------------------- per-row sampling
-
-
-def _signed(c: int) -> int:
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-# splitmix64 constants, as signed 64-bit integers (torch has no uint64 arithmetic).
-_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
-
-
-def _lsr(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def row_uniforms(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """(rows, vocab) uniforms in (0, 1), a pure function of (row seed, step, token id).
-
-    A counter-based hash (splitmix64) instead of one RNG per row: the whole batch's noise comes
-    from a few vectorised integer operations, and a row's draws never depend on its batch.
-    """
-    idx = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    step_t = torch.tensor(
-        step + 1, dtype=torch.int64, device=seeds.device
-    )  # int64 math wraps, as a hash wants
-    x = seeds.unsqueeze(1) * _GOLDEN + step_t * _MIX2 + idx.unsqueeze(0) * _MIX1
-    x = (x ^ _lsr(x, 30)) * _MIX1
-    x = (x ^ _lsr(x, 27)) * _MIX2
-    x = x ^ _lsr(x, 31)
-    return (_lsr(x, 40).to(torch.float32) + 0.5) / float(1 << 24)
-
-
-class PerRowSampler(LogitsProcessor):
-    """Samples each row's next token with its own seeded noise, then leaves only that token.
-
-    Gumbel-max: argmax(log p + Gumbel noise) is a draw from p. The noise of row r at step t is
-    a hash of (seed_r, t, token), so a row's tokens do not depend on the other rows of the batch
-    and a resumed run draws exactly what an uninterrupted one drew. Run under greedy decoding
-    (``do_sample=False``): the sampled token is the only one not masked to -inf.
-    """
-
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device | str):
-        if temperature <= 0:
-            raise ValueError("PerRowSampler needs temperature > 0; use greedy decoding for temperature 0.")
-        self.temperature = temperature
-        self.top_p = top_p
-        self.seeds = torch.tensor([int(s) % (1 << 62) for s in seeds], dtype=torch.int64, device=device)
-        self.start: int | None = None  # prompt width: the step index is the number of tokens generated
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.start is None:
-            self.start = input_ids.shape[1]
-        logits = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            logits = torch.log(_top_p_filter(logits.exp(), self.top_p))  # -inf outside the nucleus
-        u = row_uniforms(self.seeds, input_ids.shape[1] - self.start, scores.shape[-1])
-        picks = (logits - torch.log(-torch.log(u))).argmax(dim=-1)
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, picks.unsqueeze(1), 0.0)
-        return out
-
-
-def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero the tail outside the nucleus; the most likely token always stays."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-
-
 # ---------------------------------------------------------------- engine
+
+# A shared prefix shorter than this is not worth copying its cache into every row.
+PREFIX_MIN_TOKENS = 16
+
+
+def engine_options(generation: Any) -> dict[str, Any]:
+    """GenerationEngine keyword arguments from a config's `generation` section."""
+    return {
+        "decoding": generation.decoding,
+        "prefix_min_tokens": PREFIX_MIN_TOKENS if generation.prefix_cache else None,
+    }
 
 
 class GenerationEngine:
@@ -144,6 +88,8 @@ class GenerationEngine:
         batch_size: int = 16,
         max_input_tokens: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        decoding: str = "continuous",
+        prefix_min_tokens: int | None = PREFIX_MIN_TOKENS,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size is {batch_size}: set it to 1 or more.")
@@ -167,13 +113,25 @@ class GenerationEngine:
             "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         )
         self._logits_to_keep = True  # cleared if the model's forward does not take logits_to_keep
+        if decoding not in ("continuous", "generate"):
+            raise ValueError(f"decoding is {decoding!r}: use 'continuous' (caiflow's loop) or 'generate'.")
+        # 'continuous': caiflow.decoding's loop (continuous batching, shared prefix, exact fast sampler),
+        # where the model's cache allows it; 'generate': transformers' generate, one batch at a time.
+        self.decoding = decoding if decoding == "generate" or supports_continuous(model) else "generate"
+        # A prefix shared by every prompt of a call runs once when it has at least this many tokens
+        # (None: never); shorter ones are not worth the copies.
+        self.prefix_min_tokens = prefix_min_tokens
+        self.prefill_tokens = 0  # prompt tokens run through the model (a shared prefix once), for figures
 
-    def oom_metrics(self, start_batch_size: int) -> dict[str, int]:
-        """What out-of-memory back-off did to this engine, for a step's metrics."""
+    def engine_metrics(self, start_batch_size: int) -> dict[str, Any]:
+        """For a step's metrics: what out-of-memory back-off did, and the tokens this engine ran."""
         return {
             "oom_backoffs": self.backoffs,
             "final_batch_size": self.batch_size,
             "start_batch_size": start_batch_size,
+            "generated_tokens": self.generated_tokens,  # new tokens, EOS excluded (throughput figures)
+            "prefill_tokens": self.prefill_tokens,  # prompt tokens run; a shared prefix counted once
+            "decoding": self.decoding,
         }
 
     # ------------------------------------------------------------ prompts
@@ -270,6 +228,8 @@ class GenerationEngine:
             return []
         encoded = self._encode_prompts(prompts)
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first
+        if self.decoding == "continuous":
+            return self._decode_continuous(encoded, seeds, sampling, order)
 
         def run(rows: list[int]) -> list[list[int]]:
             return self._generate_batch([encoded[i] for i in rows], [seeds[i] for i in rows], sampling)
@@ -279,6 +239,34 @@ class GenerationEngine:
         for i, out in zip(order, outputs):
             result[i] = out
         return result
+
+    def _decode_continuous(
+        self, encoded: list[list[int]], seeds: list[int], sampling: Sampling, order: list[int]
+    ) -> list[list[int]]:
+        from caiflow.decoding import ContinuousDecoder
+
+        total, done = len(encoded), [0]
+
+        def finished(tokens: int) -> None:
+            self.generated_tokens += tokens
+            done[0] += 1
+            if self.progress is not None and (done[0] % self.batch_size == 0 or done[0] == total):
+                self.progress(done[0], total)
+
+        no_prefix = self.prefix_min_tokens is None
+        decoder = ContinuousDecoder(
+            self, encoded, seeds, sampling, 1 << 30 if no_prefix else self.prefix_min_tokens, finished
+        )
+        out = decoder.run(order)
+        self.prefill_tokens += decoder.prefill_tokens
+        return out
+
+    def log_backoff(self) -> None:
+        log.warning(
+            "out of memory: retrying unfinished rows with batch_size=%d (backoff %d)",
+            self.batch_size,
+            self.backoffs,
+        )
 
     def _generation_config(self, sampling: Sampling) -> GenerationConfig:
         # Sampling happens in PerRowSampler; the model's own generation settings (repetition

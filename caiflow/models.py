@@ -384,13 +384,19 @@ def stage_model_dir(stage: str, refs: dict[str, Any]) -> Path:
 
 
 def policy_engine(
-    stage: str, model_cfg: Any, base: ResolvedModel, refs: dict[str, Any], batch_size: int
+    stage: str,
+    model_cfg: Any,
+    base: ResolvedModel,
+    refs: dict[str, Any],
+    batch_size: int,
+    generation: Any = None,
 ) -> Any:
     """A GenerationEngine for a pipeline stage: 'base', or 'sl' / 'rl' from their artifacts (`refs` by step).
 
-    `model_cfg` is the config's `model` section (dtype, device, trust_remote_code).
+    `model_cfg` is the config's `model` section (dtype, device, trust_remote_code); `generation` its
+    `generation` section (decoding path, prefix cache; None: the defaults).
     """
-    from caiflow.generation import GenerationEngine
+    from caiflow.generation import GenerationEngine, engine_options
 
     if stage == "base":
         m, tok = load_model_and_tokenizer(
@@ -403,7 +409,8 @@ def policy_engine(
             device=model_cfg.device,
             dtype=model_cfg.dtype,
         )
-    return GenerationEngine(m, tok, batch_size=batch_size)
+    options = engine_options(generation) if generation is not None else {}
+    return GenerationEngine(m, tok, batch_size=batch_size, **options)
 
 
 def choice_scorer(
@@ -414,6 +421,7 @@ def choice_scorer(
     refs: dict[str, Any],
     batch_size: int,
     engines: dict[str, Any] | None = None,
+    generation: Any = None,
 ) -> Any:
     """What scores "(A)" vs "(B)": a local stage's engine ('base', 'sl') or an OpenAI-compatible endpoint.
 
@@ -425,4 +433,4 @@ def choice_scorer(
         return EndpointChoiceScorer(endpoint)
     if engines is not None and who in engines:
         return engines[who]
-    return policy_engine(who, model_cfg, base, refs, batch_size)
+    return policy_engine(who, model_cfg, base, refs, batch_size, generation)

@@ -165,6 +165,20 @@ class GenerationConfig(Section):
     shard_size: int = Field(
         64, ge=1, description="Rows per Parquet shard; a crash redoes at most the open shard."
     )
+    # Fingerprinted: the decode path and the shared-prefix cache change a row's logits by float noise
+    # (a different order of operations), which can flip a sampled token, like the batch size.
+    decoding: Literal["continuous", "generate"] = Field(
+        "continuous",
+        description="'continuous': caiflow's decode loop (finished rows leave the batch and pending prompts "
+        "take their slots, a prefix shared by a call's prompts runs once, an exact sampler that skips the "
+        "full-vocabulary sort); 'generate': transformers' generate, one padded batch at a time (also the "
+        "fallback for models whose cache the loop cannot handle, e.g. sliding-window attention).",
+    )
+    prefix_cache: bool = Field(
+        True,
+        description="continuous decoding: run a token prefix shared by all prompts of a call (system "
+        "prompt, few-shot turns, chat template) once and start every row from a copy of its cache.",
+    )
     # Not fingerprinted (the section as a whole): where shards run does not change their rows.
     executor: ExecutorConfig = Field(
         default_factory=ExecutorConfig,

@@ -41,7 +41,7 @@ class BaseAnswers:
     def __call__(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cfg = self.cfg
         if self.engine is None:
-            self.engine = policy_engine("base", cfg.model, self.model, {}, self.batch_size)
+            self.engine = policy_engine("base", cfg.model, self.model, {}, self.batch_size, cfg.generation)
         convs = [[{"role": "user", "content": r["prompt"]}] for r in chunk]
         seeds = [row_seed(cfg.run.seed, r["prompt_id"], "eval") for r in chunk]
         answers = self.engine.generate(convs, eval_sampling(cfg), seeds)
@@ -49,7 +49,7 @@ class BaseAnswers:
 
     def metrics(self) -> dict[str, Any]:
         """The engine's out-of-memory back-off, when it ran here."""
-        return self.engine.oom_metrics(self.batch_size) if self.engine else {}
+        return self.engine.engine_metrics(self.batch_size) if self.engine else {}
 
 
 def run(ctx: StepContext) -> StepOutput:

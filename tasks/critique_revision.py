@@ -21,7 +21,7 @@ from caiflow import schemas
 from caiflow.config import Config
 from caiflow.constitution import Constitution
 from caiflow.critique import Sampler, distill_rows, few_shot_turns, principle_system_prompt, run_rows
-from caiflow.generation import GenerationEngine, Sampling
+from caiflow.generation import GenerationEngine, Sampling, engine_options
 from caiflow.models import ResolvedModel, load_model_and_tokenizer
 from caiflow.plan import critique_row_context
 from caiflow.prompt_filters import kept_prompts
@@ -106,7 +106,9 @@ class CritiqueRows:
             model_obj, tok = load_model_and_tokenizer(
                 self.model, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code
             )
-            self.engine = GenerationEngine(model_obj, tok, batch_size=self.batch_size)
+            self.engine = GenerationEngine(
+                model_obj, tok, batch_size=self.batch_size, **engine_options(cfg.generation)
+            )
         if c.method == "context_distillation":
             return distill_rows(
                 self.engine,
@@ -132,7 +134,7 @@ class CritiqueRows:
 
     def metrics(self) -> dict[str, Any]:
         """The engine's out-of-memory back-off, when it ran here."""
-        return self.engine.oom_metrics(self.batch_size) if self.engine else {}
+        return self.engine.engine_metrics(self.batch_size) if self.engine else {}
 
 
 def sl_metrics(df: pd.DataFrame) -> dict[str, Any]:

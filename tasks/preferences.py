@@ -129,7 +129,9 @@ class PreferenceRows:
     def __call__(self, chunk: list[dict[str, Any]]) -> pd.DataFrame:
         cfg, p, loaded = self.cfg, self.cfg.preferences, self.loaded
         if not loaded:  # every pair depends on the SL model: load it once there is work
-            loaded["engine"] = policy_engine("sl", cfg.model, self.model, self.upstream, self.batch_size)
+            loaded["engine"] = policy_engine(
+                "sl", cfg.model, self.model, self.upstream, self.batch_size, cfg.generation
+            )
         made = {}
         contrastive = [r for r in chunk if r["pair_kind"] == "contrastive"]
         if contrastive:
@@ -178,7 +180,7 @@ class PreferenceRows:
 
     def metrics(self) -> dict[str, Any]:
         """The engine's out-of-memory back-off, when it ran here."""
-        return self.loaded["engine"].oom_metrics(self.batch_size) if self.loaded else {}
+        return self.loaded["engine"].engine_metrics(self.batch_size) if self.loaded else {}
 
 
 def _examples(df: pd.DataFrame, n: int = 3) -> str:

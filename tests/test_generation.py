@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from caiflow.decoding import ContinuousDecoder
 from caiflow.faults import OOM_ABOVE_ENV as FAULT_OOM_ENV
 from caiflow.faults import free_accelerator_memory, is_out_of_memory
 from caiflow.generation import GenerationEngine, Sampling
@@ -137,7 +138,7 @@ def test_other_errors_are_not_retried(tiny_model, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("a bug, not a lack of memory")
 
-    monkeypatch.setattr(engine, "_generate_batch", broken)
+    monkeypatch.setattr(ContinuousDecoder, "_prefill", broken)
     with pytest.raises(ValueError, match="a bug"):
         engine.generate_text(PROMPTS, GREEDY, SEEDS)
     assert (engine.backoffs, engine.batch_size) == (0, 4)
@@ -269,3 +270,85 @@ def test_default_model_smoke(model_store):
     texts = engine.generate(convs, Sampling(max_new_tokens=16), seeds=[0, 1])
     assert len(texts) == 2
     assert all(t.strip() for t in texts)
+
+
+# ---------------------------------------------------------------- caiflow's decode loop
+
+LONG_PREFIX = (
+    "You are a careful assistant. Here is an example. User: how do I bake bread? "
+    "Assistant: mix flour, water, salt and yeast, let it rise, then bake it. Now answer: "
+)
+
+
+def with_eos(engine: GenerationEngine, eos: list[int]) -> GenerationEngine:
+    """The engine stopping at extra tokens, so rows end at different steps (a random model rarely ends)."""
+    engine.eos_token_ids = list(eos)
+    return engine
+
+
+def early_ends(tiny_model, sampling: Sampling) -> list[int]:
+    """Tokens that three rows generate early: as EOS they end rows at different steps."""
+    ids = engine_for(tiny_model, decoding="generate").generate_ids(PROMPTS, sampling, SEEDS)
+    return sorted({row[2] for row in ids[:3]})
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.9, 0.95), (0.7, 1.0), (1.0, 0.5), (0.3, 1.0)])
+def test_pick_tokens_is_per_row_sampler_exactly(temperature, top_p):
+    from caiflow.sampling import PerRowSampler, pick_tokens
+
+    torch.manual_seed(0)
+    for step in range(4):
+        scores = torch.randn(12, 2048) * (1 + step)
+        sampler = PerRowSampler(range(100, 112), temperature, top_p, "cpu")
+        sampler.start = 0
+        want = sampler(torch.zeros((12, step), dtype=torch.long), scores).argmax(dim=-1)
+        got = pick_tokens(scores, sampler.seeds, torch.full((12,), step), temperature, top_p)
+        assert torch.equal(got, want)
+
+
+def test_continuous_decoding_equals_generate(tiny_model):
+    """Rows leaving early and pending rows taking their slots change no row's tokens."""
+    for sampling in (SAMPLED, GREEDY, Sampling(max_new_tokens=12, temperature=1.0)):
+        eos = early_ends(tiny_model, sampling)
+        plain = with_eos(engine_for(tiny_model, batch_size=3, decoding="generate"), eos)
+        refill = with_eos(engine_for(tiny_model, batch_size=3, prefix_min_tokens=None), eos)
+        assert refill.decoding == "continuous"
+        want = plain.generate_ids(PROMPTS, sampling, SEEDS)
+        assert len({len(r) for r in want}) > 1  # rows really end at different steps
+        assert refill.generate_ids(PROMPTS, sampling, SEEDS) == want
+
+
+def test_continuous_decoding_does_not_depend_on_batch_size(tiny_model):
+    eos = early_ends(tiny_model, SAMPLED)
+    runs = [
+        with_eos(engine_for(tiny_model, batch_size=b), eos).generate_ids(PROMPTS, SAMPLED, SEEDS)
+        for b in (1, 2, 3, 8)
+    ]
+    assert all(r == runs[0] for r in runs[1:])
+
+
+def test_shared_prefix_runs_once_and_changes_no_token(tiny_model):
+    prompts = [LONG_PREFIX + p for p in PROMPTS]
+    reuse = engine_for(tiny_model, batch_size=3, prefix_min_tokens=8)
+    fresh = engine_for(tiny_model, batch_size=3, prefix_min_tokens=None)
+    for sampling in (GREEDY, SAMPLED):
+        reuse.prefill_tokens = fresh.prefill_tokens = 0
+        assert reuse.generate_ids(prompts, sampling, SEEDS) == fresh.generate_ids(prompts, sampling, SEEDS)
+        encoded = [reuse._encode(p) for p in prompts]
+        assert fresh.prefill_tokens == sum(len(e) for e in encoded)
+        shared = len(reuse._encode(LONG_PREFIX))
+        # the prefix once, then each row's own tokens (a token or so merged across the boundary)
+        assert reuse.prefill_tokens <= fresh.prefill_tokens - (len(prompts) - 1) * (shared - 2)
+
+
+def test_common_prefix_leaves_every_prompt_a_token():
+    from caiflow.decoding import common_prefix
+
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert common_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common_prefix([[7], [7, 8]]) == 0
+
+
+def test_decoding_must_be_known(tiny_model):
+    with pytest.raises(ValueError, match="'continuous'"):
+        engine_for(tiny_model, decoding="fast")

@@ -126,6 +126,25 @@ def last_checkpoint(folder: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def bf16_supported() -> bool:
+    """Whether this machine computes in bfloat16 natively (a recent GPU, or a CPU with AVX512-BF16/AMX)."""
+    import torch
+
+    if has_cuda():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_bf16(wanted: bool) -> bool:
+    """`wanted`, after checking the hardware: bf16 autocast emulated in software would only be slower."""
+    if wanted and not bf16_supported():
+        raise ValueError(
+            "bf16_autocast is set but this machine has no native bfloat16 (no CUDA bf16, no AVX512-BF16/AMX "
+            "CPU): set sft.bf16_autocast / rl.bf16_autocast to false."
+        )
+    return wanted
+
+
 def trainer_args(
     cls,
     work_dir: Path,
@@ -139,6 +158,7 @@ def trainer_args(
     save_steps: int = 50,
     logging_steps: int = 10,
     gradient_checkpointing: bool = False,
+    bf16_autocast: bool = False,
     **extra: Any,
 ):
     """TrainingArguments (or a TRL config subclass) with this project's defaults: local, quiet,
@@ -161,7 +181,8 @@ def trainer_args(
         push_to_hub=False,
         disable_tqdm=True,  # metrics go to the log and the returned dict instead
         use_cpu=not has_cuda(),
-        bf16=False,  # precision is chosen by the model's dtype, not mixed-precision autocast
+        # off by default: precision is the model's dtype; `bf16_autocast` adds bf16 autocast on top
+        bf16=check_bf16(bf16_autocast),
         fp16=False,
         # off unless the config asks (tiny and CPU runs); the new name keeps TRL's default (True) away
         activation_checkpointing=gradient_checkpointing,

@@ -64,6 +64,18 @@ class SFTConfig(Section):
         "0 = red-team only.",
     )
     merge: bool = Field(False, description="Also save the adapter merged into full weights under merged/.")
+    packing: bool = Field(
+        False,
+        description="Pack several short examples into each max_length sequence (TRL best-fit-decreasing, "
+        "padding-free; position ids keep the examples apart in attention): fewer padded tokens per step, "
+        "but fewer, fuller optimiser steps per epoch, so a different run.",
+    )
+    bf16_autocast: bool = Field(
+        False,
+        description="Train under bfloat16 autocast (weights and optimiser state stay in model.dtype): faster "
+        "matrix products where the hardware has bf16 (Ampere+ GPUs, CPUs with AVX512-BF16/AMX); stops with "
+        "an error where it does not. Changes the numbers, so it is fingerprinted.",
+    )
     gradient_checkpointing: bool = not_fingerprinted(
         False,
         description="Recompute each layer's activations in the backward pass instead of keeping them: "
@@ -195,6 +207,12 @@ class RLConfig(Section):
         False,
         description="Recompute each layer's activations in the backward pass instead of keeping them: "
         "much less memory for ~30% more compute; the same update (what `caiflow memory` counts).",
+    )
+    bf16_autocast: bool = Field(
+        False,
+        description="Train under bfloat16 autocast (weights and optimiser state stay in model.dtype): faster "
+        "matrix products where the hardware has bf16 (Ampere+ GPUs, CPUs with AVX512-BF16/AMX); stops with "
+        "an error where it does not. Changes the numbers, so it is fingerprinted.",
     )
     save_steps: int = not_fingerprinted(10, ge=1, description="Checkpoint every this many steps.")
     logging_steps: int = not_fingerprinted(

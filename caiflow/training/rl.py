@@ -214,6 +214,7 @@ def train_rl(
             save_steps=cfg.save_steps,
             logging_steps=cfg.logging_steps,
             gradient_checkpointing=cfg.gradient_checkpointing,
+            bf16_autocast=cfg.bf16_autocast,
             beta=cfg.kl_coef,  # KL to the SL model (the adapter-disabled policy)
             num_generations=cfg.num_generations,
             max_completion_length=cfg.max_new_tokens,

@@ -131,7 +131,8 @@ def train_sft(
             gradient_checkpointing=cfg.gradient_checkpointing,
             max_length=cfg.max_length,
             completion_only_loss=True,
-            packing=False,
+            packing=cfg.packing,
+            bf16_autocast=cfg.bf16_autocast,
         )
         return log_to_logger(
             SFTTrainer(

@@ -199,3 +199,56 @@ def test_per_device_batch_does_not_change_the_adapter(tiny_path, sl_records, tmp
     train_sft(untrained, tiny_path, sl_records, tmp_path / "c", tmp_path / "wc", seed=0)
     c = _adapter_tensors(tmp_path / "c")
     assert not all(torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_packing_fills_sequences_and_still_trains_the_adapter(tiny_path, sl_records, tmp_path, spy_on):
+    """Packed, one epoch takes fewer steps (several short rows per sequence); the adapter moves as usual."""
+    settings = {k: v for k, v in FAST.items() if k != "max_steps"}
+    plain = train_sft(
+        SFTConfig(method="lora", epochs=1, **settings),
+        tiny_path,
+        sl_records,
+        tmp_path / "a",
+        tmp_path / "wa",
+        seed=0,
+    )
+    spy = spy_on(sft)
+    packed = train_sft(
+        SFTConfig(
+            method="lora", epochs=1, packing=True, bf16_autocast=True, **{**settings, "max_length": 256}
+        ),
+        tiny_path,
+        sl_records,
+        tmp_path / "b",
+        tmp_path / "wb",
+        seed=0,
+    )
+    assert plain["steps"] == 4  # 16 rows, 4 per step
+    assert packed["steps"] < plain["steps"]
+    # LoRA's B starts at zero, so A moves from the second step on; one packed step moves every B
+    moved_b = {n for n in spy.lora_names() if "lora_B" in n}
+    assert moved_b and moved_b <= spy.changed()
+    assert not (spy.base_names() & spy.changed())
+
+
+def test_bf16_autocast_needs_native_bf16(monkeypatch, tmp_path):
+    from trl import SFTConfig as TRLSFTConfig
+
+    import caiflow.training.common as common
+
+    monkeypatch.setattr(common, "bf16_supported", lambda: True)
+    args = common.trainer_args(
+        TRLSFTConfig,
+        tmp_path,
+        seed=0,
+        learning_rate=1e-4,
+        per_device=1,
+        accumulation=1,
+        max_steps=1,
+        bf16_autocast=True,
+    )
+    assert args.bf16
+    monkeypatch.setattr(common, "bf16_supported", lambda: False)
+    with pytest.raises(ValueError, match="set sft.bf16_autocast / rl.bf16_autocast to false"):
+        common.check_bf16(True)
+    assert common.check_bf16(False) is False

@@ -1,0 +1,91 @@
+"""SFT time on the default model: float32, bf16 autocast, packing, both.
+
+    python benchmarks/training.py [--storage DIR] [--rows 32] [--variants fp32,bf16,packing]
+
+Each variant fine-tunes a LoRA adapter (the demo's settings: r 16, batch 8, per-device 4,
+max_length 384) for one epoch over the same rows (built-in prompts with a short answer each)
+and prints the epoch's seconds (model loading included) and its optimiser steps: packing puts
+several rows in one sequence, so it takes fewer steps for the same rows. The variants run one
+after another; the load average is printed with each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's caiflow and benchmarks
+
+import pandas as pd
+
+from benchmarks.generation import load_average, load_prompts
+from caiflow.models import DEFAULT_MODEL, resolve_model
+from caiflow.training.config import SFTConfig
+from caiflow.training.sft import train_sft
+
+log = logging.getLogger("benchmarks.training")
+
+VARIANTS = {
+    "fp32": {},
+    "bf16": {"bf16_autocast": True},
+    "packing": {"packing": True},
+    "bf16+packing": {"bf16_autocast": True, "packing": True},
+}
+
+
+def records(n: int) -> pd.DataFrame:
+    rows = []
+    for i, conv in enumerate(load_prompts(n)):
+        prompt = conv[-1]["content"]
+        answer = "I can't help with that, but here is something safer you could do instead. " * (1 + i % 3)
+        rows.append(
+            {
+                "prompt_id": f"p{i}",
+                "kind": "red-team" if i % 4 else "benign",
+                "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                "drop_reason": None,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--storage", default="storage", help="artifact root holding the cached default model")
+    parser.add_argument("--rows", type=int, default=32, help="training rows (one epoch per variant)")
+    parser.add_argument(
+        "--variants", default="fp32,bf16,packing", help=f"comma-separated of {list(VARIANTS)}"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    path = resolve_model(DEFAULT_MODEL, args.storage).path
+    data = records(args.rows)
+    log.info("%s, %d rows, one epoch per variant, %s", DEFAULT_MODEL, args.rows, load_average())
+    out: dict[str, float] = {}
+    for name in args.variants.split(","):
+        cfg = SFTConfig(
+            method="lora",
+            lora={"r": 16, "alpha": 32},
+            batch_size=8,
+            per_device_batch_size=4,
+            max_length=384,
+            epochs=1.0,
+            logging_steps=1,
+            save_steps=1000,
+            **VARIANTS[name],
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            metrics = train_sft(cfg, path, data, Path(tmp) / "out", Path(tmp) / "work", seed=0)
+            seconds = time.perf_counter() - start
+        out[name] = seconds
+        log.info("%-13s %6.1f s for the epoch, %d steps, %s", name, seconds, metrics["steps"], load_average())
+    return out
+
+
+if __name__ == "__main__":
+    main()
