@@ -80,6 +80,12 @@ def main() -> None:
     parser.add_argument("--storage", help="artifact root (default: the config's run.storage)")
     parser.add_argument("--candidates", help="a YAML list of system prompts (default: built-in list)")
     parser.add_argument("--samples", type=int, default=0, help="also sample N answers per red-team prompt")
+    parser.add_argument(
+        "--stage-model",
+        action="append",
+        default=[],
+        help="also measure a trained stage's model/ folder (SL or RL artifact) with no system prompt",
+    )
     parser.add_argument("--limit", type=int, help="at most N prompts of each set (a quick look)")
     parser.add_argument(
         "--max-new-tokens", type=int, default=48, help="refusal is read in the first 160 chars"
@@ -122,6 +128,15 @@ def main() -> None:
         rows.append((i, sum(r) / len(r), sum(b) / max(1, len(b)), sum(t) / len(t), any_of_n))
         log.info("candidate %d done in %.0f s", i, time.perf_counter() - start)
 
+    for path in args.stage_model:
+        from caiflow.models import load_policy
+
+        stage, _ = load_policy(Path(path), base_model_path=model.path, dtype=cfg.model.dtype)
+        stage_engine = GenerationEngine(stage, tok, batch_size=cfg.generation.batch_size)
+        t = refusal_share(stage_engine, None, tune, greedy, range(len(tune)))
+        b = refusal_share(stage_engine, None, benign, greedy, range(len(benign)))
+        t_share, b_share = sum(t) / len(t), sum(b) / max(1, len(b))
+        print(f"{path}: refuses look-alikes (tune) {t_share:.0%}, training benign {b_share:.0%}")
     print(f"training red-team {len(red)}, training benign {len(benign)}, look-alike tune {len(tune)}; greedy")
     print(
         "cand  refuses red-team  refuses benign  refuses look-alikes"
