@@ -20,8 +20,9 @@ from caiflow.config import Config
 from caiflow.constitution import Constitution
 from caiflow.feedback import contrastive_pairs, feedback_metrics, label_pairs
 from caiflow.generation import Sampling
-from caiflow.models import ResolvedModel, choice_scorer, policy_engine
+from caiflow.models import ResolvedModel, policy_engine
 from caiflow.prompt_filters import kept_prompts
+from caiflow.roles import describe, role_scorer, usage_metrics
 from caiflow.seeds import row_seed
 from caiflow.sharded import ShardedOutput
 from caiflow.store import ArtifactRef
@@ -46,7 +47,7 @@ def run(ctx: StepContext) -> StepOutput:
         "preferences: %d train prompts, %d shard(s) to do, feedback from %s",
         len(records),
         len(output.pending),
-        p.feedback_model,
+        describe(cfg.roles.feedback),
     )
     progress = Progress("preferences-progress", len(records), "preference pairs")
     start_batch = retry_scaled(cfg.generation.batch_size)
@@ -132,10 +133,9 @@ class PreferenceRows:
         feedback = [r for r in chunk if r["pair_kind"] == "feedback"]
         if feedback:
             if "scorer" not in loaded:
-                loaded["scorer"] = choice_scorer(
-                    p.feedback_model,
-                    p.openai,
-                    cfg.model,
+                loaded["scorer"] = role_scorer(
+                    "feedback",
+                    cfg,
                     self.model,
                     self.upstream,
                     self.batch_size,
@@ -158,8 +158,14 @@ class PreferenceRows:
         )
 
     def metrics(self) -> dict[str, Any]:
-        """The engine's out-of-memory back-off, when it ran here."""
-        return self.loaded["engine"].oom_metrics(self.batch_size) if self.loaded else {}
+        """The engine's out-of-memory back-off, and the feedback endpoint's requests and tokens, when they ran
+        here."""
+        if not self.loaded:
+            return {}
+        return {
+            **self.loaded["engine"].oom_metrics(self.batch_size),
+            **usage_metrics("feedback", self.loaded.get("scorer")),
+        }
 
 
 def _examples(df: pd.DataFrame, n: int = 3) -> str:
