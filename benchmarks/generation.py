@@ -1,6 +1,12 @@
 """Generation throughput: the batched engine against one-prompt-at-a-time ``model.generate``.
 
     python benchmarks/generation.py [--storage DIR] [--prompts 64] [--new-tokens 64] [--batch-size 64]
+    python benchmarks/generation.py --backend endpoint --base-url http://127.0.0.1:8080/v1 --model smollm2
+
+``--backend endpoint``: tokens/s of an OpenAI-compatible server (vLLM, llama.cpp, TGI) through
+`caiflow.endpoint_engine.EndpointEngine` (``--concurrency`` requests in flight), against Hugging Face
+batched ``model.generate`` (the same batch size, left padding) on the same prompts in the same run;
+the server's tokens are the completion tokens it reports.
 
 Both sides load the default model, format the same chat prompts, sample with the same settings
 (temperature 0.7, top_p 1.0) and stop at EOS; throughput counts the new tokens actually
@@ -138,6 +144,78 @@ def one_at_a_time(
     return tokens, time.perf_counter() - start
 
 
+def hf_batched(model, engine: GenerationEngine, prompts: list[str], sampling: Sampling, batch: int):
+    """Plain Hugging Face batched generate (left padding, HF sampling); returns (new tokens, seconds)."""
+    config = GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=True,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=None,
+        eos_token_id=engine.eos_token_ids,
+        pad_token_id=engine.pad_token_id,
+    )
+    eos, tokens, start = set(engine.eos_token_ids), 0, time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch):
+            ids, mask = engine._pad_left([engine._encode(p) for p in prompts[i : i + batch]])
+            torch.manual_seed(i)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            for row in out[:, ids.shape[1] :].tolist():
+                tokens += next((k for k, t in enumerate(row) if t in eos), len(row))
+    return tokens, time.perf_counter() - start
+
+
+def endpoint_vs_hf(args, model, engine: GenerationEngine, convs: list[list[dict]], sampling: Sampling):
+    """--backend endpoint: the server's tokens/s against HF batched generate, and their ratio."""
+    from caiflow.endpoint_engine import EndpointEngine
+    from caiflow.step_config import OpenAIEndpointConfig
+
+    server = EndpointEngine(
+        OpenAIEndpointConfig(
+            base_url=args.base_url,
+            model=args.model,
+            api_key_env=args.api_key_env,
+            max_concurrency=args.concurrency,
+            timeout=600,
+        )
+    )
+    seeds = list(range(len(convs)))
+    server.generate(convs[:2], Sampling(max_new_tokens=4), [0, 1])  # warm-up, not timed
+    before = server.usage()["completion_tokens"]
+    start = time.perf_counter()
+    texts = server.generate(convs, sampling, seeds)
+    server_s = time.perf_counter() - start
+    server_tokens = server.usage()["completion_tokens"] - before
+    log.info(
+        "endpoint %s (%s, %d in flight): %5d tokens in %7.1f s = %7.1f tokens/s",
+        args.model,
+        args.base_url,
+        args.concurrency,
+        server_tokens,
+        server_s,
+        server_tokens / server_s,
+    )
+    prompts = [engine.format_chat(c) for c in convs]
+    hf_batched(model, engine, prompts[:2], Sampling(max_new_tokens=4), args.batch_size)  # warm-up
+    hf_tokens, hf_s = hf_batched(model, engine, prompts, sampling, args.batch_size)
+    log.info(
+        "HF batched generate (batch %d, left padding): %5d tokens in %7.1f s = %7.1f tokens/s",
+        args.batch_size,
+        hf_tokens,
+        hf_s,
+        hf_tokens / hf_s,
+    )
+    ratio = (server_tokens / server_s) / (hf_tokens / hf_s)
+    log.info("endpoint / HF batched: %.2fx", ratio)
+    log.info("sample answer: %r", texts[0][:200])
+    return {
+        "endpoint_tokens_per_s": server_tokens / server_s,
+        "hf_batched_tokens_per_s": hf_tokens / hf_s,
+        "ratio": ratio,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--storage", default="storage", help="artifact root holding the cached default model")
@@ -146,6 +224,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument(
         "--batch-size", type=int, default=64, help="engine batch size (default: all 64 prompts in one batch)"
     )
+    parser.add_argument(
+        "--backend",
+        choices=["hf", "endpoint"],
+        default="hf",
+        help="hf: the in-process engine; endpoint: an OpenAI-compatible server (vs HF batched generate)",
+    )
+    parser.add_argument(
+        "--base-url", default="http://127.0.0.1:8080/v1", help="endpoint: the server's /v1 URL"
+    )
+    parser.add_argument("--model", default="smollm2", help="endpoint: the model name the server serves")
+    parser.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="endpoint: variable holding the key (any value locally)",
+    )
+    parser.add_argument("--concurrency", type=int, default=8, help="endpoint: requests in flight at once")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -162,6 +256,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         args.batch_size,
         torch.get_num_threads(),
     )
+
+    if args.backend == "endpoint":
+        return endpoint_vs_hf(args, model, engine, load_prompts(args.prompts), sampling)
 
     engine.generate_text(prompts[:2], Sampling(max_new_tokens=4), [0, 1])  # warm-up, not timed
 

@@ -41,21 +41,21 @@ NOT_FINGERPRINTED = {
     "model.device": "cannot be varied on a CPU-only machine (no second device to compare with); CPU and CUDA "
     "kernels round differently, so a run moved to another device may differ at float level",
     "roles.teacher.endpoint.api_key_env": "which variable holds the key",
-    "roles.teacher.endpoint.base_url": "where the model is served, not which model (a server moved keeps the cache)",
-    "roles.teacher.endpoint.max_concurrency": "requests are independent, each with its own seed; answers come back "
-    "in input order (tests/test_llama_server.py runs a real server)",
+    "roles.teacher.endpoint.base_url": "where, not which model (a moved server keeps the cache)",
+    "roles.teacher.endpoint.max_concurrency": "independent requests, each with its own seed, answers "
+    "in input order (tests/test_endpoint_engine.py)",
     "roles.teacher.endpoint.max_retries": "retries repeat the same request",
     "roles.teacher.endpoint.timeout": "a slower answer is the same answer",
     "roles.feedback.endpoint.api_key_env": "which variable holds the key",
-    "roles.feedback.endpoint.base_url": "where the model is served, not which model (a server moved keeps the cache)",
-    "roles.feedback.endpoint.max_concurrency": "requests are independent, each with its own seed; answers come back "
-    "in input order (tests/test_llama_server.py runs a real server)",
+    "roles.feedback.endpoint.base_url": "where, not which model (a moved server keeps the cache)",
+    "roles.feedback.endpoint.max_concurrency": "independent requests, each with its own seed, answers "
+    "in input order (tests/test_endpoint_engine.py)",
     "roles.feedback.endpoint.max_retries": "retries repeat the same request",
     "roles.feedback.endpoint.timeout": "a slower answer is the same answer",
     "roles.judge.endpoint.api_key_env": "which variable holds the key",
-    "roles.judge.endpoint.base_url": "where the model is served, not which model (a server moved keeps the cache)",
-    "roles.judge.endpoint.max_concurrency": "requests are independent, each with its own seed; answers come back "
-    "in input order (tests/test_llama_server.py runs a real server)",
+    "roles.judge.endpoint.base_url": "where, not which model (a moved server keeps the cache)",
+    "roles.judge.endpoint.max_concurrency": "independent requests, each with its own seed, answers "
+    "in input order (tests/test_endpoint_engine.py)",
     "roles.judge.endpoint.max_retries": "retries repeat the same request",
     "roles.judge.endpoint.timeout": "a slower answer is the same answer",
     "sft.per_device_batch_size": "same update by gradient accumulation: "
