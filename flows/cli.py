@@ -151,8 +151,13 @@ def run_flow(args: argparse.Namespace, call: Callable[[], Any]) -> tuple[int, An
     os.environ.setdefault(
         "PREFECT_LOCAL_STORAGE_PATH", str(Path(cfg.run.storage).resolve() / "prefect-results")
     )
+    from caiflow.endpoint_scorer import EndpointError
+
     try:
         return 0, call()
+    except EndpointError as exc:  # a server that went away mid-run: the run failed, and resumes
+        print(f"caiflow: run failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED, None
     except errors as exc:
         print(f"caiflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT, None

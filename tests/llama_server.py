@@ -65,7 +65,7 @@ class LlamaServer:
             "--n_ctx",
             "2048",
             "--n_threads",
-            "1",  # the tests share a small machine; one request is served at a time anyway
+            "2",  # one request is served at a time
             "--logits_all",
             "true",  # top logprobs of the answer's first token, for feedback and judging
             "--verbose",
@@ -91,9 +91,11 @@ class LlamaServer:
             f"llama.cpp server did not start in {timeout} s: {self.log_path.read_text()[-2000:]}"
         )
 
-    def stop(self) -> None:
+    def stop(self, crash: bool = False) -> None:
+        """Stop the server: SIGTERM, or SIGKILL (`crash`: it dies with requests in flight)."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: only what it started
+            # its own session: only what it started
+            os.killpg(self.proc.pid, signal.SIGKILL if crash else signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
