@@ -171,6 +171,7 @@ def endpoint_vs_hf(args, model, engine: GenerationEngine, convs: list[list[dict]
     from caiflow.endpoint_engine import EndpointEngine
     from caiflow.step_config import OpenAIEndpointConfig
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     server = EndpointEngine(
         OpenAIEndpointConfig(
             base_url=args.base_url,
