@@ -44,8 +44,8 @@ def server(tmp_path_factory):
 
 def endpoint(server, **kw) -> OpenAIEndpointConfig:
     return OpenAIEndpointConfig(
-        base_url=server.base_url, model=MODEL_NAME, api_key_env=KEY_ENV, max_concurrency=2, **kw
-    )
+        base_url=server.base_url, model=MODEL_NAME, api_key_env=KEY_ENV, max_concurrency=2, timeout=300, **kw
+    )  # a generous timeout: the server answers one request at a time, and a busy CI box is slow
 
 
 def test_engine_generates_per_row_seeded_text_and_scores_choices(server):
@@ -86,7 +86,7 @@ def api_url():
 def caiflow(api_url, storage, server, env=None, wait=True):
     ep = (
         f'{{endpoint: {{base_url: "{server.base_url}", model: {MODEL_NAME}, api_key_env: {KEY_ENV}, '
-        "max_concurrency: 2, max_retries: 2, timeout: 20}}"
+        "max_concurrency: 2, max_retries: 2, timeout: 300}}"
     )
     roles = [f"roles.{role}={ep}" for role in ("teacher", "feedback", "judge")]
     # fewer and shorter requests than tiny.yaml (one llama.cpp request is ~0.1-5 s on a small or busy CPU);
