@@ -2,6 +2,12 @@
 
     python benchmarks/generation.py [--storage DIR] [--prompts 64] [--new-tokens 64] [--batch-size 64]
         [--repeats 3] [--dtype float32|bfloat16] [--scenario answers|critique] [--top-p 1.0]
+    python benchmarks/generation.py --backend endpoint --base-url http://127.0.0.1:8080/v1 --model smollm2
+
+``--backend endpoint``: tokens/s of an OpenAI-compatible server (vLLM, llama.cpp, TGI) through
+`caiflow.endpoint_engine.EndpointEngine` (``--concurrency`` requests in flight), against Hugging Face
+batched ``model.generate`` (the same batch size, left padding) on the same prompts in the same run;
+the server's tokens are the completion tokens it reports.
 
 The baseline is what a user of transformers would write: left-padded batches of ``batch_size``
 prompts through ``model.generate`` with its own sampling (``do_sample``, the same temperature and
@@ -164,11 +170,11 @@ def engine_run(
 def critique_prompts(engine: GenerationEngine, n: int) -> list[str]:
     """n critique requests as critique-revision builds them: few-shot turns, prompt, answer, request."""
     from caiflow.constitution import load_constitution
-    from caiflow.critique import _few_shot_turns
+    from caiflow.critique import few_shot_turns
 
     constitution = load_constitution(Path(__file__).resolve().parents[1] / "constitutions" / "harmless.yaml")
     by_id = {p.id: p for p in constitution.principles}
-    shots = _few_shot_turns(constitution.few_shot, by_id.get, 1)
+    shots = few_shot_turns(constitution.few_shot, by_id.get, 1)
     principle = constitution.principles[0]
     convs = load_prompts(n)
     return [
@@ -191,6 +197,57 @@ def load_average() -> str:
         return "load average unknown"
 
 
+def endpoint_vs_hf(args, model, engine: GenerationEngine, convs: list[list[dict]], sampling: Sampling):
+    """--backend endpoint: the server's tokens/s against HF batched generate, and their ratio."""
+    from caiflow.endpoint_engine import EndpointEngine
+    from caiflow.step_config import OpenAIEndpointConfig
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    server = EndpointEngine(
+        OpenAIEndpointConfig(
+            base_url=args.base_url,
+            model=args.model,
+            api_key_env=args.api_key_env,
+            max_concurrency=args.concurrency,
+            timeout=600,
+        )
+    )
+    seeds = list(range(len(convs)))
+    server.generate(convs[:2], Sampling(max_new_tokens=4), [0, 1])  # warm-up, not timed
+    before = server.usage()["completion_tokens"]
+    start = time.perf_counter()
+    texts = server.generate(convs, sampling, seeds)
+    server_s = time.perf_counter() - start
+    server_tokens = server.usage()["completion_tokens"] - before
+    log.info(
+        "endpoint %s (%s, %d in flight): %5d tokens in %7.1f s = %7.1f tokens/s",
+        args.model,
+        args.base_url,
+        args.concurrency,
+        server_tokens,
+        server_s,
+        server_tokens / server_s,
+    )
+    prompts = [engine.format_chat(c) for c in convs]
+    hf_batched_generate(model, engine, prompts[:2], Sampling(max_new_tokens=4), args.batch_size)  # warm-up
+    hf_tokens, hf_s = hf_batched_generate(model, engine, prompts, sampling, args.batch_size)
+    log.info(
+        "HF batched generate (batch %d, left padding): %5d tokens in %7.1f s = %7.1f tokens/s",
+        args.batch_size,
+        hf_tokens,
+        hf_s,
+        hf_tokens / hf_s,
+    )
+    ratio = (server_tokens / server_s) / (hf_tokens / hf_s)
+    log.info("endpoint / HF batched: %.2fx", ratio)
+    log.info("sample answer: %r", texts[0][:200])
+    return {
+        "endpoint_tokens_per_s": server_tokens / server_s,
+        "hf_batched_tokens_per_s": hf_tokens / hf_s,
+        "ratio": ratio,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--storage", default="storage", help="artifact root holding the cached default model")
@@ -209,6 +266,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         default="answers",
         help="answers: plain chat prompts; critique: few-shot critique requests (shared-prefix cache on/off)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=["hf", "endpoint"],
+        default="hf",
+        help="hf: the in-process engine; endpoint: an OpenAI-compatible server (vs HF batched generate)",
+    )
+    parser.add_argument(
+        "--base-url", default="http://127.0.0.1:8080/v1", help="endpoint: the server's /v1 URL"
+    )
+    parser.add_argument("--model", default="smollm2", help="endpoint: the model name the server serves")
+    parser.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="endpoint: variable holding the key (any value locally)",
+    )
+    parser.add_argument("--concurrency", type=int, default=8, help="endpoint: requests in flight at once")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -232,6 +305,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.get_num_threads(),
         load_average(),
     )
+
+    if args.backend == "endpoint":
+        return endpoint_vs_hf(args, model, engine, load_prompts(args.prompts), sampling)
+
     engine.generate_text(prompts[:2], Sampling(max_new_tokens=4), [0, 1])  # warm-up, not timed
 
     sides: dict[str, GenerationEngine | None] = {"generate (batched)": None, "engine": engine}

@@ -164,7 +164,7 @@ def categorize_openai(
                     time.sleep(min(30.0, backoff * 2**attempt) * (0.5 + random.random() / 2))
         raise CategorizeError(
             f"endpoint {base_url} failed {max_retries + 1} times (last: {_describe(last)}); check the server "
-            f"or raise prompts.categorize.openai.max_retries."
+            f"or raise roles.<role>.endpoint.max_retries."
         )
 
     results: list[tuple[str, float]] = []

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from caiflow.roles import RolesConfig, migrate_legacy
 from caiflow.sections import Section, by_content, not_fingerprinted
 from caiflow.step_config import (
     CritiqueRevisionConfig,
@@ -103,7 +104,14 @@ class LaunchConfig(Section):
 
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run label, seed, storage.")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="The policy model.")
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="The policy: the model being trained."
+    )
+    roles: RolesConfig = Field(
+        default_factory=RolesConfig,
+        description="Teacher, feedback model and judge: each a stage, a model spec or an OpenAI-compatible "
+        "endpoint (caiflow/roles.py).",
+    )
     constitution: ConstitutionConfig = Field(
         default_factory=ConstitutionConfig, description="Which constitution."
     )
@@ -126,6 +134,11 @@ class Config(Section):
     )
     # Where the YAML file lives; relative paths inside the config resolve against it.
     base_dir: str = not_fingerprinted(".", description="Folder of the config file (set by the loader).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return migrate_legacy(data)  # preferences.feedback_model, evaluate.judge -> roles
 
     @field_validator("base_dir")
     @classmethod
@@ -164,6 +177,9 @@ def _format_error(err: dict[str, Any], model: type[BaseModel]) -> str:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         return f"unknown config key '{loc}'.{hint} Valid keys here: {', '.join(valid)}."
     msg = err["msg"]
+    if err["type"] == "value_error":  # our own validators already name the key and the fix
+        text = msg.removeprefix("Value error, ")
+        return text if not loc else f"config key '{loc}': {text}"
     return f"config key '{loc}': {msg} (got {err.get('input')!r})."
 
 

@@ -119,10 +119,13 @@ def finish_cut_off(engine: GenerationEngine, texts: list[str], sampling: Samplin
 
     None marks a cut-off text with no complete sentence. Texts that ended on their own (EOS) are
     kept whole, whatever their last character. Token counts are the text's re-encoding, which
-    is within a token or two of what was generated; one token of slack covers that.
+    is within a token or two of what was generated; one token of slack covers that. An endpoint
+    engine (no tokenizer here) keeps every text whole.
     """
     if not texts:
         return []
+    if getattr(engine, "tokenizer", None) is None:  # an endpoint: no token counts here, texts kept whole
+        return list(texts)
     counts = [len(ids) for ids in engine.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
     return [complete_sentences(t) if n >= sampling.max_new_tokens - 1 else t for t, n in zip(texts, counts)]
 

@@ -101,6 +101,8 @@ class EndpointChoiceScorer:
         )
         self.on_done = on_done  # on_done(rows_finished) after each answered row, for progress reporting
         self.requests = 0  # HTTP requests sent (retries included), for metrics
+        self.prompt_tokens = 0  # tokens the server reports reading (usage.prompt_tokens)
+        self.completion_tokens = 0  # tokens the server reports writing (usage.completion_tokens)
         self._lock = threading.Lock()  # guards the counters above across worker threads
         key = os.environ.get(endpoint.api_key_env)
         if not key:
@@ -143,36 +145,64 @@ class EndpointChoiceScorer:
         return np.vstack(rows)
 
     def _score_one(self, conv: list[dict], options: list[str]) -> np.ndarray:
-        ep = self.endpoint
-        last: BaseException | None = None
-        for attempt in range(ep.max_retries + 1):
-            try:
-                with self._lock:
-                    self.requests += 1
-                resp = self._client.chat.completions.create(
-                    model=ep.model,
-                    messages=[{"role": "system", "content": SYSTEM_PROMPT}, *conv],
-                    max_tokens=1,
-                    temperature=0,
-                    logprobs=True,
-                    top_logprobs=TOP_LOGPROBS,
-                )
-                return _normalise(option_logprobs(_first_token_alternatives(resp), options))
-            except Exception as exc:  # noqa: BLE001 - classified just below
-                if not _retryable(exc):
-                    raise EndpointError(
-                        f"endpoint {ep.base_url} refused the request: {_describe(exc)}"
-                    ) from None
-                last = exc
-                if attempt < ep.max_retries:
-                    delay = min(30.0, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
-                    log.debug("endpoint %s: %s; retrying in %.2fs", ep.base_url, _describe(exc), delay)
-                    time.sleep(delay)
-        raise EndpointError(
-            f"endpoint {ep.base_url} (model {ep.model}) failed {ep.max_retries + 1} times scoring choices "
-            f"(last: {_describe(last)}); check that the server is up and returns logprobs, "
-            "or raise max_retries."
-        )
+        def ask() -> np.ndarray:
+            with self._lock:
+                self.requests += 1
+            resp = self._client.chat.completions.create(
+                model=self.endpoint.model,
+                messages=[{"role": "system", "content": SYSTEM_PROMPT}, *conv],
+                max_tokens=1,
+                temperature=0,
+                logprobs=True,
+                top_logprobs=TOP_LOGPROBS,
+            )
+            self.count_usage(resp)
+            return _normalise(option_logprobs(_first_token_alternatives(resp), options))
+
+        return with_retries(self.endpoint, self.backoff, ask, "scoring choices", "returns logprobs")
+
+    def count_usage(self, resp: Any) -> None:
+        """Add a response's token usage (what a hosted API bills) to the counters."""
+        usage = getattr(resp, "usage", None)
+        with self._lock:
+            self.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
+            self.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
+
+    def usage(self) -> dict[str, int]:
+        """Requests and tokens so far, for a step's metrics."""
+        return {
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+def with_retries(
+    endpoint: OpenAIEndpointConfig, backoff: float, call: Callable[[], Any], what: str, hint: str
+):
+    """call() with retries and exponential backoff (jitter, capped at 30 s) on 429, 5xx, timeouts,
+    connection errors and unusable answers (ValueError); an EndpointError naming the endpoint after the
+    last try, or at once for a request the server refuses (4xx)."""
+    last: BaseException | None = None
+    for attempt in range(endpoint.max_retries + 1):
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - classified just below
+            if not _retryable(exc):
+                raise EndpointError(
+                    f"endpoint {endpoint.base_url} (model {endpoint.model}) refused the request: "
+                    f"{_describe(exc)}"
+                ) from None
+            last = exc
+            if attempt < endpoint.max_retries:
+                delay = min(30.0, backoff * 2**attempt) * (0.5 + random.random() / 2)
+                log.debug("endpoint %s: %s; retrying in %.2fs", endpoint.base_url, _describe(exc), delay)
+                time.sleep(delay)
+    raise EndpointError(
+        f"endpoint {endpoint.base_url} (model {endpoint.model}) failed {endpoint.max_retries + 1} times "
+        f"{what} (last: {_describe(last)}); check that the server is up and {hint}, then run again "
+        "(finished shards are kept), or raise max_retries."
+    )
 
 
 def _first_token_alternatives(resp: Any) -> list[tuple[str, float]]:

@@ -206,19 +206,19 @@ def evaluate_stages(
     batch_size: int,
     log: Any,
     judge_question: str,
-    judge_model: Any = None,
 ) -> Evaluation:
     """SL and RL answer the evaluation `rows` (the baseline step's, with the base answers); the reward
     model scores every answer; refusals are counted; the judge is calibrated, then compares.
 
     `refs` are the artifacts by step (sft, rl, reward_model); `cfg` the run's Config;
-    `judge_question` the un-inverted harmlessness question; `judge_model` a judge given as a model spec.
+    `judge_question` the un-inverted harmlessness question; the judge is `roles.judge` (caiflow/roles.py).
     """
     from caiflow.eval_set import calibration_pairs
-    from caiflow.generation import GenerationEngine, Sampling
-    from caiflow.models import choice_scorer, load_model_and_tokenizer, policy_engine
+    from caiflow.generation import Sampling
+    from caiflow.models import policy_engine
     from caiflow.refusal import is_refusal
     from caiflow.report import stage_verdicts
+    from caiflow.roles import describe, role_scorer, usage_metrics
     from caiflow.schemas import MODEL_DIR
     from caiflow.seeds import row_seed
     from caiflow.training.reward_scorer import RewardScorer
@@ -261,13 +261,7 @@ def evaluate_stages(
     rewards = {s: np.asarray(scorer.score(convs, answers[s]), dtype=float) for s in stages}
     del scorer
     free_accelerator_memory()
-    if judge_model is not None:
-        model, tok = load_model_and_tokenizer(judge_model, cfg.model.dtype, cfg.model.device)
-        judge = GenerationEngine(model, tok, batch_size=batch_size)
-    else:
-        judge = choice_scorer(
-            ev.judge, ev.openai, cfg.model, base_model, refs, batch_size, generation=cfg.generation
-        )
+    judge = role_scorer("judge", cfg, base_model, refs, batch_size)
     refused = {s: np.array([is_refusal(a) for a in answers[s]]) for s in stages}
     rates, diffs = refusal_metrics(rows, refused)
 
@@ -354,7 +348,7 @@ def evaluate_stages(
         "hash": constitution.content_hash,
         "inverted": constitution.inverted,
     }
-    who = {"openai": f"{ev.openai.model} at {ev.openai.base_url}"}.get(ev.judge, ev.judge)
+    who = describe(cfg.roles.judge)
     metrics: dict[str, Any] = {
         "stages": stages,
         "eval_prompts": int(len(rows)),
@@ -375,6 +369,8 @@ def evaluate_stages(
             "skipped": skip_judging,
         },
         "elo": elo_with_intervals(jdf, seed=cfg.run.seed) if len(jdf) else {},
+        # requests and tokens the judge's endpoint reports (what a hosted judge cost); empty in-process
+        "tokens": usage_metrics("judge", judge),
     }
     metrics["verdicts"] = stage_verdicts(metrics)
     return Evaluation(answers_df, jdf, cal_rows, metrics, _examples(rows, answers, rewards, ev.examples))

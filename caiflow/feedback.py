@@ -13,7 +13,7 @@ hand-built harmful/harmless pairs the default 135M model judged at chance with e
 tried (question before or after the options, with or without the assistant prefix, a
 one-shot example); this layout had the smallest pull to one slot without a worked example
 (position bias 0.03 against 0.19 with no prefix), so it is the default. Its labels become
-informative with a larger feedback model (``preferences.feedback_model``).
+informative with a larger feedback model (``roles.feedback``).
 
 The scorer is anything with ``score_choices_chat(conversations, options, assistant_prefix)``
 returning an (n, k) array of probabilities: :class:`caiflow.generation.GenerationEngine` or

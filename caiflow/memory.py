@@ -215,7 +215,7 @@ class StepMemory:
 class Shapes:
     policy: Shape
     reward: Shape | None = None  # reward_model.backbone; None = the policy's shape
-    judge: Shape | None = None  # evaluate.judge as a model spec; None = the policy's shape
+    judge: Shape | None = None  # roles.judge as a model spec; None = the policy's shape
 
 
 def _lora(section: dict[str, Any], shape: Shape) -> int:
@@ -284,7 +284,8 @@ def step_memory(step: str, cfg: dict[str, Any], shapes: Shapes) -> StepMemory:
             m.parts[f"scoring forward {b}x{2 * PROMPT_TOKENS}"] = forward_bytes(pol, e, b, 2 * PROMPT_TOKENS)
     elif step == "critique_revision":
         seq = _generation_seq(cfg)
-        m.add("policy (teacher)", pol, dtype)
+        if cfg["roles"]["teacher"]["endpoint"] is None:  # an endpoint teacher holds no memory here
+            m.add("policy (teacher)", pol, dtype)
         m.parts[f"KV cache {gen_batch}x{seq}"] = generation_bytes(pol, e, gen_batch, seq)
         m.notes.append(
             f"sequence {seq} tokens assumed (prompt {PROMPT_TOKENS}, few-shot {FEW_SHOT_TOKENS} each)"
@@ -296,7 +297,8 @@ def step_memory(step: str, cfg: dict[str, Any], shapes: Shapes) -> StepMemory:
         p = cfg["preferences"]
         new = p["sampling"]["max_new_tokens"]
         m.add("SL policy", pol, dtype)
-        if p["method"] != "contrastive" and p["feedback_model"] == "base":
+        feedback = cfg["roles"]["feedback"]
+        if p["method"] != "contrastive" and feedback["endpoint"] is None and feedback["model"] == "base":
             m.add("feedback (base)", pol, dtype)
         gen_seq = PROMPT_TOKENS + new + (SYSTEM_PROMPT_TOKENS if p["method"] != "feedback" else 0)
         score_seq = PROMPT_TOKENS + 2 * new + QUESTION_TOKENS
@@ -352,8 +354,9 @@ def _evaluate(m: StepMemory, cfg: dict, shapes: Shapes, seq: int) -> StepMemory:
     _reward_models(rewards, cfg, rshape)
     rewards.parts[f"scoring {b}x{seq}"] = forward_bytes(rshape, e, b, seq)
     judge = StepMemory("evaluate")
-    if ev["judge"] != "openai":
-        judge.add(f"judge ({ev['judge']})", jshape, dtype)
+    role = cfg["roles"]["judge"]
+    if role["endpoint"] is None:  # a judge behind an endpoint holds no memory here
+        judge.add(f"judge ({role['model']})", jshape, dtype)
         jseq = PROMPT_TOKENS + 2 * ev["sampling"]["max_new_tokens"] + QUESTION_TOKENS
         judge.parts[f"judge scoring {b}x{jseq}"] = forward_bytes(jshape, e, b, jseq)
     phases = [("stages answer", m), ("reward ensemble scores", rewards), ("judge compares", judge)]

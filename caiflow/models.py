@@ -411,26 +411,3 @@ def policy_engine(
         )
     options = engine_options(generation) if generation is not None else {}
     return GenerationEngine(m, tok, batch_size=batch_size, **options)
-
-
-def choice_scorer(
-    who: str,
-    endpoint: Any,
-    model_cfg: Any,
-    base: ResolvedModel,
-    refs: dict[str, Any],
-    batch_size: int,
-    engines: dict[str, Any] | None = None,
-    generation: Any = None,
-) -> Any:
-    """What scores "(A)" vs "(B)": a local stage's engine ('base', 'sl') or an OpenAI-compatible endpoint.
-
-    An engine already loaded for that stage (`engines`) is reused rather than loaded twice.
-    """
-    if who == "openai":
-        from caiflow.endpoint_scorer import EndpointChoiceScorer
-
-        return EndpointChoiceScorer(endpoint)
-    if engines is not None and who in engines:
-        return engines[who]
-    return policy_engine(who, model_cfg, base, refs, batch_size, generation)

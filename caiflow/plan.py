@@ -19,7 +19,8 @@ from typing import Any
 from caiflow.config import Config
 from caiflow.models import ResolvedModel, folder_digest, resolve_model
 from caiflow.pipeline import PIPELINE, spec
-from caiflow.step_config import OpenAIEndpointConfig, PromptSource
+from caiflow.roles import endpoint_identity, is_stage, role_identity
+from caiflow.step_config import PromptSource
 from caiflow.store import fingerprint
 
 
@@ -48,21 +49,21 @@ def source_digest(source: PromptSource, base_dir: Path) -> str:
     return f"id:{source.path}@{source.split}"  # a `datasets` id from the local cache
 
 
-def _endpoint(e: OpenAIEndpointConfig) -> str:
-    return f"openai:{e.base_url}#{e.model}"
-
-
 def model_settings(cfg: Config) -> dict[str, Any]:
     """The model settings that change what a loaded model computes, besides its identity."""
     return {"dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code}
 
 
-def critique_row_context(cfg: Config, constitution_hash: str, model_identity: str) -> str:
+def critique_row_context(
+    cfg: Config, constitution_hash: str, model_identity: str, teacher: str = "policy"
+) -> str:
     """What a critique-revision row depends on besides the row itself.
 
     The same for runs whose prompt sets differ, so rows of an earlier run are reused
-    (`caiflow.sharded.reusable_rows`).
+    (`caiflow.sharded.reusable_rows`). `teacher`: `roles.teacher`'s identity (`role_identity`).
     """
+    # The default teacher (the policy) adds nothing, so rows made before roles existed stay reusable.
+    who = {} if teacher == "policy" else {"teacher": teacher}
     return fingerprint(
         "critique_revision-rows",
         spec("critique_revision").version,
@@ -72,6 +73,7 @@ def critique_row_context(cfg: Config, constitution_hash: str, model_identity: st
         model_settings=model_settings(cfg),
         generation=cfg.generation.fingerprint_dict(),
         seed=cfg.run.seed,
+        **who,
     )
 
 
@@ -89,7 +91,7 @@ def make_plan(
     backbone_identity: str | None = None,
     *,
     principle_labels: Sequence[tuple[str, str]] = (),
-    judge_identity: str | None = None,
+    roles: dict[str, str] | None = None,
     judge_question: str = "",
 ) -> Plan:
     """Fingerprints of every step.
@@ -97,9 +99,19 @@ def make_plan(
     `principle_labels`: (id, name) of each principle in use, all that categorising prompts reads
     (so a constitution and its inversion share the prompts step); `backbone_identity`: the
     reward model's backbone when it is not the policy's base model; `judge_identity`: a judge
-    given as a model spec; `judge_question`: the harmlessness question the judge asks.
+    `roles`: the identity of each role (`role_identity`; default: the stage names of
+    `cfg.roles`); `judge_question`: the harmlessness question the judge asks.
     """
     base = Path(cfg.base_dir)
+    roles = roles or {n: getattr(cfg.roles, n).model for n in ("teacher", "feedback", "judge")}
+    cat = cfg.prompts.categorize
+    categorizer = (
+        {"categorizer": endpoint_identity(getattr(cfg.roles, cat.role).endpoint)}
+        if cat.backend == "endpoint" and getattr(cfg.roles, cat.role).endpoint is not None
+        else {}
+    )
+    # The default teacher (the policy) adds nothing, so artifacts made before roles existed stay valid.
+    teacher = {} if roles["teacher"] == "policy" else {"teacher": roles["teacher"]}
     model = {"identity": model_identity, **model_settings(cfg)}
     generation = cfg.generation.fingerprint_dict()  # batch and shard size: see caiflow.config
     pref, ev = cfg.preferences, cfg.evaluate
@@ -111,12 +123,14 @@ def make_plan(
             # The model counts the tokens of every prompt (over-long ones are dropped) and,
             # locally, categorises.
             model=model,
+            **categorizer,
         ),
         "critique_revision": dict(
             config=cfg.critique_revision.fingerprint_dict(),
             generation=generation,
             constitution=constitution_hash,
             model=model,
+            **teacher,
         ),
         "sft": dict(config=cfg.sft.fingerprint_dict(), model=model),
         "preferences": dict(
@@ -124,7 +138,7 @@ def make_plan(
             generation=generation,
             constitution=constitution_hash,
             model=model,
-            feedback=pref.feedback_model if pref.feedback_model != "openai" else _endpoint(pref.openai),
+            feedback=roles["feedback"],
         ),
         "reward_model": dict(
             config=cfg.reward_model.fingerprint_dict(),
@@ -144,7 +158,7 @@ def make_plan(
             generation=generation,
             constitution=constitution_hash,
             model=model,
-            judge=judge_identity or (_endpoint(ev.openai) if ev.judge == "openai" else ev.judge),
+            judge=roles["judge"],
             judge_question=judge_question,
         ),
     }
@@ -158,10 +172,6 @@ def make_plan(
     return plan
 
 
-# The judges named by role rather than by a model spec.
-JUDGE_ROLES = ("base", "sl", "openai")
-
-
 @dataclass
 class Resolved:
     """A config's constitution, model and plan: what a run needs before its first step."""
@@ -170,7 +180,6 @@ class Resolved:
     model: ResolvedModel
     plan: Plan
     judge_question: str = ""  # the un-inverted harmlessness question the judge asks
-    judge_model: ResolvedModel | None = None  # the judge when it is given as a model spec
 
 
 def judge_question(cfg: Config) -> str:
@@ -202,17 +211,17 @@ def plan_for(cfg: Config) -> Resolved:
     question = judge_question(cfg)
     model = resolve_model(cfg.model.name, storage, cfg.model.revision, cfg.model.tiny.model_dump())
     backbone = reward_backbone(cfg, model, storage).identity if cfg.reward_model.backbone else None
-    judge = None if cfg.evaluate.judge in JUDGE_ROLES else resolve_model(cfg.evaluate.judge, storage)
+    roles = {n: role_identity(getattr(cfg.roles, n), storage) for n in ("teacher", "feedback", "judge")}
     plan = make_plan(
         cfg,
         constitution.content_hash,
         model.identity,
         backbone,
         principle_labels=[(p.id, p.name) for p in constitution.principles],
-        judge_identity=judge.identity if judge else None,
+        roles=roles,
         judge_question=question,
     )
-    return Resolved(constitution, model, plan, question, judge)
+    return Resolved(constitution, model, plan, question)
 
 
 def memory_shapes(cfg: Config, model: ResolvedModel | None = None):
@@ -236,5 +245,6 @@ def memory_shapes(cfg: Config, model: ResolvedModel | None = None):
 
     policy = shape(cfg.model.name, model, revision=cfg.model.revision, tiny=cfg.model.tiny.model_dump())
     reward = shape(cfg.reward_model.backbone) if cfg.reward_model.backbone else None
-    judge = shape(cfg.evaluate.judge) if cfg.evaluate.judge not in JUDGE_ROLES else None
+    judge_role = cfg.roles.judge
+    judge = None if judge_role.is_endpoint or is_stage(judge_role) else shape(judge_role.model)
     return Shapes(policy, reward, judge)

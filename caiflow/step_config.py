@@ -46,15 +46,26 @@ class PromptSource(Section):
 
 
 class OpenAIEndpointConfig(Section):
-    base_url: str = Field(
-        "https://api.openai.com/v1", description="OpenAI-compatible base URL (OpenAI, vLLM, TGI, llama.cpp)."
+    # Not fingerprinted: the same model served from another host or port gives the same outputs.
+    base_url: str = not_fingerprinted(
+        "https://api.openai.com/v1",
+        description="OpenAI-compatible base URL (OpenAI, vLLM, TGI, SGLang, llama.cpp), ending in /v1.",
     )
-    model: str = Field("gpt-4o-mini", description="Model name at the endpoint.")
+    model: str = Field(
+        "gpt-4o-mini", description="Model name at the endpoint (what its /v1/models lists); fingerprinted."
+    )
+    revision: str | None = Field(
+        None,
+        description="What the served weights are, when the name alone does not say (a commit, a file hash, a "
+        "date): fingerprinted with the name, so changing it re-runs what the endpoint made.",
+    )
     api_key_env: str = not_fingerprinted(
         "OPENAI_API_KEY",
         description="Environment variable holding the API key (never put the key itself here).",
     )
-    max_concurrency: int = not_fingerprinted(4, ge=1, description="Requests in flight at once.")
+    max_concurrency: int = not_fingerprinted(
+        4, ge=1, description="Requests in flight at once (a server batches concurrent requests)."
+    )
     max_retries: int = not_fingerprinted(
         5, ge=0, description="Retries on 429, 5xx, timeouts and unparseable answers."
     )
@@ -62,15 +73,16 @@ class OpenAIEndpointConfig(Section):
 
 
 class CategorizeConfig(Section):
-    backend: Literal["local", "openai", "none"] = Field(
+    backend: Literal["local", "endpoint", "none"] = Field(
         "local",
         description=(
-            "'local': log-probability of each principle label under the configured model; "
-            "'openai': ask an OpenAI-compatible endpoint for JSON; 'none': keep the source's tag."
+            "'local': log-probability of each principle label under the policy model; "
+            "'endpoint': ask the endpoint of the role named by `role` for JSON; "
+            "'none': keep the source's tag."
         ),
     )
-    openai: OpenAIEndpointConfig = Field(
-        default_factory=OpenAIEndpointConfig, description="Endpoint for 'openai'."
+    role: Literal["teacher", "feedback", "judge"] = Field(
+        "teacher", description="backend 'endpoint': whose endpoint (roles.<role>.endpoint) categorises."
     )
     # Fingerprinted: padding in a batch moves scores by float noise, which can flip a close category.
     batch_size: int = Field(16, ge=1, description="Prompts scored at once by the local backend.")
@@ -246,7 +258,7 @@ class PreferencesConfig(Section):
         None,
         ge=0.0,
         lt=0.5,
-        description="contrastive: ask the feedback model (feedback_model) about every contrastive pair and "
+        description="contrastive: ask the feedback model (roles.feedback) about every contrastive pair and "
         "drop those where its P(chosen better) is below 0.5 - this margin (it confidently disagrees), "
         "e.g. 0.3; null: keep every pair unasked. Useful only with a feedback model above chance.",
     )
@@ -255,14 +267,6 @@ class PreferencesConfig(Section):
         "cannot help.",
         description="contrastive: the system prompt of the rejected side on benign prompts (a needless "
         "refusal), so the reward model does not learn that refusing is always better.",
-    )
-    feedback_model: Literal["sl", "base", "openai"] = Field(
-        "sl",
-        description="Who labels the pairs: 'sl' the SL model (the original recipe), 'base' the base model, "
-        "'openai' an OpenAI-compatible endpoint that returns logprobs (set preferences.openai).",
-    )
-    openai: OpenAIEndpointConfig = Field(
-        default_factory=OpenAIEndpointConfig, description="The endpoint when feedback_model is 'openai'."
     )
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0),
@@ -298,15 +302,6 @@ class PreferencesConfig(Section):
 
 
 class EvaluateConfig(Section):
-    judge: str = by_content(
-        "base",
-        description="Who judges the pairwise comparisons: 'base' (the untouched base model), 'sl' (the SL "
-        "model), 'openai' (the endpoint in evaluate.openai), or any model spec (a builtin name, local "
-        "folder, .gguf file or cached hub id). The judge is measured on the calibration set first.",
-    )
-    openai: OpenAIEndpointConfig = Field(
-        default_factory=OpenAIEndpointConfig, description="The endpoint when judge is 'openai'."
-    )
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(max_new_tokens=96, temperature=0.0),
         description="How every stage answers the eval prompts "

@@ -47,6 +47,7 @@ def input_errors() -> tuple[type[BaseException], ...]:
     from caiflow.categorize import CategorizeError
     from caiflow.config import ConfigError
     from caiflow.constitution import ConstitutionError
+    from caiflow.endpoint_scorer import EndpointError
     from caiflow.memory_check import MemoryPlanError
     from caiflow.models import ModelNotFoundError
     from caiflow.prompts import PromptSourceError
@@ -62,6 +63,7 @@ def input_errors() -> tuple[type[BaseException], ...]:
         CategorizeError,
         StoreError,
         ExecutorError,
+        EndpointError,
     )
 
 
@@ -103,19 +105,22 @@ def executor_overrides(args: argparse.Namespace) -> list[str]:
 
 def check_inputs(cfg: Any) -> None:
     """Validate the cheap things before starting Prefect: constitution, the judge's principle, storage,
-    prompt sources (training and evaluation: readable, with the expected columns, within the context)
-    and the model. Raises one of `input_errors()`."""
+    prompt sources (training and evaluation: readable, with the expected columns, within the context),
+    the model, and every endpoint a role uses (answers, serves its model, gives logprobs where the role
+    scores). Raises one of `input_errors()`."""
     from caiflow.constitution import load_constitution
     from caiflow.models import context_tokens, load_tokenizer, resolve_model
     from caiflow.plan import judge_question
     from caiflow.prompt_filters import check_fits_context, token_counter
     from caiflow.prompts import load_prompts
+    from caiflow.roles import check_endpoints
     from caiflow.store import Store
 
     load_constitution(cfg.constitution_path(), cfg.constitution.invert, cfg.constitution.principles)
     judge_question(cfg)  # the judge's principle exists in the whole constitution
     Store(cfg.run.storage)
     check_executor(cfg)
+    check_endpoints(cfg)
     model = resolve_model(cfg.model.name, cfg.run.storage, cfg.model.revision, cfg.model.tiny.model_dump())
     count, context = (
         token_counter(load_tokenizer(model.path, cfg.model.trust_remote_code)),
@@ -146,8 +151,13 @@ def run_flow(args: argparse.Namespace, call: Callable[[], Any]) -> tuple[int, An
     os.environ.setdefault(
         "PREFECT_LOCAL_STORAGE_PATH", str(Path(cfg.run.storage).resolve() / "prefect-results")
     )
+    from caiflow.endpoint_scorer import EndpointError
+
     try:
         return 0, call()
+    except EndpointError as exc:  # a server that went away mid-run: the run failed, and resumes
+        print(f"caiflow: run failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED, None
     except errors as exc:
         print(f"caiflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT, None

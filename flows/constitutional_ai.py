@@ -22,6 +22,7 @@ from caiflow.faults import kill_point
 from caiflow.pipeline import steps_until
 from caiflow.plan import plan_for
 from caiflow.ray_pool import check_reachable
+from caiflow.roles import check_endpoints
 from caiflow.store import Store
 from tasks.common import logger
 from tasks.harness import call_step
@@ -47,6 +48,7 @@ def run_pipeline(cfg: Config, until: str = "evaluate") -> dict[str, Any]:
     t0 = time.monotonic()
     if cfg.generation.executor.kind == "ray":  # an unreachable cluster stops the run before any step
         check_reachable(cfg.generation.executor.address)
+    check_endpoints(cfg)  # every role's server answers and serves its model, before any step
     resolved = plan_for(cfg)
     model, constitution, plan = resolved.model, resolved.constitution, resolved.plan
     log.info("model %s ready in %.1f s at %s", model.identity, time.monotonic() - t0, model.path)

@@ -63,8 +63,8 @@ class Settings(BaseModel):
     rl_max_steps: int | None = Field(None, ge=1, description="rl.max_steps: RL optimiser steps.")
     judge: str | None = Field(
         None,
-        description="evaluate.judge: who judges the pairwise comparisons: base, sl, openai or a model "
-        "spec (a local folder, .gguf file or cached hub id).",
+        description="roles.judge.model: who judges the pairwise comparisons: base, sl or a model "
+        "spec (a local folder, .gguf file or cached hub id); an endpoint judge is set in the preset.",
     )
 
 
@@ -79,7 +79,7 @@ SETTING_KEYS = {
     "sft_method": "sft.method",
     "rl_algorithm": "rl.algorithm",
     "rl_max_steps": "rl.max_steps",
-    "judge": "evaluate.judge",
+    "judge": "roles.judge.model",
 }
 
 

@@ -21,11 +21,12 @@ from caiflow import schemas
 from caiflow.config import Config
 from caiflow.constitution import Constitution
 from caiflow.critique import Sampler, distill_rows, few_shot_turns, principle_system_prompt, run_rows
-from caiflow.generation import GenerationEngine, Sampling, engine_options
-from caiflow.models import ResolvedModel, load_model_and_tokenizer
+from caiflow.generation import Sampling
+from caiflow.models import ResolvedModel
 from caiflow.plan import critique_row_context
 from caiflow.prompt_filters import kept_prompts
 from caiflow.refusal import is_refusal
+from caiflow.roles import role_identity, teacher_engine, usage_metrics
 from caiflow.sharded import ShardedOutput, reusable_rows
 from caiflow.step_config import SamplingConfig
 from tasks.common import Progress, markdown_stats, retry_scaled
@@ -42,7 +43,8 @@ def run(ctx: StepContext) -> StepOutput:
     rows = kept_prompts(ctx.read("prompts"), "train")
     records = rows[["prompt_id", "prompt", "kind", "category"]].to_dict(orient="records")
 
-    context = critique_row_context(cfg, ctx.constitution.content_hash, ctx.model.identity)
+    teacher = role_identity(cfg.roles.teacher, cfg.run.storage)
+    context = critique_row_context(cfg, ctx.constitution.content_hash, ctx.model.identity, teacher)
     reusable = reusable_rows(ctx.store, ctx.step, context, records, match=("prompt", "kind", "category"))
     output = ShardedOutput(
         ctx.store, ctx.step, ctx.fingerprint, schemas.SL_DATA, cfg.generation.shard_size, records
@@ -68,6 +70,7 @@ def run(ctx: StepContext) -> StepOutput:
             "critique_revision": c.fingerprint_dict(),
             "constitution": ctx.constitution.content_hash,
             "model": ctx.model.identity,
+            "teacher": teacher,
             "seed": cfg.run.seed,
             "row_context": context,
         },
@@ -98,17 +101,12 @@ class CritiqueRows:
         self.cfg, self.constitution, self.model, self.batch_size = cfg, constitution, model, batch_size
         c = cfg.critique_revision
         self.sampler = Sampler(_sampling(c.answer), _sampling(c.critique), _sampling(c.revision))
-        self.engine: GenerationEngine | None = None
+        self.engine: Any = None  # a GenerationEngine, or an EndpointEngine when the teacher is an endpoint
 
     def __call__(self, todo: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cfg, c = self.cfg, self.cfg.critique_revision
-        if self.engine is None:  # loaded only when some row is not reusable
-            model_obj, tok = load_model_and_tokenizer(
-                self.model, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code
-            )
-            self.engine = GenerationEngine(
-                model_obj, tok, batch_size=self.batch_size, **engine_options(cfg.generation)
-            )
+        if self.engine is None:  # loaded (or connected) only when some row is not reusable
+            self.engine = teacher_engine(cfg, self.model, self.batch_size)
         if c.method == "context_distillation":
             return distill_rows(
                 self.engine,
@@ -133,8 +131,11 @@ class CritiqueRows:
         )
 
     def metrics(self) -> dict[str, Any]:
-        """The engine's out-of-memory back-off, when it ran here."""
-        return self.engine.engine_metrics(self.batch_size) if self.engine else {}
+        """The engine's out-of-memory back-off, or the teacher endpoint's requests and tokens, when it ran
+        here."""
+        if self.engine is None:
+            return {}
+        return {**self.engine.engine_metrics(self.batch_size), **usage_metrics("teacher", self.engine)}
 
 
 def sl_metrics(df: pd.DataFrame) -> dict[str, Any]:

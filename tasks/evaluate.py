@@ -18,8 +18,7 @@ import numpy as np
 
 from caiflow import plots, schemas
 from caiflow.evaluation import evaluate_stages
-from caiflow.models import resolve_model
-from caiflow.plan import JUDGE_ROLES, judge_question
+from caiflow.plan import judge_question
 from caiflow.report import render_report
 from tasks.common import retry_scaled
 from tasks.harness import StepContext, StepOutput
@@ -28,9 +27,6 @@ from tasks.harness import StepContext, StepOutput
 def run(ctx: StepContext) -> StepOutput:
     cfg = ctx.cfg
     rows = ctx.read("baseline")
-    judge_model = (
-        None if cfg.evaluate.judge in JUDGE_ROLES else resolve_model(cfg.evaluate.judge, str(ctx.store.root))
-    )
     result = evaluate_stages(
         cfg,
         ctx.constitution,
@@ -40,7 +36,6 @@ def run(ctx: StepContext) -> StepOutput:
         retry_scaled(cfg.generation.batch_size),
         ctx.log,
         judge_question(cfg),
-        judge_model,
     )
     store, step, fp = ctx.store, ctx.step, ctx.fingerprint
     store.write_table(step, fp, result.answers, schemas.ANSWERS)

@@ -26,8 +26,9 @@ from caiflow.feedback import (
     sample_principles,
 )
 from caiflow.generation import Sampling
-from caiflow.models import ResolvedModel, choice_scorer, policy_engine
+from caiflow.models import ResolvedModel, policy_engine
 from caiflow.prompt_filters import kept_prompts
+from caiflow.roles import describe, role_scorer, usage_metrics
 from caiflow.seeds import row_seed
 from caiflow.sharded import ShardedOutput
 from caiflow.store import ArtifactRef
@@ -52,7 +53,7 @@ def run(ctx: StepContext) -> StepOutput:
         "preferences: %d train prompts, %d shard(s) to do, feedback from %s",
         len(records),
         len(output.pending),
-        p.feedback_model,
+        describe(cfg.roles.feedback),
     )
     progress = Progress("preferences-progress", len(records), "preference pairs")
     start_batch = retry_scaled(cfg.generation.batch_size)
@@ -165,12 +166,11 @@ class PreferenceRows:
 
     def _scorer(self) -> Any:
         """The feedback model's choice scorer, loaded on first use (the SL engine when it is the SL model)."""
-        p, loaded = self.cfg.preferences, self.loaded
+        loaded = self.loaded
         if "scorer" not in loaded:
-            loaded["scorer"] = choice_scorer(
-                p.feedback_model,
-                p.openai,
-                self.cfg.model,
+            loaded["scorer"] = role_scorer(
+                "feedback",
+                self.cfg,
                 self.model,
                 self.upstream,
                 self.batch_size,
@@ -179,8 +179,14 @@ class PreferenceRows:
         return loaded["scorer"]
 
     def metrics(self) -> dict[str, Any]:
-        """The engine's out-of-memory back-off, when it ran here."""
-        return self.loaded["engine"].engine_metrics(self.batch_size) if self.loaded else {}
+        """The engine's out-of-memory back-off, and the feedback endpoint's requests and tokens, when they ran
+        here."""
+        if not self.loaded:
+            return {}
+        return {
+            **self.loaded["engine"].engine_metrics(self.batch_size),
+            **usage_metrics("feedback", self.loaded.get("scorer")),
+        }
 
 
 def _examples(df: pd.DataFrame, n: int = 3) -> str:

@@ -65,8 +65,13 @@ def run(ctx: StepContext) -> StepOutput:
             progress=lambda d, t: progress.update(d),
         )
         result = categorize_local(engine, ctx.constitution, texts)
-    else:
-        o = cat.openai
+    else:  # "endpoint": the role's server answers in JSON (checked at start-up: caiflow.roles)
+        o = getattr(cfg.roles, cat.role).endpoint
+        if o is None:
+            raise ValueError(
+                f"prompts.categorize.backend is 'endpoint' but roles.{cat.role} has no endpoint: "
+                f"set roles.{cat.role}.endpoint."
+            )
         result = categorize_openai(
             ctx.constitution,
             texts,

@@ -20,11 +20,18 @@ class ChatServer:
         self.auth_headers: list[str] = []
         self.lock = threading.Lock()
         self.slow_seconds = 2.0
+        self.models = ["gpt-4o-mini"]  # what GET /v1/models lists
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):  # keep test output clean
                 pass
+
+            def do_GET(self):  # /v1/models, for the start-up check: serves whatever model is asked for
+                server.auth_headers.append(self.headers.get("Authorization", ""))
+                self._send(
+                    200, {"object": "list", "data": [{"id": m, "object": "model"} for m in server.models]}
+                )
 
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))

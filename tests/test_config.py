@@ -43,7 +43,44 @@ def test_wrong_type_names_key():
 def test_bad_choice_lists_valid_ones():
     with pytest.raises(ConfigError) as err:
         build_config({"prompts": {"categorize": {"backend": "magic"}}})
-    assert "prompts.categorize.backend" in str(err.value) and "openai" in str(err.value)
+    assert "prompts.categorize.backend" in str(err.value) and "endpoint" in str(err.value)
+
+
+def test_old_role_keys_fold_into_roles():
+    """preferences.feedback_model / evaluate.judge (and their endpoints) still work, as roles."""
+    ep = {"base_url": "http://h:1/v1", "model": "m", "max_concurrency": 9}
+    cfg = build_config(
+        {"preferences": {"feedback_model": "base"}, "evaluate": {"judge": "openai", "openai": ep}}
+    )
+    assert cfg.roles.feedback.model == "base" and cfg.roles.feedback.endpoint is None
+    assert cfg.roles.judge.endpoint.model == "m" and cfg.roles.judge.endpoint.max_concurrency == 9
+    assert cfg.roles.teacher.model == "policy"
+    old = build_config({"preferences": {"feedback_model": "openai", "openai": ep}})
+    assert old.roles.feedback.endpoint == cfg.roles.judge.endpoint
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            {"prompts": {"categorize": {"backend": "openai", "openai": {"model": "m"}}}},
+            "prompts.categorize.openai moved to the roles: put the endpoint under roles.teacher.endpoint",
+        ),
+        (
+            {"evaluate": {"judge": "sl"}, "roles": {"judge": {"model": "base"}}},
+            "evaluate.judge and roles.judge are both set: keep roles.judge and delete evaluate.judge.",
+        ),
+        (
+            {"roles": {"teacher": {"model": "sl"}}},
+            "roles.teacher.model 'sl' is not a stage this role can use",
+        ),
+        ({"roles": {"judge": {"model": ""}}}, "roles.judge has neither a model nor an endpoint"),
+    ],
+)
+def test_role_mistakes_are_one_line_with_the_fix(data, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(data)
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_missing_and_malformed_files(tmp_path):

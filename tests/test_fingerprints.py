@@ -40,19 +40,24 @@ NOT_FINGERPRINTED = {
     "base_dir": "where the config file lies; relative paths are fingerprinted by content",
     "model.device": "cannot be varied on a CPU-only machine (no second device to compare with); CPU and CUDA "
     "kernels round differently, so a run moved to another device may differ at float level",
-    "prompts.categorize.openai.api_key_env": "which variable holds the key",
-    "prompts.categorize.openai.max_concurrency": "requests are independent and answers are matched by prompt "
-    "(tests/test_categorize.py runs a real server)",
-    "prompts.categorize.openai.max_retries": "retries repeat the same request",
-    "prompts.categorize.openai.timeout": "a slower answer is the same answer",
-    "preferences.openai.api_key_env": "which variable holds the key",
-    "preferences.openai.max_concurrency": "requests are independent (tests/test_feedback.py)",
-    "preferences.openai.max_retries": "retries repeat the same request",
-    "preferences.openai.timeout": "a slower answer is the same answer",
-    "evaluate.openai.api_key_env": "which variable holds the key",
-    "evaluate.openai.max_concurrency": "requests are independent",
-    "evaluate.openai.max_retries": "retries repeat the same request",
-    "evaluate.openai.timeout": "a slower answer is the same answer",
+    "roles.teacher.endpoint.api_key_env": "which variable holds the key",
+    "roles.teacher.endpoint.base_url": "where, not which model (a moved server keeps the cache)",
+    "roles.teacher.endpoint.max_concurrency": "independent requests, each with its own seed, answers "
+    "in input order (tests/test_endpoint_engine.py)",
+    "roles.teacher.endpoint.max_retries": "retries repeat the same request",
+    "roles.teacher.endpoint.timeout": "a slower answer is the same answer",
+    "roles.feedback.endpoint.api_key_env": "which variable holds the key",
+    "roles.feedback.endpoint.base_url": "where, not which model (a moved server keeps the cache)",
+    "roles.feedback.endpoint.max_concurrency": "independent requests, each with its own seed, answers "
+    "in input order (tests/test_endpoint_engine.py)",
+    "roles.feedback.endpoint.max_retries": "retries repeat the same request",
+    "roles.feedback.endpoint.timeout": "a slower answer is the same answer",
+    "roles.judge.endpoint.api_key_env": "which variable holds the key",
+    "roles.judge.endpoint.base_url": "where, not which model (a moved server keeps the cache)",
+    "roles.judge.endpoint.max_concurrency": "independent requests, each with its own seed, answers "
+    "in input order (tests/test_endpoint_engine.py)",
+    "roles.judge.endpoint.max_retries": "retries repeat the same request",
+    "roles.judge.endpoint.timeout": "a slower answer is the same answer",
     "sft.per_device_batch_size": "same update by gradient accumulation: "
     "tests/training/test_sft.py::test_per_device_batch_does_not_change_the_adapter",
     "sft.save_steps": "checkpoint cadence",
@@ -87,7 +92,9 @@ BY_CONTENT = {
     "prompts.sources[].path": "prompts",
     "reward_model.backbone": "reward_model",
     "evaluate.prompts[].path": "baseline",
-    "evaluate.judge": "evaluate",
+    "roles.teacher.model": "critique_revision",
+    "roles.feedback.model": "preferences",
+    "roles.judge.model": "evaluate",
 }
 # Every other field is fingerprinted by value; the steps that read it first, by longest prefix.
 READERS = {
@@ -105,6 +112,10 @@ READERS = {
     "evaluate": "evaluate",
     "evaluate.sampling": "baseline",  # the base model's answers are made once, in the baseline step
     "evaluate.prompts": "baseline",
+    # an endpoint is fingerprinted by the model it serves (name, revision), not by its URL
+    "roles.teacher": "critique_revision",
+    "roles.feedback": "preferences",
+    "roles.judge": "evaluate",
 }
 # Values to try where the generic change below does not give a valid config.
 CHANGES: dict[str, Any] = {
@@ -260,6 +271,16 @@ def changed_config(data: dict, path: str, field: Any) -> dict:
     raise AssertionError(f"no valid changed value found for {path}: add one to CHANGES")
 
 
+def with_endpoint(data: dict, path: str) -> dict:
+    """For a field of a role's endpoint: the data with that role on an endpoint, so the field is read."""
+    parts = path.split(".")
+    if parts[0] != "roles" or len(parts) < 4 or parts[2] != "endpoint":
+        return data
+    return set_path(
+        data, f"roles.{parts[1]}", {"endpoint": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}}
+    )
+
+
 def expected_changes(steps: str | tuple[str, ...]) -> set[str]:
     """The steps that read a field (one or several) and everything downstream of them."""
     out: set[str] = set()
@@ -276,6 +297,7 @@ VALUE_FIELDS = sorted(p for p in FIELDS if expected_class(p) == "value")
 
 @pytest.mark.parametrize("path", VALUE_FIELDS)
 def test_value_field_changes_its_reader_and_downstream(path, tiny_data):
+    tiny_data = with_endpoint(tiny_data, path)
     base = fingerprints(tiny_data)
     after = fingerprints(changed_config(tiny_data, path, FIELDS[path]))
     changed = {s for s in STEPS if after[s] != base[s]}
@@ -284,6 +306,7 @@ def test_value_field_changes_its_reader_and_downstream(path, tiny_data):
 
 @pytest.mark.parametrize("path", sorted(NOT_FINGERPRINTED))
 def test_unfingerprinted_field_changes_nothing(path, tiny_data, tmp_path):
+    tiny_data = with_endpoint(tiny_data, path)
     base = fingerprints(tiny_data)
     if path == "base_dir":  # the same config file in another folder, its relative paths copied along
         (tmp_path / "configs").mkdir()
@@ -343,19 +366,19 @@ def test_content_fields_follow_content_not_paths(tiny_data, tmp_path):
     changed = fingerprints(set_path(tiny_data, "reward_model.backbone", str(b)))
     assert {s for s in STEPS if changed[s] != with_backbone[s]} == expected_changes("reward_model")
 
-    # evaluate.judge: a judge model given by path counts by content; a role (base, sl) by name
+    # roles.judge.model: a judge model given by path counts by content; a stage (base, sl) by name
     shutil.rmtree(b)
     shutil.copytree(a, b)
-    judged = fingerprints(set_path(tiny_data, "evaluate.judge", str(a)))
-    assert fingerprints(set_path(tiny_data, "evaluate.judge", str(b))) == judged
+    judged = fingerprints(set_path(tiny_data, "roles.judge.model", str(a)))
+    assert fingerprints(set_path(tiny_data, "roles.judge.model", str(b))) == judged
     assert {s for s in STEPS if judged[s] != base[s]} == {"evaluate"}
     (b / "generation_config.json").write_text('{"temperature": 0.5}')
     assert {
-        s for s in STEPS if fingerprints(set_path(tiny_data, "evaluate.judge", str(b)))[s] != judged[s]
+        s for s in STEPS if fingerprints(set_path(tiny_data, "roles.judge.model", str(b)))[s] != judged[s]
     } == {"evaluate"}
-    assert {s for s in STEPS if fingerprints(set_path(tiny_data, "evaluate.judge", "sl"))[s] != base[s]} == {
-        "evaluate"
-    }
+    assert {
+        s for s in STEPS if fingerprints(set_path(tiny_data, "roles.judge.model", "sl"))[s] != base[s]
+    } == {"evaluate"}
 
     # evaluate.prompts[].path: the same file at two paths is one source
     extra = {"kind": "jsonl", "path": str(first), "kind_label": "column"}
