@@ -114,11 +114,14 @@ def complete_sentences(text: str) -> str | None:
     return text[: ends[-1].end()].rstrip() if ends else None
 
 
-def finish_cut_off(engine: GenerationEngine, texts: list[str], sampling: Sampling) -> list[str | None]:
+def finish_cut_off(
+    engine: GenerationEngine, texts: list[str], sampling: Sampling, drop: bool = True
+) -> list[str | None]:
     """Each text, cut back to its last full sentence when it filled `sampling.max_new_tokens`.
 
     None marks a cut-off text with no complete sentence. Texts that ended on their own (EOS) are
-    kept whole, whatever their last character. Token counts are the text's re-encoding, which
+    kept whole, whatever their last character; with `drop` False a cut-off text with no complete
+    sentence is kept whole too. Token counts are the text's re-encoding, which
     is within a token or two of what was generated; one token of slack covers that. An endpoint
     engine (no tokenizer here) keeps every text whole.
     """
@@ -127,7 +130,8 @@ def finish_cut_off(engine: GenerationEngine, texts: list[str], sampling: Samplin
     if getattr(engine, "tokenizer", None) is None:  # an endpoint: no token counts here, texts kept whole
         return list(texts)
     counts = [len(ids) for ids in engine.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-    return [complete_sentences(t) if n >= sampling.max_new_tokens - 1 else t for t, n in zip(texts, counts)]
+    cut = [complete_sentences(t) if n >= sampling.max_new_tokens - 1 else t for t, n in zip(texts, counts)]
+    return cut if drop else [c if c is not None else t for c, t in zip(cut, texts)]
 
 
 def degenerate_reason(initial: str, revision: str, principle: Principle | None) -> str | None:
@@ -158,6 +162,7 @@ def run_rows(
     seed: int,
     answer_benign: bool = True,
     principle_prompt: bool = False,
+    drop_cut_off: bool = True,
 ) -> list[dict[str, Any]]:
     """Answer, critique and revise a batch of prompt rows; returns records matching SCHEMA.
 
@@ -241,7 +246,7 @@ def run_rows(
     finished = {}
     for budget in {id(b): b for b in budgets.values()}.values():
         ids = [pid for pid, b in budgets.items() if b is budget]
-        finished.update(zip(ids, finish_cut_off(engine, [targets[i] for i in ids], budget)))
+        finished.update(zip(ids, finish_cut_off(engine, [targets[i] for i in ids], budget, drop_cut_off)))
     records = []
     for r in rows:
         st = state.get(r["prompt_id"])
@@ -291,6 +296,7 @@ def distill_rows(
     samples: int = 1,
     prefer_refusals: bool = False,
     answer_benign: bool = True,
+    drop_cut_off: bool = True,
 ) -> list[dict[str, Any]]:
     """Context distillation: answer red-team prompts under the constitution as a system prompt.
 
@@ -325,7 +331,7 @@ def distill_rows(
     # (text, drop reason) of each sample: cut back to full sentences, or dropped as cut off
     judged = [
         (fin, degenerate_reason("", fin, None)) if fin is not None else (raw, "answer-cut-off")
-        for raw, fin in zip(answers, finish_cut_off(engine, answers, sampling))
+        for raw, fin in zip(answers, finish_cut_off(engine, answers, sampling, drop_cut_off))
     ]
     kept: dict[str, tuple[str, str | None]] = {}
     for i, r in enumerate(red):
@@ -336,7 +342,7 @@ def distill_rows(
             kept[r["prompt_id"]] = (refusing[0], None)
         else:
             kept[r["prompt_id"]] = (usable[0], None) if usable else options[0]
-    for r, raw, fin in zip(benign, plain, finish_cut_off(engine, plain, sampling)):
+    for r, raw, fin in zip(benign, plain, finish_cut_off(engine, plain, sampling, drop_cut_off)):
         reason = "empty-answer" if not raw.strip() else None if fin else "answer-cut-off"
         kept[r["prompt_id"]] = (fin if fin is not None else raw, reason)
     records = []

@@ -200,6 +200,12 @@ class GenerationConfig(Section):
 
 
 class CritiqueRevisionConfig(Section):
+    drop_cut_off: bool = Field(
+        True,
+        description="An SFT target that used its whole token budget is cut back to its last complete "
+        "sentence; true: one with no complete sentence is dropped ('revision-cut-off' / 'answer-cut-off'); "
+        "false: kept whole (for random-weight test models, which never end a sentence).",
+    )
     method: Literal["critique_revision", "context_distillation"] = Field(
         "critique_revision",
         description="'critique_revision': answer, critique under a principle, revise (the paper's loop, for "

@@ -117,6 +117,7 @@ class CritiqueRows:
                 samples=c.samples_per_prompt,
                 prefer_refusals=c.prefer_refusals,
                 answer_benign=c.answer_benign,
+                drop_cut_off=c.drop_cut_off,
             )
         return run_rows(
             self.engine,
@@ -128,6 +129,7 @@ class CritiqueRows:
             seed=cfg.run.seed,
             answer_benign=c.answer_benign,
             principle_prompt=c.principle_system_prompt,
+            drop_cut_off=c.drop_cut_off,
         )
 
     def metrics(self) -> dict[str, Any]:

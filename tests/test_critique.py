@@ -246,6 +246,21 @@ def test_cut_off_targets_are_cut_back_to_a_sentence_or_dropped(constitution):
         seed=0,
     )
     assert loop[0]["drop_reason"] == "revision-cut-off" and loop[0]["revision"] == rambling
+    kept_whole = run_rows(
+        ScriptedEngine(lambda c, i: rambling),
+        constitution,
+        ROWS[:1],
+        rounds=1,
+        few_shot=0,
+        sampler=Sampler(s, s, s),
+        seed=0,
+        drop_cut_off=False,  # the tiny preset's random model never ends a sentence
+    )
+    # not dropped as cut off (only as a copy of the scripted answer, which it is here)
+    assert (
+        kept_whole[0]["drop_reason"] == "revision-identical-to-answer"
+        and kept_whole[0]["revision"] == rambling
+    )
     kept = run_rows(
         ScriptedEngine(lambda c, i: full),
         constitution,
