@@ -10,6 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The test Ray cluster (tests/ray_cluster.py) is one node: Ray then uses 127.0.0.1 for every address
+# (its GCS, raylet and workers), instead of the machine's own network address. Read when ray is
+# imported, so it is set before any test imports it; the head node inherits it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest
 
