@@ -334,17 +334,23 @@ def add_executor_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_config_options(
+    parser: argparse.ArgumentParser,
+    example: str = "configs/demo.yaml",
+    set_help: str = "override a config value (repeatable)",
+) -> None:
+    """--config, --storage and --set: how every command that reads a preset is pointed at one."""
+    parser.add_argument("--config", required=True, help=f"YAML preset, e.g. {example}")
+    parser.add_argument("--storage", help="artifact root (overrides run.storage)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="caiflow", description="Constitutional AI pipeline on Prefect.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline on a config preset")
-    run.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
-    run.add_argument("--storage", help="artifact root (overrides run.storage)")
-    run.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set generation.batch_size=8 (repeatable)",
+    add_config_options(
+        run, set_help="override a config value, e.g. --set generation.batch_size=8 (repeatable)"
     )
     run.add_argument(
         "--until",
@@ -355,21 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_executor_options(run)
     run.set_defaults(func=cmd_run)
     cmp = sub.add_parser("compare", help="run the constitution and its inverted control, report side by side")
-    cmp.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
-    cmp.add_argument("--storage", help="artifact root (overrides run.storage)")
-    cmp.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)"
-    )
+    add_config_options(cmp)
     add_executor_options(cmp)
     cmp.set_defaults(func=cmd_compare)
     status = sub.add_parser(
         "status", help="which steps the store has for a config, and why the others would run"
     )
-    status.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
-    status.add_argument("--storage", help="artifact root (overrides run.storage)")
-    status.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)"
-    )
+    add_config_options(status)
     status.set_defaults(func=cmd_status)
     gc = sub.add_parser("gc", help="remove artifacts that no kept run record refers to")
     gc.add_argument("--storage", help="artifact root (default: storage)")
@@ -384,11 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory = sub.add_parser(
         "memory", help="per step: models held at once and estimated peak GPU memory (nothing loaded)"
     )
-    memory.add_argument("--config", required=True, help="YAML preset, e.g. configs/7b-qlora.yaml")
-    memory.add_argument("--storage", help="artifact root (overrides run.storage)")
-    memory.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)"
-    )
+    add_config_options(memory, "configs/7b-qlora.yaml")
     memory.add_argument(
         "--gpu-gib", type=float, help="compare against this much GPU memory (default: the visible GPU)"
     )

@@ -8,11 +8,20 @@ optimisation.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from caiflow.sections import Section, by_content, not_fingerprinted
+
+
+def gradient_checkpointing_field() -> Any:
+    """The same setting in every training section: not fingerprinted, it changes memory, not results."""
+    return not_fingerprinted(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of keeping them: "
+        "much less memory for ~30% more compute; the same update (what `caiflow memory` counts).",
+    )
 
 
 class LoraSettings(Section):
@@ -76,11 +85,7 @@ class SFTConfig(Section):
         "matrix products where the hardware has bf16 (Ampere+ GPUs, CPUs with AVX512-BF16/AMX); stops with "
         "an error where it does not. Changes the numbers, so it is fingerprinted.",
     )
-    gradient_checkpointing: bool = not_fingerprinted(
-        False,
-        description="Recompute each layer's activations in the backward pass instead of keeping them: "
-        "much less memory for ~30% more compute; the same update (what `caiflow memory` counts).",
-    )
+    gradient_checkpointing: bool = gradient_checkpointing_field()
     save_steps: int = not_fingerprinted(
         50, ge=1, description="Checkpoint every this many steps (resume point after a crash)."
     )
@@ -142,11 +147,7 @@ class RewardModelConfig(Section):
     eval_fraction: float = Field(
         0.2, ge=0.0, lt=1.0, description="Share of pairs held out for accuracy and calibration."
     )
-    gradient_checkpointing: bool = not_fingerprinted(
-        False,
-        description="Recompute each layer's activations in the backward pass instead of keeping them: "
-        "much less memory for ~30% more compute; the same update (what `caiflow memory` counts).",
-    )
+    gradient_checkpointing: bool = gradient_checkpointing_field()
     save_steps: int = not_fingerprinted(50, ge=1, description="Checkpoint every this many steps.")
     logging_steps: int = not_fingerprinted(
         10, ge=1, description="Log training metrics every this many steps."
@@ -203,11 +204,7 @@ class RLConfig(Section):
     scoring_batch_size: int = not_fingerprinted(
         8, ge=1, description="Completions the reward model scores per forward pass."
     )
-    gradient_checkpointing: bool = not_fingerprinted(
-        False,
-        description="Recompute each layer's activations in the backward pass instead of keeping them: "
-        "much less memory for ~30% more compute; the same update (what `caiflow memory` counts).",
-    )
+    gradient_checkpointing: bool = gradient_checkpointing_field()
     bf16_autocast: bool = Field(
         False,
         description="Train under bfloat16 autocast (weights and optimiser state stay in model.dtype): faster "
