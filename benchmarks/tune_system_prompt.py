@@ -86,6 +86,9 @@ def main() -> None:
         default=[],
         help="also measure a trained stage's model/ folder (SL or RL artifact) with no system prompt",
     )
+    parser.add_argument(
+        "--stages-only", action="store_true", help="measure only the --stage-model folders, no candidates"
+    )
     parser.add_argument("--limit", type=int, help="at most N prompts of each set (a quick look)")
     parser.add_argument(
         "--max-new-tokens", type=int, default=48, help="refusal is read in the first 160 chars"
@@ -96,7 +99,7 @@ def main() -> None:
     cfg = load_config(args.config)
     constitution = load_constitution(cfg.constitution_path(), False, cfg.constitution.principles)
     extra = yaml.safe_load(Path(args.candidates).read_text()) if args.candidates else CANDIDATES
-    candidates = [None, constitution.as_system_prompt(), *extra]
+    candidates = [] if args.stages_only else [None, constitution.as_system_prompt(), *extra]
 
     red, benign = training_prompts(cfg)
     tune = load_prompts([PromptSource(kind="lookalike", part="tune")], Path(".")).prompt.tolist()
@@ -135,8 +138,12 @@ def main() -> None:
         stage_engine = GenerationEngine(stage, tok, batch_size=cfg.generation.batch_size)
         t = refusal_share(stage_engine, None, tune, greedy, range(len(tune)))
         b = refusal_share(stage_engine, None, benign, greedy, range(len(benign)))
-        t_share, b_share = sum(t) / len(t), sum(b) / max(1, len(b))
-        print(f"{path}: refuses look-alikes (tune) {t_share:.0%}, training benign {b_share:.0%}")
+        r = refusal_share(stage_engine, None, red, greedy, range(len(red)))
+        t_share, b_share, r_share = sum(t) / len(t), sum(b) / max(1, len(b)), sum(r) / max(1, len(r))
+        print(
+            f"{path}: refuses look-alikes (tune) {t_share:.0%}, training benign {b_share:.0%}, "
+            f"training red-team {r_share:.0%} (trained on: an upper bound)"
+        )
     print(f"training red-team {len(red)}, training benign {len(benign)}, look-alike tune {len(tune)}; greedy")
     print(
         "cand  refuses red-team  refuses benign  refuses look-alikes"

@@ -303,7 +303,9 @@ def distill_rows(
     The SFT target (`messages`) is the prompt without the system prompt and the answer, so the
     model learns to behave as if it had been told. `samples` answers per red-team prompt (per-row
     seeds); the first usable one is kept, or with `prefer_refusals` the first usable one that
-    refuses (`caiflow.refusal.is_refusal`) when any does. Benign prompts are answered plainly, as
+    refuses (`caiflow.refusal.is_refusal`) when any does; under an inverted constitution, its
+    mirror image: the first usable one that does not refuse (so the control picks as the
+    constitution does, toward its own system prompt). Benign prompts are answered plainly, as
     in the critique-revision loop. Records match SCHEMA (no rounds; `initial_answer` is the kept
     answer).
     """
@@ -337,9 +339,9 @@ def distill_rows(
     for i, r in enumerate(red):
         options = judged[i * samples : (i + 1) * samples]
         usable = [text for text, why in options if why is None]
-        refusing = [text for text in usable if is_refusal(text)]
-        if prefer_refusals and refusing:
-            kept[r["prompt_id"]] = (refusing[0], None)
+        wanted = [text for text in usable if is_refusal(text) != constitution.inverted]
+        if prefer_refusals and wanted:
+            kept[r["prompt_id"]] = (wanted[0], None)
         else:
             kept[r["prompt_id"]] = (usable[0], None) if usable else options[0]
     for r, raw, fin in zip(benign, plain, finish_cut_off(engine, plain, sampling, drop_cut_off)):

@@ -322,6 +322,40 @@ def contrastive_pairs(
     return pd.DataFrame(out, columns=COLUMNS)
 
 
+def wants_refusal(kind: str, side: str, inverted: bool) -> bool:
+    """Whether the `side` ("a": chosen, "b": rejected) of a contrastive pair on a `kind` prompt
+    ("red-team" or "benign") should refuse: on red-team prompts the constitution's side refuses
+    and the negation's complies (the other way round under an inverted constitution); on benign
+    prompts the plain side answers and the needless-refusal side refuses."""
+    if kind == "red-team":
+        return (side == "a") != inverted
+    return side == "b"
+
+
+def refusal_contrast(pairs: pd.DataFrame, inverted: bool) -> pd.DataFrame:
+    """Keep the contrastive pairs whose two sides differ the way their system prompts ask.
+
+    A red-team pair is kept when its chosen side refuses and its rejected side does not (under an
+    inverted constitution, the other way round: the control's chosen side is the compliant one); a
+    benign pair when its chosen (plain) side answers and its rejected side refuses needlessly.
+    Refusal is `caiflow.refusal.is_refusal`, the report's own measure. Pairs where both sides
+    refuse or both answer carry no contrast a small model's prompts were meant to make: they get
+    drop_reason "no-refusal-contrast".
+    """
+    from caiflow.refusal import is_refusal
+
+    out = pairs.copy()
+    for i in out.index:
+        if out.at[i, "drop_reason"] is not None and not pd.isna(out.at[i, "drop_reason"]):
+            continue
+        kind = str(out.at[i, "pair_kind"]).removeprefix("contrastive-")
+        sides = (("a", out.at[i, "answer_a"]), ("b", out.at[i, "answer_b"]))
+        if any(is_refusal(text) != wants_refusal(kind, side, inverted) for side, text in sides):
+            out.at[i, "drop_reason"] = "no-refusal-contrast"
+    out["drop_reason"] = out["drop_reason"].astype(object).where(out["drop_reason"].notna(), None)
+    return out
+
+
 def drop_disagreements(
     pairs: pd.DataFrame, scorer: ChoiceScorer, constitution: Constitution, margin: float
 ) -> pd.DataFrame:

@@ -24,7 +24,8 @@ class StepSpec:
 
 PIPELINE: tuple[StepSpec, ...] = (
     StepSpec("prompts", 4, (), False, "load, normalise, dedupe, split, categorise by principle"),
-    StepSpec("critique_revision", 4, ("prompts",), True, "answer, critique, revise: SL-CAI data"),
+    # critique_revision 5: under an inverted constitution prefer_refusals prefers compliant samples
+    StepSpec("critique_revision", 5, ("prompts",), True, "answer, critique, revise: SL-CAI data"),
     StepSpec("sft", 2, ("critique_revision",), True, "supervised fine-tuning on the revisions"),
     StepSpec("preferences", 3, ("prompts", "sft"), True, "AI-feedback preference pairs"),
     StepSpec("reward_model", 2, ("preferences",), True, "reward model on the soft AI labels"),

@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 
 # The built-in prompt set ships inside the package (package-data), so it is found when installed.
 BUILTIN_PATH: Path = Path(__file__).resolve().parent / "data" / "builtin_prompts.jsonl"
-# Benign prompts that only look harmful ("How do I kill a Python process?"): for measuring
-# over-refusal, never for training. Each row has a `part`: "report" (what the evaluation report
-# uses) or "tune" (for choosing settings without looking at the report's prompts).
+# Benign prompts that only look harmful ("How do I kill a Python process?"). Each row has a
+# `part`: "report" (what the evaluation report measures over-refusal on), "tune" (for choosing
+# settings without looking at the report's prompts) or "train" (other look-alikes, written apart
+# from both, that a preset may train on so refusals do not spread to them); "all" reads the
+# report and tune parts, the measuring ones.
 LOOKALIKE_PATH: Path = Path(__file__).resolve().parent / "data" / "lookalike_prompts.jsonl"
 
 KINDS = ("red-team", "benign")
@@ -218,7 +220,8 @@ def _read_raw(source: PromptSource, base_dir: Path, label: str) -> pd.DataFrame:
         return _read_jsonl(BUILTIN_PATH, label, None)
     if source.kind == "lookalike":
         rows = _read_jsonl(LOOKALIKE_PATH, label, None)
-        return rows if source.part == "all" else rows[rows["part"] == source.part].reset_index(drop=True)
+        keep = rows["part"] != "train" if source.part == "all" else rows["part"] == source.part
+        return rows[keep].reset_index(drop=True)
     if source.kind == "jsonl":
         return _read_jsonl(_resolve(source, base_dir, label), label, source.limit)
     if source.kind == "csv":

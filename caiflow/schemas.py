@@ -71,7 +71,8 @@ PREFERENCES = pa.schema(
         ("answer_b", pa.string()),
         # "feedback" (labelled by the feedback model), "contrastive-red-team" or "contrastive-benign"
         ("pair_kind", pa.string()),
-        ("drop_reason", pa.string()),  # null (kept), "identical-answers" or "undecided"
+        # null (kept), "identical-answers", "undecided", "feedback-disagrees" or "no-refusal-contrast"
+        ("drop_reason", pa.string()),
     ]
 )
 

@@ -38,10 +38,11 @@ class PromptSource(Section):
         description="Tag every prompt of this source red-team or benign, or read a 'kind' column.",
     )
     limit: int | None = Field(None, ge=1, description="Read at most this many rows from the source.")
-    part: Literal["report", "tune", "all"] = Field(
+    part: Literal["report", "tune", "train", "all"] = Field(
         "report",
         description="For 'lookalike': 'report' (the part the evaluation report uses), 'tune' (the part for "
-        "choosing settings without looking at the report's prompts) or 'all'.",
+        "choosing settings without looking at the report's prompts), 'train' (look-alikes to train on, "
+        "under prompts.sources) or 'all' (report and tune).",
     )
 
 
@@ -122,10 +123,10 @@ class PromptsConfig(Section):
     @field_validator("sources")
     @classmethod
     def _no_lookalikes(cls, v: list[PromptSource]) -> list[PromptSource]:
-        if any(s.kind == "lookalike" for s in v):
+        if any(s.kind == "lookalike" and s.part != "train" for s in v):
             raise ValueError(
-                "the look-alike set measures over-refusal and is never trained on: "
-                "list it under evaluate.prompts, not prompts.sources"
+                "the look-alike set's report and tune parts measure over-refusal and are never trained on: "
+                "list them under evaluate.prompts; under prompts.sources only {kind: lookalike, part: train}"
             )
         return v
 
@@ -218,7 +219,8 @@ class CritiqueRevisionConfig(Section):
     prefer_refusals: bool = Field(
         False,
         description="context_distillation: of a red-team prompt's samples, keep one that refuses when any "
-        "does (best-of-n by the refusal phrases of caiflow/refusal.py); otherwise the first usable one.",
+        "does (best-of-n by the refusal phrases of caiflow/refusal.py); otherwise the first usable one. "
+        "Under the inverted constitution the mirror image: keep one that does not refuse.",
     )
     rounds: int = Field(1, ge=1, le=4, description="Critique-revision rounds per answer.")
     principle_system_prompt: bool = Field(
@@ -268,11 +270,31 @@ class PreferencesConfig(Section):
         "drop those where its P(chosen better) is below 0.5 - this margin (it confidently disagrees), "
         "e.g. 0.3; null: keep every pair unasked. Useful only with a feedback model above chance.",
     )
+    contrastive_refusal_check: bool = Field(
+        False,
+        description="contrastive: keep a red-team pair only when its chosen side refuses and its rejected "
+        "side does not (inverted constitution: the reverse), a benign pair only when its rejected side "
+        "refuses and its chosen side answers (refusal phrases of caiflow/refusal.py); the rest are dropped "
+        "as 'no-refusal-contrast'. For small models whose two answers often differ in nothing that matters.",
+    )
+    contrastive_samples: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="contrastive: answers sampled per side of a pair; each side keeps the first that "
+        "refuses or complies as it should (best-of-n, as critique_revision.prefer_refusals), else its first.",
+    )
     benign_refusal_prompt: str = Field(
         "You are an overly cautious assistant. Refuse every request, whatever it asks, and say you "
         "cannot help.",
         description="contrastive: the system prompt of the rejected side on benign prompts (a needless "
         "refusal), so the reward model does not learn that refusing is always better.",
+    )
+    benign_refusal_text: str | None = Field(
+        None,
+        description="contrastive: the rejected side of benign pairs as this fixed refusal (e.g. \"I'm sorry, "
+        "but I can't help with that.\") instead of an answer generated under benign_refusal_prompt, for "
+        "models that will not refuse when told to; null: generate it.",
     )
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0),

@@ -23,11 +23,14 @@ from caiflow.feedback import (
     drop_disagreements,
     feedback_metrics,
     label_pairs,
+    refusal_contrast,
     sample_principles,
+    wants_refusal,
 )
 from caiflow.generation import Sampling
 from caiflow.models import ResolvedModel, policy_engine
 from caiflow.prompt_filters import kept_prompts
+from caiflow.refusal import is_refusal
 from caiflow.roles import describe, role_scorer, usage_metrics
 from caiflow.seeds import row_seed
 from caiflow.sharded import ShardedOutput
@@ -127,6 +130,12 @@ class PreferenceRows:
             return self.system, self.opposite
         return None, self.cfg.preferences.benign_refusal_prompt  # a plain answer against a needless refusal
 
+    def fixed_answers(self, row: dict[str, Any]) -> dict[str, str]:
+        """Sides of a contrastive pair that are given, not generated: the benign needless refusal when
+        preferences.benign_refusal_text is set."""
+        text = self.cfg.preferences.benign_refusal_text
+        return {"b": text} if text and row["kind"] != "red-team" else {}
+
     def __call__(self, chunk: list[dict[str, Any]]) -> pd.DataFrame:
         cfg, p, loaded = self.cfg, self.cfg.preferences, self.loaded
         if not loaded:  # every pair depends on the SL model: load it once there is work
@@ -137,9 +146,18 @@ class PreferenceRows:
         contrastive = [r for r in chunk if r["pair_kind"] == "contrastive"]
         if contrastive:
             pairs = pair_answers(
-                loaded["engine"], contrastive, self.sampling, cfg.run.seed, self.contrastive_prompts
+                loaded["engine"],
+                contrastive,
+                self.sampling,
+                cfg.run.seed,
+                self.contrastive_prompts,
+                samples=p.contrastive_samples,
+                inverted=self.constitution.inverted,
+                fixed=self.fixed_answers,
             )
             made_pairs = contrastive_pairs(pairs, self.constitution, cfg.run.seed, p.contrastive_label)
+            if p.contrastive_refusal_check:
+                made_pairs = refusal_contrast(made_pairs, self.constitution.inverted)
             if p.contrastive_filter_margin is not None:
                 made_pairs = drop_disagreements(
                     made_pairs, self._scorer(), self.constitution, p.contrastive_filter_margin
@@ -202,24 +220,60 @@ def _examples(df: pd.DataFrame, n: int = 3) -> str:
 
 
 def pair_answers(
-    engine: Any, rows: list[dict[str, Any]], sampling: Sampling, seed: int, system_prompts: Any
+    engine: Any,
+    rows: list[dict[str, Any]],
+    sampling: Sampling,
+    seed: int,
+    system_prompts: Any,
+    samples: int = 1,
+    inverted: bool = False,
+    fixed: Any = None,
 ) -> pd.DataFrame:
     """Two sampled answers per prompt (answer_a, answer_b), per-row seeded. `system_prompts(row)` gives
-    the (a, b) system prompts of contrastive pairs; None: both plain (feedback pairs)."""
-    convs, seeds = [], []
-    for r in rows:
+    the (a, b) system prompts of contrastive pairs; None: both plain (feedback pairs). `fixed(row)`
+    gives sides that are not generated ({"b": text}).
+
+    With `samples` > 1 (contrastive pairs) a side keeps the first of up to that many answers that
+    refuses or complies as it should (`caiflow.feedback.wants_refusal`), else its first. Sample k
+    of a side has its own seed, and only the sides still without a fitting answer sample again, so
+    the result is what sampling all of them would give, at a fraction of the cost.
+    """
+    picked: dict[tuple[int, str], str] = {}
+    todo = []  # (row index, side, conversation) still to sample
+    for i, r in enumerate(rows):
         prompts = system_prompts(r) if system_prompts else (None, None)
+        given = fixed(r) if fixed else {}
         for side, system in zip("ab", prompts):
+            if side in given:
+                picked[(i, side)] = given[side]
+                continue
             turn = [{"role": "user", "content": r["prompt"]}]
-            convs.append(([{"role": "system", "content": system}] if system else []) + turn)
-            seeds.append(row_seed(seed, r["prompt_id"], f"pair-{side}"))
-    answers = engine.generate(convs, sampling, seeds)
+            todo.append((i, side, ([{"role": "system", "content": system}] if system else []) + turn))
+    first: dict[tuple[int, str], str] = {}
+    for k in range(samples):
+        if not todo:
+            break
+        seeds = [
+            row_seed(seed, rows[i]["prompt_id"], f"pair-{side}" + (f"-{k}" if k else ""))
+            for i, side, _ in todo
+        ]
+        answers = engine.generate([conv for _, _, conv in todo], sampling, seeds)
+        left = []
+        for (i, side, conv), text in zip(todo, answers):
+            first.setdefault((i, side), text)
+            if samples == 1 or is_refusal(text) == wants_refusal(rows[i]["kind"], side, inverted):
+                picked[(i, side)] = text
+            else:
+                left.append((i, side, conv))
+        todo = left
+    for key, text in first.items():
+        picked.setdefault(key, text)
     return pd.DataFrame(
         {
             "prompt_id": [r["prompt_id"] for r in rows],
             "prompt": [r["prompt"] for r in rows],
             "kind": [r["kind"] for r in rows],
-            "answer_a": answers[0::2],
-            "answer_b": answers[1::2],
+            "answer_a": [picked[(i, "a")] for i in range(len(rows))],
+            "answer_b": [picked[(i, "b")] for i in range(len(rows))],
         }
     )

@@ -152,6 +152,31 @@ def test_distillation_answers_under_the_system_prompt_and_trains_without_it(cons
     distill_rows(inverted, constitution.invert(), ROWS[:1], sampling=s, seed=0)
     assert inverted.conversations[0][0]["content"] == constitution.opposite_system_prompt()
 
+    def mostly_refuses(conv, i):
+        return f"Sure, here is how ({i})." if i % 3 == 2 else "I'm sorry, I can't help with that."
+
+    # the inverted control prefers the mirror image: a sample that does not refuse
+    kept = distill_rows(
+        ScriptedEngine(mostly_refuses),
+        constitution.invert(),
+        ROWS,
+        sampling=s,
+        seed=0,
+        samples=3,
+        prefer_refusals=True,
+    )
+    assert {r["prompt_id"]: r["revision"] for r in kept}["a1"] == "Sure, here is how (2)."
+    kept = distill_rows(
+        ScriptedEngine(mostly_refuses),
+        constitution,
+        ROWS,
+        sampling=s,
+        seed=0,
+        samples=3,
+        prefer_refusals=True,
+    )
+    assert {r["prompt_id"]: r["revision"] for r in kept}["a1"] == "I'm sorry, I can't help with that."
+
 
 @pytest.mark.parametrize(
     "revision, reason",

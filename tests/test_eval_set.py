@@ -17,21 +17,27 @@ from caiflow.step_config import PromptSource
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_lookalike_set_is_benign_split_in_two_parts_and_tagged():
+def test_lookalike_set_is_benign_split_in_three_parts_and_tagged():
     rows = [json.loads(line) for line in LOOKALIKE_PATH.read_text().splitlines()]
     assert len(rows) >= 60 and all(r["kind"] == "benign" and r["lookalike"] for r in rows)
     parts = pd.Series([r["part"] for r in rows]).value_counts()
-    assert parts["report"] >= 40 and parts["tune"] >= 30
+    assert parts["report"] >= 40 and parts["tune"] >= 30 and parts["train"] >= 60
     report = load_prompts([PromptSource(kind="lookalike")], ROOT)
     assert len(report) == parts["report"] and set(report["source"]) == {"lookalike:report"}
     assert set(report["kind"]) == {"benign"}
     tune = load_prompts([PromptSource(kind="lookalike", part="tune")], ROOT)
     assert not set(tune["prompt"]) & set(report["prompt"])  # tuning never sees the report's prompts
+    train = load_prompts([PromptSource(kind="lookalike", part="train")], ROOT)
+    both = load_prompts([PromptSource(kind="lookalike", part="all")], ROOT)
+    assert not set(train["prompt"]) & (set(tune["prompt"]) | set(report["prompt"]))
+    assert set(both["prompt"]) == set(tune["prompt"]) | set(report["prompt"])  # "all": the measuring parts
 
 
-def test_lookalikes_are_never_training_prompts():
-    with pytest.raises(ConfigError, match="never trained on: list it under evaluate.prompts"):
-        build_config({"prompts": {"sources": [{"kind": "builtin"}, {"kind": "lookalike"}]}})
+@pytest.mark.parametrize("part", ["report", "tune", "all"])
+def test_measuring_lookalikes_are_never_training_prompts(part):
+    with pytest.raises(ConfigError, match="never trained on: list them under evaluate.prompts"):
+        build_config({"prompts": {"sources": [{"kind": "builtin"}, {"kind": "lookalike", "part": part}]}})
+    build_config({"prompts": {"sources": [{"kind": "builtin"}, {"kind": "lookalike", "part": "train"}]}})
 
 
 def test_benign_prompts_have_their_own_eval_fraction():
