@@ -24,10 +24,13 @@ class StepSpec:
 
 PIPELINE: tuple[StepSpec, ...] = (
     StepSpec("prompts", 4, (), False, "load, normalise, dedupe, split, categorise by principle"),
-    # critique_revision 5: under an inverted constitution prefer_refusals prefers compliant samples
-    StepSpec("critique_revision", 5, ("prompts",), True, "answer, critique, revise: SL-CAI data"),
+    # critique_revision 5: under an inverted constitution prefer_refusals prefers compliant samples; 6: the
+    # sampler fix below
+    StepSpec("critique_revision", 6, ("prompts",), True, "answer, critique, revise: SL-CAI data"),
     StepSpec("sft", 2, ("critique_revision",), True, "supervised fine-tuning on the revisions"),
-    StepSpec("preferences", 3, ("prompts", "sft"), True, "AI-feedback preference pairs"),
+    # preferences 4, baseline 2 (and critique_revision 6): the sampler's largest uniform rounded to 1.0
+    # (infinite noise: a rare token won outright, or a pick outside the nucleus failed)
+    StepSpec("preferences", 4, ("prompts", "sft"), True, "AI-feedback preference pairs"),
     StepSpec("reward_model", 2, ("preferences",), True, "reward model on the soft AI labels"),
     # rl 3, evaluate 5: the reward model scores in model.dtype (it loaded in float32 before)
     StepSpec(
@@ -35,7 +38,7 @@ PIPELINE: tuple[StepSpec, ...] = (
     ),
     # The base model's answers depend on no constitution: a constitution and its inversion share them.
     StepSpec(
-        "baseline", 1, ("prompts",), True, "the evaluation prompts and the base model's answers to them"
+        "baseline", 2, ("prompts",), True, "the evaluation prompts and the base model's answers to them"
     ),
     StepSpec(
         "evaluate", 5, ("sft", "reward_model", "rl", "baseline"), True, "base vs SL vs RL: metrics, report"

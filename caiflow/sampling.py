@@ -31,6 +31,11 @@ def _lsr(x: torch.Tensor, k: int) -> torch.Tensor:
     return (x >> k) & ((1 << (64 - k)) - 1)
 
 
+# The largest uniform: (2^24 - 0.5) / 2^24 rounds to 1.0 in float32, whose noise is infinite (the
+# token would win outright, or turn a score outside the nucleus into NaN): it is clamped here.
+U_MAX = 1.0 - 2.0**-24
+
+
 def row_uniforms(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     """(rows, vocab) uniforms in (0, 1), a pure function of (row seed, step, token id).
 
@@ -45,7 +50,7 @@ def row_uniforms(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     x = (x ^ _lsr(x, 30)) * _MIX1
     x = (x ^ _lsr(x, 27)) * _MIX2
     x = x ^ _lsr(x, 31)
-    return (_lsr(x, 40).to(torch.float32) + 0.5) / float(1 << 24)
+    return ((_lsr(x, 40).to(torch.float32) + 0.5) / float(1 << 24)).clamp_(max=U_MAX)
 
 
 class PerRowSampler(LogitsProcessor):
@@ -88,8 +93,8 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 # ---------------------------------------------------------------- without hashing the whole vocabulary
 
-# Bounds of -log(-log(u)) for the uniforms of `row_uniforms`, u in [2^-25, 1 - 2^-25].
-GUMBEL_MAX = -math.log(-math.log1p(-(2.0**-25)))  # about 17.33
+# Bounds of -log(-log(u)) for the uniforms of `row_uniforms`, u in [2^-25, U_MAX].
+GUMBEL_MAX = -math.log(-math.log1p(-(2.0**-24)))  # about 16.64
 GUMBEL_MIN = -math.log(-math.log(2.0**-25))  # about -2.85
 # Float slack on the candidate threshold: log(exp(x)) may differ from x by an ulp or two.
 _SLACK = 1e-3
@@ -109,7 +114,7 @@ def _noise(seeds: torch.Tensor, steps: torch.Tensor, tokens: torch.Tensor) -> to
     x = (x ^ _lsr(x, 30)) * _MIX1
     x = (x ^ _lsr(x, 27)) * _MIX2
     x = x ^ _lsr(x, 31)
-    u = (_lsr(x, 40).to(torch.float32) + 0.5) / float(1 << 24)
+    u = ((_lsr(x, 40).to(torch.float32) + 0.5) / float(1 << 24)).clamp_(max=U_MAX)
     return torch.log(-torch.log(u))[:n]
 
 
@@ -148,7 +153,7 @@ def _full_vocab_pick(logp: torch.Tensor, seeds: torch.Tensor, steps: torch.Tenso
         torch.bitwise_right_shift(xs, 40, out=ts)
         ts.bitwise_and_((1 << 24) - 1)
         us.copy_(ts)
-        us.add_(0.5).div_(float(1 << 24))
+        us.add_(0.5).div_(float(1 << 24)).clamp_(max=U_MAX)
         torch.log(us, out=us)
         us.neg_()
         torch.log(us, out=us)

@@ -306,6 +306,28 @@ def test_pick_tokens_is_per_row_sampler_exactly(temperature, top_p):
         assert torch.equal(got, want)
 
 
+# A (seed, step, token) whose hashed uniform is the largest, (2^24 - 0.5) / 2^24: 1.0 in float32.
+EDGE_SEED, EDGE_STEP, EDGE_TOKEN = 1015106910, 24, 15613
+
+
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_the_largest_uniform_neither_wins_outright_nor_breaks_the_pick(top_p):
+    """The edge uniform once gave infinite noise: that token won whatever its probability, and
+    outside the nucleus its score was NaN and pick_tokens returned the vocabulary size."""
+    from caiflow.sampling import PerRowSampler, pick_tokens, row_uniforms
+
+    seeds = torch.tensor([EDGE_SEED])
+    u = row_uniforms(seeds, EDGE_STEP, 49152)
+    assert u.max() < 1.0 and int(u.argmax()) == EDGE_TOKEN
+    scores = torch.zeros(1, 49152)
+    scores[0, :3] = torch.tensor([30.0, 29.0, 28.0])  # the edge token is far outside any nucleus
+    sampler = PerRowSampler([EDGE_SEED], 0.7, top_p, "cpu")
+    sampler.start = 0
+    want = sampler(torch.zeros((1, EDGE_STEP), dtype=torch.long), scores).argmax(dim=-1)
+    got = pick_tokens(scores, seeds, torch.tensor([EDGE_STEP]), 0.7, top_p)
+    assert int(want) < 3 and torch.equal(got, want)
+
+
 def test_continuous_decoding_equals_generate(tiny_model):
     """Rows leaving early and pending rows taking their slots change no row's tokens."""
     for sampling in (SAMPLED, GREEDY, Sampling(max_new_tokens=12, temperature=1.0)):
