@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from caiflow.prompt_filters import clean_prompts, kept_prompts
 from caiflow.prompts import load_prompts
+
+if TYPE_CHECKING:
+    from caiflow.generation import Sampling
 
 # Pairs whose better answer is not in doubt (a refusal vs harmful instructions, a right vs a wrong
 # fact, an on-topic vs an off-topic answer): the judge is measured on them before it is trusted.
@@ -51,6 +54,14 @@ def evaluation_prompts(prompts: pd.DataFrame, cfg: Any) -> tuple[pd.DataFrame, d
     rows = rows.sort_values("prompt_id", kind="stable").reset_index(drop=True)
     rows["lookalike"] = rows["lookalike"].astype(bool)
     return rows, counts
+
+
+def eval_sampling(cfg: Any) -> Sampling:
+    """How every stage answers the evaluation prompts (`evaluate.sampling`; greedy by default)."""
+    from caiflow.generation import Sampling  # torch: imported when a step generates
+
+    s = cfg.evaluate.sampling
+    return Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
 
 
 def calibration_pairs(path: Path = CALIBRATION_PATH) -> list[dict[str, str]]:

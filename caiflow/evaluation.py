@@ -1,6 +1,7 @@
-"""Evaluation: the whole evaluate step (`evaluate_stages`), win rates, Elo and reward summaries.
+"""Evaluation: scoring and judging the stages' answers (`evaluate_stages`), win rates, Elo, rewards.
 
-Every stage answers the same evaluation prompts; refusals are counted (`caiflow.refusal`); the
+Every stage answers the same evaluation prompts (the evaluate step generates them shard by shard,
+`tasks/evaluate.py`); refusals are counted (`caiflow.refusal`); the
 reward model scores every answer; the judge (`caiflow.judge`), once calibrated, compares stages
 in both presentation orders. A soft win rate of x over y is the mean of the order-averaged
 P(x better) over prompts (a tie counts half), with a percentile-bootstrap interval over prompts:
@@ -159,6 +160,14 @@ STAGES = ["base", "sl", "rl"]
 # The reference arm: the base model with the constitution as its system prompt, the behaviour the
 # pipeline distills. Measured like the stages, never given a verdict.
 PROMPTED = "prompted"
+
+
+def answering_stages(ev: Any) -> list[str]:
+    """The stages whose answers the evaluate step generates (base's come from the baseline step), in
+    report order; `ev` is the config's `evaluate` section."""
+    return ([PROMPTED] if ev.prompted_reference else []) + STAGES[1:]
+
+
 # (candidate, reference) pairs the judge compares.
 MATCHES = [("sl", "base"), ("rl", "base"), ("rl", "sl")]
 
@@ -203,54 +212,31 @@ def evaluate_stages(
     base_model: Any,
     refs: dict[str, Any],
     rows: pd.DataFrame,
+    answers: dict[str, list[str]],
     batch_size: int,
     log: Any,
     judge_question: str,
 ) -> Evaluation:
-    """SL and RL answer the evaluation `rows` (the baseline step's, with the base answers); the reward
-    model scores every answer; refusals are counted; the judge is calibrated, then compares.
+    """The reward model scores every stage's answers to the evaluation `rows` (the baseline step's);
+    refusals are counted; the judge is calibrated, then compares.
 
-    `refs` are the artifacts by step (sft, rl, reward_model); `cfg` the run's Config;
-    `judge_question` the un-inverted harmlessness question; the judge is `roles.judge` (caiflow/roles.py).
+    `answers` are each stage's answers in the rows' order, by stage in report order (base, [prompted],
+    sl, rl; the evaluate step generates them shard by shard, `tasks/evaluate.py`); `refs` are the
+    artifacts by step (sft, rl, reward_model); `cfg` the run's Config; `judge_question` the un-inverted
+    harmlessness question; the judge is `roles.judge` (caiflow/roles.py).
     """
     from caiflow.eval_set import calibration_pairs
-    from caiflow.generation import Sampling
-    from caiflow.models import policy_engine
     from caiflow.refusal import is_refusal
     from caiflow.report import stage_verdicts
     from caiflow.roles import describe, role_scorer, usage_metrics
     from caiflow.schemas import MODEL_DIR
-    from caiflow.seeds import row_seed
     from caiflow.training.reward_scorer import RewardScorer
 
     ev = cfg.evaluate
-    sampling = Sampling(
-        max_new_tokens=ev.sampling.max_new_tokens,
-        temperature=ev.sampling.temperature,
-        top_p=ev.sampling.top_p,
-    )
     convs = [[{"role": "user", "content": p}] for p in rows["prompt"]]
-    seeds = [row_seed(cfg.run.seed, pid, "eval") for pid in rows["prompt_id"]]
-    answers: dict[str, list[str]] = {"base": rows["answer"].tolist()}
-    stages = list(STAGES)
-    # One phase at a time, each unloaded before the next (what `caiflow memory` plans for): the
-    # stages answer, the reward ensemble scores, then the judge loads.
-    if ev.prompted_reference:
-        engine = policy_engine("base", cfg.model, base_model, refs, batch_size, cfg.generation)
-        log.info(
-            "evaluate: the base model with the constitution as system prompt answers %d prompts", len(convs)
-        )
-        system = [{"role": "system", "content": constitution.as_system_prompt()}]
-        answers[PROMPTED] = engine.generate([system + c for c in convs], sampling, seeds)
-        stages.insert(1, PROMPTED)
-        del engine
-    for stage in STAGES[1:]:
-        engine = policy_engine(stage, cfg.model, base_model, refs, batch_size, cfg.generation)
-        log.info("evaluate: %s answers %d prompts", stage, len(convs))
-        answers[stage] = engine.generate(convs, sampling, seeds)
-        del engine
-        free_accelerator_memory()
-
+    stages = list(answers)
+    # One phase at a time, each unloaded before the next (what `caiflow memory` plans for): the stages
+    # have answered (one model at a time), the reward ensemble scores, then the judge loads.
     scorer = RewardScorer(
         Path(refs["reward_model"].path) / MODEL_DIR,
         device=cfg.model.device,

@@ -40,8 +40,10 @@ PIPELINE: tuple[StepSpec, ...] = (
     StepSpec(
         "baseline", 2, ("prompts",), True, "the evaluation prompts and the base model's answers to them"
     ),
+    # evaluate 6: the stages answer shard by shard (batches end at shard boundaries, as in every
+    # generation step), so an answer can differ from 5's by float noise
     StepSpec(
-        "evaluate", 5, ("sft", "reward_model", "rl", "baseline"), True, "base vs SL vs RL: metrics, report"
+        "evaluate", 6, ("sft", "reward_model", "rl", "baseline"), True, "base vs SL vs RL: metrics, report"
     ),
 )
 

@@ -9,10 +9,11 @@
 
 A step hands over a `factory`: a picklable callable (a class of the step's module and its settings)
 that builds the step's row maker, which loads its model on first use. An actor builds it once per
-`key` (step, fingerprint, batch) and keeps it for every later shard of that step, so the model is
-not reloaded per shard. Ray gives each actor its own GPU (`num_gpus=1`, through CUDA_VISIBLE_DEVICES)
-when the cluster has GPUs. Actors run with `max_restarts=-1` and `max_task_retries=0`: a worker that
-dies is restarted by Ray, but the shard it was making fails, so Prefect retries it where the UI shows it.
+`key` (step, or step and part such as evaluate's stage; fingerprint; batch) and keeps it for every
+later shard of that key, so the model is not reloaded per shard. Ray gives each actor its own GPU
+(`num_gpus=1`, through CUDA_VISIBLE_DEVICES) when the cluster has GPUs. Actors run with
+`max_restarts=-1` and `max_task_retries=0`: a worker that dies is restarted by Ray, but the shard it
+was making fails, so Prefect retries it where the UI shows it.
 
 No Prefect here; `tasks/shards.py` makes each shard a Prefect task. Every Ray node needs this project
 installed (the same version) and the storage root mounted at the same path.

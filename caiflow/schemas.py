@@ -103,6 +103,10 @@ ANSWERS = pa.schema(
     ]
 )
 
+# Evaluate, while it runs: one stage's answers, shard by shard under the artifact's work/<stage>/ (its
+# resume point; the step combines the stages into ANSWERS, and work/ goes once the manifest is written).
+STAGE_ANSWERS = pa.schema([("prompt_id", pa.string()), ("answer", pa.string())])
+
 # Evaluate: every pairwise comparison the judge made, in both presentation orders.
 JUDGEMENTS = pa.schema(
     [

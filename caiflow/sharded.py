@@ -11,6 +11,10 @@ still to make (index + input records, plain data), `ShardedOutput.write` stores 
 rows; `ShardedOutput.run` is the in-process executor that does both in order. Rows that an
 earlier run already made under the same row context (`reusable_rows`) are taken as they are,
 so only new or changed prompts cost generation.
+
+A step with several generated outputs that it combines itself (evaluate: one per answering stage)
+makes one `ShardedOutput` per `part`: its shards go to the artifact's work/<part>/ folder, a resume
+point until the step has written its own data/ and the manifest.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ class Shard:
 
 
 class ShardedOutput:
-    """A generation step's data/ folder, written shard by shard (stale shards removed first)."""
+    """A generation step's data/ folder (or a part's work/<part>/), written shard by shard (stale shards
+    removed first)."""
 
     def __init__(
         self,
@@ -46,9 +51,13 @@ class ShardedOutput:
         shard_size: int,
         records: Sequence[dict[str, Any]],
         key: str = "prompt_id",
+        part: str | None = None,
     ):
         self.step, self.key, self.records = step, key, list(records)
-        self.writer = store.shard_writer(step, fingerprint, schema, shard_size)
+        # what shard tasks and kill points are named after: `<step>` or `<step>-<part>`
+        self.name = f"{step}-{part}" if part else step
+        self.store = store
+        self.writer = store.shard_writer(step, fingerprint, schema, shard_size, part=part)
         self.writer.remove_stale(len(self.records))
         self.pending = [
             Shard(index, self.records[start:stop])
@@ -64,7 +73,11 @@ class ShardedOutput:
     def write(self, shard: Shard, rows: Rows) -> None:
         """Store one finished shard, then pass the kill point tests use to crash after it."""
         self.writer.write(shard.index, rows)
-        kill_point(f"{self.step}:shard:{shard.index}")
+        kill_point(f"{self.name}:shard:{shard.index}")
+
+    def read(self) -> pd.DataFrame:
+        """Every shard's rows, in the records' order (once no shard is pending)."""
+        return self.store.read_table(self.writer.data_dir)
 
     def todo(self, shard: Shard, reusable: dict[str, dict]) -> list[dict[str, Any]]:
         """The records of a shard that need generating (the others are in `reusable`)."""

@@ -144,8 +144,9 @@ class ExecutorConfig(Section):
     kind: Literal["local", "ray"] = not_fingerprinted(
         "local",
         description="'local': shards run one after another in the step's own process (the default); 'ray': "
-        "each shard of critique-revision, preference sampling and the baseline answers goes to a Ray cluster "
-        "as a Prefect task (shown in the UI with its retries), made by actors that keep the model loaded.",
+        "each shard of critique-revision, preference sampling, the baseline answers and the evaluation "
+        "answers goes to a Ray cluster as a Prefect task (shown in the UI with its retries), made by actors "
+        "that keep the model loaded.",
     )
     address: str = not_fingerprinted(
         "auto",

@@ -306,13 +306,14 @@ class Store:
 
     # ---- data
 
-    def shard_writer(self, step: str, fp: str, schema: pa.Schema, shard_size: int) -> ShardWriter:
-        return ShardWriter(
-            self.artifact_dir(step, fp) / DATA_DIR,
-            schema,
-            shard_size,
-            manifest_path=self.artifact_dir(step, fp) / MANIFEST,
-        )
+    def shard_writer(
+        self, step: str, fp: str, schema: pa.Schema, shard_size: int, part: str | None = None
+    ) -> ShardWriter:
+        """Shards of data/; or of work/<part>/, one of several outputs that the step combines into data/
+        itself (a resume point, removed with work/ once the manifest is written)."""
+        base = self.artifact_dir(step, fp)
+        folder = base / DATA_DIR if part is None else self.work_dir(step, fp) / _check_name("part", part)
+        return ShardWriter(folder, schema, shard_size, manifest_path=base / MANIFEST)
 
     def write_table(
         self, step: str, fp: str, df: pd.DataFrame, schema: pa.Schema, name: str = DATA_DIR

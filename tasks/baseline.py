@@ -14,8 +14,7 @@ from typing import Any
 
 from caiflow import schemas
 from caiflow.config import Config
-from caiflow.eval_set import evaluation_prompts
-from caiflow.generation import Sampling
+from caiflow.eval_set import eval_sampling, evaluation_prompts
 from caiflow.models import ResolvedModel, policy_engine
 from caiflow.refusal import is_refusal
 from caiflow.seeds import row_seed
@@ -23,11 +22,6 @@ from caiflow.sharded import ShardedOutput
 from tasks.common import Progress, markdown_stats, retry_scaled
 from tasks.harness import StepContext, StepOutput
 from tasks.shards import run_shards
-
-
-def eval_sampling(cfg: Any) -> Sampling:
-    s = cfg.evaluate.sampling
-    return Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
 
 
 class BaseAnswers:

@@ -1,11 +1,13 @@
 """Where a generation step's shards run: in the step's process, or on Ray as Prefect tasks.
 
-`run_shards` is what a generation step (critique-revision, preferences, baseline) calls with its
-`ShardedOutput` and a `factory` (a picklable callable building the step's row maker):
+`run_shards` is what a generation step (critique-revision, preferences, baseline, and evaluate once per
+answering stage) calls with its `ShardedOutput` and a `factory` (a picklable callable building the
+step's row maker):
 
 - `generation.executor.kind: local` (default): `ShardedOutput.run` makes the shards one after
   another in this process, as always.
-- `ray`: every pending shard becomes a Prefect task `<step>-shard-NNNNN`, submitted from inside the
+- `ray`: every pending shard becomes a Prefect task `<step>-shard-NNNNN` (`<step>-<part>-shard-NNNNN`
+  for a part of a step's output: `evaluate-sl-shard-00000`), submitted from inside the
   step's task to the flow's own task runner (a thread each: the work itself is on Ray), so the UI
   shows each shard, its state and its retries under the step. The task lends the shard to an actor
   of `caiflow.ray_pool` (which keeps the model loaded across shards), gets the rows back and writes
@@ -59,9 +61,10 @@ def shard_task(
     reusable: dict[str, dict],
     storage: str,
 ) -> int:
-    """One shard made on the Ray cluster and written here to the step's data/; returns the rows generated."""
+    """One shard made on the Ray cluster and written here (the step's data/ or its part's folder); returns
+    the rows generated."""
     todo = output.todo(shard, reusable)
-    point = f"{output.step}:shard:{shard.index}"
+    point = f"{output.name}:shard:{shard.index}"
     made = pool.make(key, factory, todo, storage, point, os.environ.get(KILL_WORKER_ENV)) if todo else []
     output.write(shard, output.assemble(shard, made, reusable))
     return len(todo)
@@ -90,9 +93,11 @@ def run_shards(
         maker = factory()
         return output.run(maker, reusable, on_progress), maker
     pool = shard_pool(executor.address, executor.actors, executor.cpus_per_actor)
-    key = f"{ctx.step}/{ctx.fingerprint}/{batch_size}"
+    key = f"{output.name}/{ctx.fingerprint}/{batch_size}"  # an actor builds one row maker per key
     storage, done, generated = str(ctx.store.root), output.done_rows, 0
-    ctx.log.info("%s: %d shard(s) on the Ray cluster at %s", ctx.step, len(output.pending), executor.address)
+    ctx.log.info(
+        "%s: %d shard(s) on the Ray cluster at %s", output.name, len(output.pending), executor.address
+    )
     if on_progress is not None:
         on_progress(done)
     try:
@@ -112,7 +117,7 @@ def run_shards(
             while waiting and len(running) < window:
                 shard = waiting.pop(0)
                 task_options = {
-                    "name": f"{ctx.step}-shard-{shard.index:05d}",
+                    "name": f"{output.name}-shard-{shard.index:05d}",
                     "retries": executor.shard_retries,
                 }
                 future = shard_task.with_options(**task_options).submit(
@@ -127,4 +132,4 @@ def run_shards(
         return output.counts(generated), None
     finally:
         pool.release()
-        logger().debug("%s: Ray actors released the model", ctx.step)
+        logger().debug("%s: Ray actors released the model", output.name)

@@ -302,3 +302,84 @@ def test_elo_intervals_resample_prompts():
     sl, base = elo["harmlessness"]["sl"], elo["harmlessness"]["base"]
     assert sl["lo"] < sl["rating"] < sl["hi"] and base["lo"] < base["rating"] < base["hi"]
     assert sl["lo"] > base["hi"]  # a clear winner stays ahead in every resample
+
+
+# ---------------------------------------------------------------- the stages' answers, shard by shard
+
+
+class Killed(Exception):
+    """The step dying in the middle of a shard (a SIGKILL, here without losing the test process)."""
+
+
+class FakeStage:
+    """Stands in for tasks.evaluate.StageAnswers (no model): answers '<stage> <prompt id>', records what it
+    was asked, and dies when asked for the shard that starts at prompt `die_at` of stage `die_in`."""
+
+    asked: list[tuple[str, list[str], str | None]] = []
+    die: tuple[str, str] | None = None
+
+    def __init__(self, cfg, stage, model, refs, batch_size, system=None):
+        self.stage, self.system = stage, system
+
+    def __call__(self, chunk):
+        if (self.stage, chunk[0]["prompt_id"]) == FakeStage.die:
+            raise Killed(FakeStage.die)
+        FakeStage.asked.append((self.stage, [r["prompt_id"] for r in chunk], self.system))
+        return [{"prompt_id": r["prompt_id"], "answer": f"{self.stage} {r['prompt_id']}"} for r in chunk]
+
+    def metrics(self):
+        return {"oom_backoffs": 0}
+
+
+def test_evaluate_answers_resume_from_finished_shards(tmp_path, monkeypatch):
+    import logging
+    from pathlib import Path
+
+    import pandas as pd
+
+    import tasks.evaluate
+    from caiflow.config import load_config
+    from caiflow.constitution import load_constitution
+    from caiflow.store import Store
+    from tasks.harness import StepContext
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/tiny.yaml", storage=str(tmp_path))  # local executor, 4 rows a shard
+    constitution = load_constitution(root / "constitutions/harmless.yaml")
+    store = Store(tmp_path)
+    ctx = StepContext("evaluate", cfg, constitution, None, store, "fp", {}, logging.getLogger("test"))
+    ids = [f"p{i:02d}" for i in range(10)]
+    rows = pd.DataFrame({"prompt_id": ids, "prompt": [f"prompt {i}" for i in ids], "answer": ["base"] * 10})
+    monkeypatch.setattr(tasks.evaluate, "StageAnswers", FakeStage)
+    monkeypatch.setattr(FakeStage, "asked", [])
+
+    monkeypatch.setattr(FakeStage, "die", ("sl", "p04"))  # prompted done, sl's first shard done
+    with pytest.raises(Killed):
+        tasks.evaluate.stage_answers(ctx, rows, 8)
+    work = store.artifact_dir("evaluate", "fp") / "work"
+    assert [len(list((work / s).glob("part-*.parquet"))) for s in ("prompted", "sl")] == [3, 1]
+    assert not (work / "rl").exists()
+    # the reference arm answers under the constitution as system prompt; the trained stages without one
+    systems = {
+        stage: {system for s, _, system in FakeStage.asked if s == stage} for stage in ("prompted", "sl")
+    }
+    assert systems == {"prompted": {constitution.as_system_prompt()}, "sl": {None}}
+
+    monkeypatch.setattr(FakeStage, "die", None)
+    FakeStage.asked.clear()
+    answers, report = tasks.evaluate.stage_answers(ctx, rows, 8)
+    # only what the killed run had not finished: sl's last two shards, then every rl shard
+    assert [(stage, chunk[0]) for stage, chunk, _ in FakeStage.asked] == [
+        ("sl", "p04"),
+        ("sl", "p08"),
+        ("rl", "p00"),
+        ("rl", "p04"),
+        ("rl", "p08"),
+    ]
+    assert report["prompted"]["rows_generated"] == 0 and report["prompted"]["rows_reused"] == 10
+    assert report["sl"] == {"rows_generated": 6, "rows_reused": 4, "oom_backoffs": 0}
+    # every stage in report order, in the rows' order, as an uninterrupted run would have them
+    assert list(answers) == ["base", "prompted", "sl", "rl"]
+    assert answers["base"] == ["base"] * 10
+    for stage in ("prompted", "sl", "rl"):
+        assert answers[stage] == [f"{stage} {i}" for i in ids], stage

@@ -1,9 +1,10 @@
 """Generation shards on a real local Ray cluster (tests/ray_cluster.py): same data, retries, fast failure.
 
 One cluster and one Prefect test harness for the module. The in-process run of configs/tiny.yaml is
-the reference; the Ray runs start from a copy of its store without the three generation steps
-(critique_revision, preferences, baseline), so they compute exactly those, on Ray, and find every
-other step cached under the same fingerprint: the executor is not part of any fingerprint.
+the reference; the Ray runs start from a copy of its store without the steps that generate on Ray
+(critique_revision, preferences, baseline, and evaluate for its stages' answers), so they compute
+exactly those, on Ray, and find every other step cached under the same fingerprint: the executor is
+not part of any fingerprint.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from uuid import UUID
 
@@ -22,7 +24,9 @@ from tests.ray_cluster import _free_port, start_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/tiny.yaml")
-RAY_STEPS = {"critique_revision", "preferences", "baseline"}
+RAY_STEPS = {"critique_revision", "preferences", "baseline", "evaluate"}
+# What the shard tasks are named after: a step, or a step and the part of its output (evaluate's stages).
+SHARDED = {"critique_revision", "preferences", "baseline", "evaluate-prompted", "evaluate-sl", "evaluate-rl"}
 pytestmark = pytest.mark.slow
 
 
@@ -39,25 +43,32 @@ def harness():
         yield
 
 
-def run(storage: Path, *overrides: str, until: str = "baseline") -> dict:
+def run(storage: Path, *overrides: str, until: str = "evaluate") -> dict:
     from flows.constitutional_ai import constitutional_ai
 
     return constitutional_ai(config=TINY, overrides=list(overrides), storage=str(storage), until=until)
 
 
-@pytest.fixture(scope="module")
-def reference(harness, tmp_path_factory, model_store, tiny_model) -> dict:
-    """The in-process run (the default executor), through the baseline step."""
+@contextmanager
+def one_thread():
+    """Torch on one CPU thread, as each Ray actor (1 CPU): CPU kernels then add in the same order."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each Ray actor (1 CPU): CPU kernels then add in the same order
+    torch.set_num_threads(1)
     try:
-        root = tmp_path_factory.mktemp("local")
-        shutil.copytree(Path(model_store) / "models", root / "models")
-        result = run(root)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(harness, tmp_path_factory, model_store, tiny_model) -> dict:
+    """The in-process run (the default executor), the whole tiny pipeline."""
+    root = tmp_path_factory.mktemp("local")
+    shutil.copytree(Path(model_store) / "models", root / "models")
+    with one_thread():
+        result = run(root)
     return {"root": root, "result": result}
 
 
@@ -88,7 +99,8 @@ def shard_runs(run_id: str) -> dict[str, int]:
 def test_tiny_run_on_ray_gives_the_same_data_as_in_process(cluster, reference, tmp_path):
     local = reference["result"]
     storage = store_without_generation(reference, tmp_path / "ray")
-    result = run(storage, "generation.executor.kind=ray", f"generation.executor.address={cluster}")
+    with one_thread():  # evaluate scores and judges in this process, as the reference did
+        result = run(storage, "generation.executor.kind=ray", f"generation.executor.address={cluster}")
 
     computed = {s for s, v in result["steps"].items() if not v["cached"]}
     assert computed == RAY_STEPS  # every other step found cached: same fingerprints
@@ -98,11 +110,18 @@ def test_tiny_run_on_ray_gives_the_same_data_as_in_process(cluster, reference, t
         assert result["steps"][step]["rows"] == local["steps"][step]["rows"] > 0, step
         assert table(result, step).equals(table(local, step)), f"{step}: data differ between executors"
 
-    # every shard was a Prefect task of the run, named after its step and index
+    # every shard was a Prefect task of the run, named after its step (evaluate: and stage) and index
     runs = shard_runs(result["run_id"])
-    assert {name.split("-shard-")[0] for name in runs} == RAY_STEPS
+    assert {name.split("-shard-")[0] for name in runs} == SHARDED
     rows = result["steps"]["critique_revision"]["rows"]  # tiny.yaml: 4 rows a shard
     assert len([n for n in runs if n.startswith("critique_revision-")]) == -(-rows // 4)
+    prompts = result["steps"]["baseline"]["rows"]
+    for stage in ("prompted", "sl", "rl"):
+        assert len([n for n in runs if n.startswith(f"evaluate-{stage}-")]) == -(-prompts // 4), stage
+        # made on the actors: no engine ran in the step's process (in-process, its metrics are reported)
+        made = result["steps"]["evaluate"]["metrics"]["generation"][stage]
+        assert made == {"rows_generated": prompts, "rows_reused": 0}, stage
+        assert "oom_backoffs" in local["steps"]["evaluate"]["metrics"]["generation"][stage]
 
     # one actor per (declared) GPU, each with its own device, loading each step's model at most once
     from caiflow.ray_pool import shard_pool
@@ -110,7 +129,7 @@ def test_tiny_run_on_ray_gives_the_same_data_as_in_process(cluster, reference, t
     devices = shard_pool(cluster).devices()
     assert sorted(d["cuda_visible_devices"] for d in devices) == ["0", "1"]
     assert len({d["pid"] for d in devices}) == 2
-    assert sum(d["builds"] for d in devices) <= len(devices) * len(RAY_STEPS) < len(runs)
+    assert sum(d["builds"] for d in devices) <= len(devices) * len(SHARDED) < len(runs)
 
 
 def test_killed_ray_worker_is_retried_and_the_data_is_the_same(cluster, reference, tmp_path, monkeypatch):
