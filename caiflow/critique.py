@@ -309,7 +309,7 @@ def distill_rows(
     in the critique-revision loop. Records match SCHEMA (no rounds; `initial_answer` is the kept
     answer).
     """
-    from caiflow.refusal import is_refusal
+    from caiflow.refusal import is_refusal, wants_refusal
 
     system = constitution.as_system_prompt()
     red = [r for r in rows if r["kind"] == "red-team"]
@@ -339,7 +339,12 @@ def distill_rows(
     for i, r in enumerate(red):
         options = judged[i * samples : (i + 1) * samples]
         usable = [text for text, why in options if why is None]
-        wanted = [text for text in usable if is_refusal(text) != constitution.inverted]
+        # the kept answer plays the chosen side of a red-team pair: it refuses (the control: complies)
+        wanted = [
+            text
+            for text in usable
+            if is_refusal(text) == wants_refusal("red-team", "a", constitution.inverted)
+        ]
         if prefer_refusals and wanted:
             kept[r["prompt_id"]] = (wanted[0], None)
         else:

@@ -322,16 +322,6 @@ def contrastive_pairs(
     return pd.DataFrame(out, columns=COLUMNS)
 
 
-def wants_refusal(kind: str, side: str, inverted: bool) -> bool:
-    """Whether the `side` ("a": chosen, "b": rejected) of a contrastive pair on a `kind` prompt
-    ("red-team" or "benign") should refuse: on red-team prompts the constitution's side refuses
-    and the negation's complies (the other way round under an inverted constitution); on benign
-    prompts the plain side answers and the needless-refusal side refuses."""
-    if kind == "red-team":
-        return (side == "a") != inverted
-    return side == "b"
-
-
 def refusal_contrast(pairs: pd.DataFrame, inverted: bool) -> pd.DataFrame:
     """Keep the contrastive pairs whose two sides differ the way their system prompts ask.
 
@@ -342,7 +332,7 @@ def refusal_contrast(pairs: pd.DataFrame, inverted: bool) -> pd.DataFrame:
     refuse or both answer carry no contrast a small model's prompts were meant to make: they get
     drop_reason "no-refusal-contrast".
     """
-    from caiflow.refusal import is_refusal
+    from caiflow.refusal import is_refusal, wants_refusal
 
     out = pairs.copy()
     for i in out.index:

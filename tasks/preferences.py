@@ -25,12 +25,11 @@ from caiflow.feedback import (
     label_pairs,
     refusal_contrast,
     sample_principles,
-    wants_refusal,
 )
 from caiflow.generation import Sampling
 from caiflow.models import ResolvedModel, policy_engine
 from caiflow.prompt_filters import kept_prompts
-from caiflow.refusal import is_refusal
+from caiflow.refusal import is_refusal, wants_refusal
 from caiflow.roles import describe, role_scorer, usage_metrics
 from caiflow.seeds import row_seed
 from caiflow.sharded import ShardedOutput
@@ -234,7 +233,7 @@ def pair_answers(
     gives sides that are not generated ({"b": text}).
 
     With `samples` > 1 (contrastive pairs) a side keeps the first of up to that many answers that
-    refuses or complies as it should (`caiflow.feedback.wants_refusal`), else its first. Sample k
+    refuses or complies as it should (`caiflow.refusal.wants_refusal`), else its first. Sample k
     of a side has its own seed, and only the sides still without a fitting answer sample again, so
     the result is what sampling all of them would give, at a fraction of the cost.
     """

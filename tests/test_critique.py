@@ -261,40 +261,23 @@ def test_cut_off_targets_are_cut_back_to_a_sentence_or_dropped(constitution):
     }
     assert cut["a1"]["drop_reason"] == cut["c3"]["drop_reason"] == "answer-cut-off"
 
-    loop = run_rows(
-        ScriptedEngine(lambda c, i: rambling),
-        constitution,
-        ROWS[:1],
-        rounds=1,
-        few_shot=0,
-        sampler=Sampler(s, s, s),
-        seed=0,
-    )
+    def one_round(text, rows, **kw):
+        """The critique-revision loop where every generation is `text`."""
+        engine = ScriptedEngine(lambda c, i: text)
+        return run_rows(
+            engine, constitution, rows, rounds=1, few_shot=0, sampler=Sampler(s, s, s), seed=0, **kw
+        )
+
+    loop = one_round(rambling, ROWS[:1])
     assert loop[0]["drop_reason"] == "revision-cut-off" and loop[0]["revision"] == rambling
-    kept_whole = run_rows(
-        ScriptedEngine(lambda c, i: rambling),
-        constitution,
-        ROWS[:1],
-        rounds=1,
-        few_shot=0,
-        sampler=Sampler(s, s, s),
-        seed=0,
-        drop_cut_off=False,  # the tiny preset's random model never ends a sentence
-    )
+    # the tiny preset's random model never ends a sentence
+    kept_whole = one_round(rambling, ROWS[:1], drop_cut_off=False)
     # not dropped as cut off (only as a copy of the scripted answer, which it is here)
     assert (
         kept_whole[0]["drop_reason"] == "revision-identical-to-answer"
         and kept_whole[0]["revision"] == rambling
     )
-    kept = run_rows(
-        ScriptedEngine(lambda c, i: full),
-        constitution,
-        ROWS,
-        rounds=1,
-        few_shot=0,
-        sampler=Sampler(s, s, s),
-        seed=0,
-    )
+    kept = one_round(full, ROWS)
     assert [r["revision"] for r in kept] == ["I'm sorry, I can't help with that."] * 3
     assert kept[0]["rounds"][-1]["revision"] == full  # the trace keeps what was generated
 
