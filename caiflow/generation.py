@@ -137,13 +137,15 @@ class GenerationEngine:
     # ------------------------------------------------------------ prompts
 
     def format_chat(self, conversation: list[dict]) -> str:
-        """The prompt string for a conversation, ending where the assistant's answer starts."""
+        """The prompt string for a conversation, ending where the assistant's answer starts; a final
+        assistant message is an answer's opening, which the prompt ends with, for the model to go on."""
+        opened = conversation[-1]["role"] == "assistant"
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=True
+                conversation, tokenize=False, add_generation_prompt=not opened, continue_final_message=opened
             )
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in conversation]
-        return "\n".join([*lines, "Assistant:"])
+        return "\n".join(lines if opened else [*lines, "Assistant:"])
 
     def _encode(self, text: str) -> list[int]:
         # A chat template already writes the BOS token as text; do not add a second one.

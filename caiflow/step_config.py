@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from caiflow.sections import Section, by_content, not_fingerprinted
 
@@ -297,6 +297,13 @@ class PreferencesConfig(Section):
         "but I can't help with that.\") instead of an answer generated under benign_refusal_prompt, for "
         "models that will not refuse when told to; null: generate it.",
     )
+    benign_refusal_opener: str | None = Field(
+        None,
+        description="contrastive: the rejected side of benign pairs starts with this refusal (e.g. \"I'm "
+        "sorry, but I can't\") and the SL model writes the rest under benign_refusal_prompt, so the needless "
+        "refusal is in the model's own words and about the prompt, for models that will not refuse when told "
+        "to; null: generate it whole. Not together with benign_refusal_text.",
+    )
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0),
         description="How the SL model samples the two answers per prompt (temperature 1: diverse pairs).",
@@ -319,6 +326,15 @@ class PreferencesConfig(Section):
     include_benign: bool = Field(
         True, description="Also make pairs for benign training prompts (the feedback question still decides)."
     )
+
+    @model_validator(mode="after")
+    def _one_benign_refusal(self) -> PreferencesConfig:
+        if self.benign_refusal_text and self.benign_refusal_opener:
+            raise ValueError(
+                "set at most one of preferences.benign_refusal_text (a fixed refusal) and "
+                "preferences.benign_refusal_opener (a refusal the model finishes); remove the other."
+            )
+        return self
 
     @field_validator("clamp")
     @classmethod

@@ -135,6 +135,12 @@ class PreferenceRows:
         text = self.cfg.preferences.benign_refusal_text
         return {"b": text} if text and row["kind"] != "red-team" else {}
 
+    def openers(self, row: dict[str, Any]) -> dict[str, str]:
+        """Sides of a contrastive pair whose answer starts with given words and is finished by the model: the
+        benign needless refusal when preferences.benign_refusal_opener is set."""
+        text = self.cfg.preferences.benign_refusal_opener
+        return {"b": text} if text and row["kind"] != "red-team" else {}
+
     def __call__(self, chunk: list[dict[str, Any]]) -> pd.DataFrame:
         cfg, p, loaded = self.cfg, self.cfg.preferences, self.loaded
         if not loaded:  # every pair depends on the SL model: load it once there is work
@@ -153,6 +159,7 @@ class PreferenceRows:
                 samples=p.contrastive_samples,
                 inverted=self.constitution.inverted,
                 fixed=self.fixed_answers,
+                openers=self.openers,
             )
             made_pairs = contrastive_pairs(pairs, self.constitution, cfg.run.seed, p.contrastive_label)
             if p.contrastive_refusal_check:
@@ -227,10 +234,12 @@ def pair_answers(
     samples: int = 1,
     inverted: bool = False,
     fixed: Any = None,
+    openers: Any = None,
 ) -> pd.DataFrame:
     """Two sampled answers per prompt (answer_a, answer_b), per-row seeded. `system_prompts(row)` gives
     the (a, b) system prompts of contrastive pairs; None: both plain (feedback pairs). `fixed(row)`
-    gives sides that are not generated ({"b": text}).
+    gives sides that are not generated ({"b": text}); `openers(row)` sides whose answer starts with
+    the given words and is finished by the model ({"b": "I'm sorry, but I can't"}).
 
     With `samples` > 1 (contrastive pairs) a side keeps the first of up to that many answers that
     refuses or complies as it should (`caiflow.refusal.wants_refusal`), else its first. Sample k
@@ -241,12 +250,14 @@ def pair_answers(
     todo = []  # (row index, side, conversation) still to sample
     for i, r in enumerate(rows):
         prompts = system_prompts(r) if system_prompts else (None, None)
-        given = fixed(r) if fixed else {}
+        given, opened = (fixed(r) if fixed else {}), (openers(r) if openers else {})
         for side, system in zip("ab", prompts):
             if side in given:
                 picked[(i, side)] = given[side]
                 continue
             turn = [{"role": "user", "content": r["prompt"]}]
+            if side in opened:
+                turn.append({"role": "assistant", "content": opened[side]})
             todo.append((i, side, ([{"role": "system", "content": system}] if system else []) + turn))
     first: dict[tuple[int, str], str] = {}
     for k in range(samples):
@@ -259,6 +270,8 @@ def pair_answers(
         answers = engine.generate([conv for _, _, conv in todo], sampling, seeds)
         left = []
         for (i, side, conv), text in zip(todo, answers):
+            if conv[-1]["role"] == "assistant":  # an opened answer: its opening, then what the model wrote
+                text = _finish(conv[-1]["content"], text)
             first.setdefault((i, side), text)
             if samples == 1 or is_refusal(text) == wants_refusal(rows[i]["kind"], side, inverted):
                 picked[(i, side)] = text
@@ -276,3 +289,10 @@ def pair_answers(
             "answer_b": [picked[(i, "b")] for i in range(len(rows))],
         }
     )
+
+
+def _finish(opening: str, rest: str) -> str:
+    """An answer's given opening joined to the model's continuation (decoded and stripped)."""
+    if not rest or rest[0] in ".,;:!?)" or opening.endswith((" ", "\n")):
+        return opening + rest
+    return f"{opening} {rest}"

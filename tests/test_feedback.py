@@ -442,6 +442,24 @@ def test_principle_contrastive_prompts_follow_the_pairs_principle():
     assert benign == (None, cfg.preferences.benign_refusal_prompt)  # benign pairs are unchanged
 
 
+def test_benign_refusal_opener_opens_only_the_benign_rejected_side():
+    from pydantic import ValidationError
+
+    from caiflow.config import load_config
+    from caiflow.step_config import PreferencesConfig
+    from tasks.preferences import PreferenceRows, _finish
+
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    cfg.preferences.benign_refusal_opener = "I'm sorry, but I can't"
+    rows = PreferenceRows(cfg, load_constitution(ROOT / "constitutions/harmless.yaml"), None, {}, 4)
+    assert rows.openers({"kind": "benign"}) == {"b": "I'm sorry, but I can't"}
+    assert rows.openers({"kind": "red-team"}) == {} and rows.fixed_answers({"kind": "benign"}) == {}
+    with pytest.raises(ValidationError, match="at most one of preferences.benign_refusal_text"):
+        PreferencesConfig(benign_refusal_text="No.", benign_refusal_opener="I'm sorry")
+    assert _finish("I can't", "help.") == "I can't help." and _finish("I can't", ".") == "I can't."
+    assert _finish("Sorry ", "no.") == "Sorry no." and _finish("Sorry", "") == "Sorry"
+
+
 REFUSE, COMPLY = "I'm sorry, but I can't help with that.", "Sure, here is how."
 
 
@@ -493,6 +511,20 @@ def test_contrastive_best_of_n_keeps_the_sample_each_side_should_give():
     once = pair_answers(single, rows, s, 0, prompts, fixed=fixed)
     assert single.seeds == engine.seeds[:5]  # the first sample keeps the single-sample seed
     assert once["answer_a"].tolist()[:2] == [COMPLY + " 1", COMPLY + " 4"]
+
+    # an opened side: the model finishes the given words, the answer is both joined
+    class Finisher:
+        def generate(self, conversations, sampling, seeds):
+            return [
+                "help with that." if c[-1]["role"] == "assistant" else "Mix flour." for c in conversations
+            ]
+
+    opener = lambda r: {"b": "I'm sorry, but I can't"} if r["kind"] == "benign" else {}  # noqa: E731
+    opened = pair_answers(Finisher(), rows[2:], s, 0, prompts, openers=opener)
+    assert (opened["answer_a"][0], opened["answer_b"][0]) == (
+        "Mix flour.",
+        "I'm sorry, but I can't help with that.",
+    )
     # the inverted control's chosen red-team side complies, its rejected side refuses
     inverted = pair_answers(_ScriptedSides(scripts), rows[1:2], s, 0, prompts, samples=4, inverted=True)
     assert (inverted["answer_a"][0], inverted["answer_b"][0]) == (COMPLY + " 4", REFUSE)

@@ -84,6 +84,16 @@ def test_format_chat_without_template(tiny_model, monkeypatch):
     monkeypatch.setattr(engine.tokenizer, "chat_template", None)
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert engine.format_chat(conv) == "System: Be brief.\nUser: Hi\nAssistant:"
+    opened = [*conv, {"role": "assistant", "content": "I'm sorry, but"}]
+    assert engine.format_chat(opened) == "System: Be brief.\nUser: Hi\nAssistant: I'm sorry, but"
+
+
+def test_a_final_assistant_message_is_an_opening_the_model_goes_on_from(tiny_model):
+    engine = engine_for(tiny_model)
+    conv = [{"role": "user", "content": "Hi"}]
+    opened = engine.format_chat([*conv, {"role": "assistant", "content": "I'm sorry, but I can't"}])
+    # the answer's turn is open: no end-of-turn after the opening, nothing after it
+    assert opened == engine.format_chat(conv) + "I'm sorry, but I can't"
 
 
 def test_progress_is_reported_after_every_batch(tiny_model):

@@ -147,6 +147,13 @@ class RewardModelConfig(Section):
     eval_fraction: float = Field(
         0.2, ge=0.0, lt=1.0, description="Share of pairs held out for accuracy and calibration."
     )
+    balance_kinds: bool = Field(
+        False,
+        description="Weight each training pair's loss so every pair kind (contrastive-red-team, "
+        "contrastive-benign, feedback) counts as much in total: with twice as many benign pairs (answer "
+        "beats refusal) as red-team ones (refusal beats answer), the reward model otherwise learns that "
+        "refusing is bad wherever it is asked, instead of when.",
+    )
     gradient_checkpointing: bool = gradient_checkpointing_field()
     save_steps: int = not_fingerprinted(50, ge=1, description="Checkpoint every this many steps.")
     logging_steps: int = not_fingerprinted(

@@ -79,8 +79,9 @@ OFFSET_SAMPLE = 256  # pairs whose answers set a member's centring offset (enoug
 # ---------------------------------------------------------------- loss and aggregation
 
 
-def soft_label_loss(r_chosen, r_rejected, label):
-    """Mean binary cross-entropy of sigmoid(r_chosen - r_rejected) against label = P(chosen is better).
+def soft_label_loss(r_chosen, r_rejected, label, weight=None):
+    """Mean binary cross-entropy of sigmoid(r_chosen - r_rejected) against label = P(chosen is better),
+    each pair's term times its `weight` when given.
 
     Written with logsigmoid (-(l * logsig(m) + (1 - l) * logsig(-m))), which stays finite for large margins.
     """
@@ -88,7 +89,8 @@ def soft_label_loss(r_chosen, r_rejected, label):
 
     margin = r_chosen - r_rejected
     label = label.to(margin.dtype)
-    return -(label * F.logsigmoid(margin) + (1.0 - label) * F.logsigmoid(-margin)).mean()
+    loss = -(label * F.logsigmoid(margin) + (1.0 - label) * F.logsigmoid(-margin))
+    return (loss * weight.to(margin.dtype)).mean() if weight is not None else loss.mean()
 
 
 # ---------------------------------------------------------------- the trainer
@@ -105,23 +107,24 @@ def _soft_label_trainer_class():
         def torch_call(self, examples):
             batch = super().torch_call(examples)
             batch["soft_label"] = torch.tensor([float(e["soft_label"]) for e in examples], dtype=torch.float)
+            batch["weight"] = torch.tensor([float(e.get("weight", 1.0)) for e in examples], dtype=torch.float)
             return batch
 
     class SoftLabelRewardTrainer(RewardTrainer):
         def _set_signature_columns_if_needed(self):
-            # remove_unused_columns keeps only these: without "soft_label" the labels would be
+            # remove_unused_columns keeps only these: without "soft_label" and "weight" they would be
             # dropped silently.
             if self._signature_columns is None:
-                self._signature_columns = ["chosen_ids", "rejected_ids", "soft_label"]
+                self._signature_columns = ["chosen_ids", "rejected_ids", "soft_label", "weight"]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if self.model.training else "eval"
-            label = inputs.pop("soft_label")
+            label, weight = inputs.pop("soft_label"), inputs.pop("weight")
             outputs = model(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
             )
             r_chosen, r_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
-            loss = soft_label_loss(r_chosen, r_rejected, label)
+            loss = soft_label_loss(r_chosen, r_rejected, label, weight)
             with torch.no_grad():  # the same metrics RewardTrainer logs, plus agreement with the soft label
                 p = torch.sigmoid(r_chosen - r_rejected)
                 self._metrics[mode]["accuracy"].append((r_chosen > r_rejected).float().mean().item())
@@ -225,7 +228,7 @@ def _train_and_score_member(
 ) -> dict:
     """Train one member, save it to dest, and score its centring sample and the held-out pairs."""
     log.info("reward_model: training %s on %d pairs (seed %d)", dest.name, len(data), seed)
-    rows = pairs_to_rows(data, tokenizer)
+    rows = pairs_to_rows(data, tokenizer, cfg.balance_kinds)
     model, outcome = _train_member(cfg, backbone_path, rows, tokenizer, work, seed, dtype)
     if is_main_process():  # under `accelerate launch`, one process writes the outputs
         _save_member(model, tokenizer, dest)

@@ -67,12 +67,21 @@ def assign_principles(principles: list[str], k: int) -> list[list[str]]:
     return [names[i::k] for i in range(k)]
 
 
-def pairs_to_rows(pairs: pd.DataFrame, tokenizer) -> list[dict]:
+def pairs_to_rows(pairs: pd.DataFrame, tokenizer, balance_kinds: bool = False) -> list[dict]:
+    """Token ids of both sides, the soft label and the pair's loss weight (1, or with `balance_kinds`
+    n / (kinds * n_kind), so each pair_kind weighs the same in total and the mean weight is 1)."""
+    weights = np.ones(len(pairs))
+    if balance_kinds and "pair_kind" in pairs and len(pairs):
+        counts = pairs["pair_kind"].map(pairs["pair_kind"].value_counts()).to_numpy(dtype=float)
+        weights = len(pairs) / (pairs["pair_kind"].nunique() * counts)
     return [
         {
             "chosen_ids": conversation_ids(tokenizer, p, c),
             "rejected_ids": conversation_ids(tokenizer, p, r),
             "soft_label": float(label),
+            "weight": float(w),
         }
-        for p, c, r, label in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"], pairs["label"])
+        for p, c, r, label, w in zip(
+            pairs["prompt"], pairs["chosen"], pairs["rejected"], pairs["label"], weights
+        )
     ]

@@ -55,6 +55,28 @@ def test_label_one_is_the_usual_bradley_terry_loss_and_large_margins_stay_finite
     assert math.isfinite(big.item()) and big.item() == pytest.approx(1000.0)
 
 
+def test_pair_weights_scale_each_term_and_balance_the_kinds(tiny_path, prefs):
+    from caiflow.models import load_tokenizer
+    from caiflow.training.reward_data import pairs_to_rows
+
+    r_chosen, r_rejected, label = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]), torch.tensor([0.8, 0.3])
+    each = [
+        soft_label_loss(r_chosen[i : i + 1], r_rejected[i : i + 1], label[i : i + 1]).item() for i in (0, 1)
+    ]
+    weighted = soft_label_loss(r_chosen, r_rejected, label, torch.tensor([1.5, 0.5])).item()
+    assert weighted == pytest.approx((1.5 * each[0] + 0.5 * each[1]) / 2, abs=1e-6)
+    assert soft_label_loss(r_chosen, r_rejected, label, torch.ones(2)).item() == pytest.approx(sum(each) / 2)
+
+    pairs = prefs.head(8).assign(pair_kind=["contrastive-benign"] * 6 + ["contrastive-red-team"] * 2)
+    tok = load_tokenizer(tiny_path)
+    plain = [r["weight"] for r in pairs_to_rows(pairs, tok)]
+    balanced = np.array([r["weight"] for r in pairs_to_rows(pairs, tok, balance_kinds=True)])
+    assert plain == [1.0] * 8
+    # 6 benign pairs weigh 8 / (2 * 6) each, 2 red-team pairs 8 / (2 * 2): 4 and 4 in total, mean 1
+    assert balanced[:6] == pytest.approx([2 / 3] * 6) and balanced[6:] == pytest.approx([2.0, 2.0])
+    assert balanced.mean() == pytest.approx(1.0)
+
+
 def test_aggregate_is_mean_minus_lambda_std():
     scores = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])  # mean 2, 2, 2; std (ddof 0) 1, 0, 1
     assert aggregate(scores, 0.5) == pytest.approx([1.5, 2.0, 1.5])
@@ -211,6 +233,21 @@ def test_principles_ensemble_and_out_of_memory_back_off(tiny_path, prefs, tmp_pa
     # A rerun reuses finished members instead of training them again.
     again = train_reward_model(cfg, tiny_path, prefs, tmp_path / "model", tmp_path / "work", seed=3)
     assert [m["offset"] for m in again["members"]] == [m["offset"] for m in metrics["members"]]
+
+
+def test_balanced_kinds_reach_the_trainers_loss(tiny_path, prefs, tmp_path, monkeypatch):
+    seen = []
+
+    def spy(r_chosen, r_rejected, label, weight=None):
+        seen.append(weight.tolist())
+        return soft_label_loss(r_chosen, r_rejected, label, weight)
+
+    monkeypatch.setattr(reward, "soft_label_loss", spy)
+    kinds = prefs.assign(pair_kind=["contrastive-benign"] * 15 + ["contrastive-red-team"] * 5)
+    cfg = RewardModelConfig(balance_kinds=True, **{**FAST, "max_steps": 2, "eval_fraction": 0.0})
+    train_reward_model(cfg, tiny_path, kinds, tmp_path / "model", tmp_path / "work", seed=0)
+    weights = sorted({round(w, 4) for batch in seen for w in batch})
+    assert weights and set(weights) <= {round(20 / 30, 4), 2.0}  # 20 / (2 * 15) and 20 / (2 * 5)
 
 
 def test_full_method_trains_every_weight(tiny_path, prefs, tmp_path, spy_on):
