@@ -19,11 +19,16 @@ engine, ...) so both see the same machine load; the medians are printed, with th
 ``--scenario critique`` times the critique requests of critique-revision (the constitution's
 few-shot turns before each prompt, answer and critique request): the engine with and without
 its shared-prefix cache, next to the baseline.
+
+``--cat-cache`` adds the engine on transformers' ``DynamicCache`` (``torch.cat`` of every layer's
+whole cache per token, what the loop used before `caiflow.kv_cache`) as one more interleaved
+side, and checks that its answers equal the engine's, text for text.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -190,6 +195,21 @@ def critique_prompts(engine: GenerationEngine, n: int) -> list[str]:
     ]
 
 
+@contextlib.contextmanager
+def cat_cache():
+    """caiflow's loop on a plain DynamicCache (a torch.cat per token) while the block runs."""
+    from transformers import DynamicCache
+
+    from caiflow.decoding import ContinuousDecoder
+
+    in_place = ContinuousDecoder._new_cache
+    ContinuousDecoder._new_cache = lambda decoder: DynamicCache(config=decoder.model.config)
+    try:
+        yield
+    finally:
+        ContinuousDecoder._new_cache = in_place
+
+
 def load_average() -> str:
     try:
         return "load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -267,6 +287,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         help="answers: plain chat prompts; critique: few-shot critique requests (shared-prefix cache on/off)",
     )
     parser.add_argument(
+        "--cat-cache",
+        action="store_true",
+        help="also time the engine on DynamicCache (torch.cat per token) and check its answers are the same",
+    )
+    parser.add_argument(
         "--backend",
         choices=["hf", "endpoint"],
         default="hf",
@@ -316,8 +341,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         sides["engine, no prefix cache"] = GenerationEngine(
             model, tokenizer, batch_size=args.batch_size, prefix_min_tokens=None
         )
+    cat_side = "engine, DynamicCache"
+    if args.cat_cache:
+        sides[cat_side] = GenerationEngine(model, tokenizer, batch_size=args.batch_size)
     rates: dict[str, list[float]] = {name: [] for name in sides}
-    texts: list[str] = []
+    answers: dict[str, list[str]] = {}  # each engine side's texts (the same every run: per-row seeds)
     for r in range(args.repeats):
         for name, side in sides.items():
             if side is None:
@@ -326,7 +354,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 )
             else:
                 side.prefill_tokens = 0
-                tokens, seconds, texts = engine_run(side, prompts, sampling)
+                with cat_cache() if name == cat_side else contextlib.nullcontext():
+                    tokens, seconds, texts = engine_run(side, prompts, sampling)
+                answers[name] = texts
             rates[name].append(tokens / seconds)
             extra = f", {side.prefill_tokens} prompt tokens prefilled" if side is not None else ""
             log.info(
@@ -343,12 +373,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name, rate in medians.items():
         log.info("median %-24s %6.1f tokens/s = %.2fx batched generate", name, rate, rate / base)
     log.info("after the runs: %s", load_average())
-    log.info("sample answer: %r", texts[0][:200])
-    return {
+    log.info("sample answer: %r", answers["engine"][0][:200])
+    result = {
         "engine_tokens_per_s": medians["engine"],
         "baseline_tokens_per_s": base,
         "speedup": medians["engine"] / base,
     }
+    if args.cat_cache:
+        differ = [i for i, (a, b) in enumerate(zip(answers["engine"], answers[cat_side])) if a != b]
+        log.info(
+            "in-place cache against DynamicCache: %s",
+            f"{len(differ)} answers differ (first: prompt {differ[0]})"
+            if differ
+            else "every answer identical",
+        )
+        result["cat_cache_tokens_per_s"] = medians[cat_side]
+        result["cat_cache_answers_differing"] = len(differ)
+    return result
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ What :class:`caiflow.generation.GenerationEngine` runs instead of ``model.genera
   turns, the chat template's preamble) have that prefix run once; every row starts from a copy
   of its key/value cache and only its own suffix is prefilled (the padding sits between prefix
   and suffix, masked out).
+- An in-place cache (:class:`caiflow.kv_cache.GrowingCache`): a decode step writes its one new
+  column into spare room of each layer's buffer instead of ``torch.cat``-ing the whole cache,
+  which ``DynamicCache`` does every token. Batch surgery (retiring rows, merging new ones,
+  copying the prefix) still copies, but only when rows leave or join.
 - The sampler (:func:`pick_tokens`) returns exactly the token ``PerRowSampler`` picks (Gumbel-max
   over per-row hashed noise) without hashing the whole vocabulary: Gumbel noise from 24-bit
   uniforms lies within [GUMBEL_MIN, GUMBEL_MAX], so only tokens whose log-probability is within
@@ -33,6 +37,7 @@ from typing import Any
 import torch
 
 from caiflow.faults import free_accelerator_memory, inject_oom, is_out_of_memory
+from caiflow.kv_cache import GROW_COLUMNS, GrowingCache
 from caiflow.sampling import pick_tokens
 
 # ---------------------------------------------------------------- the loop
@@ -43,7 +48,7 @@ class _Batch:
     """The rows decoding together: each row's cache is right-aligned to the last column."""
 
     rows: list[int]  # request index of each row
-    cache: Any  # DynamicCache, (rows, heads, width, dim) per layer
+    cache: Any  # GrowingCache (or a DynamicCache), (rows, heads, width, dim) per layer
     mask: torch.Tensor  # (rows, width) 1 where the cache column is one of the row's tokens
     positions: torch.Tensor  # (rows,) position id of the row's next token
     last: torch.Tensor  # (rows,) the token to feed next
@@ -113,12 +118,18 @@ class ContinuousDecoder:
         )
         return out.logits[:, -1], out.past_key_values
 
-    def _prefix(self):
-        from transformers import DynamicCache
+    def _new_cache(self) -> Any:
+        """An empty cache whose decode steps write in place (no per-token copy of the whole cache).
 
+        Its spare columns come `max_new_tokens` (at most GROW_COLUMNS) at a time: short answers
+        never grow a fresh batch's buffers, and a long run moves them once per GROW_COLUMNS tokens.
+        """
+        return GrowingCache(self.model.config, grow=min(GROW_COLUMNS, self.sampling.max_new_tokens))
+
+    def _prefix(self):
         if self.prefix_cache is None:
             ids = torch.tensor([self.prompts[0][: self.prefix_len]], device=self.device)
-            cache = DynamicCache(config=self.model.config)
+            cache = self._new_cache()
             pos = torch.arange(self.prefix_len, device=self.device).unsqueeze(0)
             self._forward(ids, torch.ones_like(ids), pos, cache)
             self.prefix_cache = [(layer.keys, layer.values) for layer in cache.layers]
@@ -127,8 +138,6 @@ class ContinuousDecoder:
 
     def _prefill(self, rows: list[int]) -> _Batch:
         """Run new rows' prompts (after the shared prefix) and pick each row's first token."""
-        from transformers import DynamicCache
-
         inject_oom(len(rows))
         p = self.prefix_len
         suffixes = [self.prompts[r][p:] for r in rows]
@@ -139,12 +148,14 @@ class ContinuousDecoder:
             ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
             smask[i, width - len(s) :] = 1
         ids, smask = ids.to(self.device), smask.to(self.device)
-        cache = DynamicCache(config=self.model.config)
+        cache = self._new_cache()
         if p:
             for layer, (k, v) in zip(cache.layers, self._prefix()):
                 layer.lazy_initialization(k, v)
-                layer.keys = k.expand(len(rows), -1, -1, -1).contiguous()
-                layer.values = v.expand(len(rows), -1, -1, -1).contiguous()
+                # Not copied here: the suffix's update copies the prefix into each row's buffer
+                # (torch.cat for a DynamicCache), and nothing writes into these stride-0 views.
+                layer.keys = k.expand(len(rows), -1, -1, -1)
+                layer.values = v.expand(len(rows), -1, -1, -1)
             mask = torch.cat([torch.ones((len(rows), p), dtype=torch.long, device=self.device), smask], 1)
         else:
             mask = smask
@@ -206,8 +217,7 @@ class ContinuousDecoder:
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else mask.shape[1]
         for layer in batch.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
         return _Batch(
             [batch.rows[i] for i in keep],
             batch.cache,
@@ -223,20 +233,22 @@ class ContinuousDecoder:
         wa, wb = a.mask.shape[1], b.mask.shape[1]
         w = max(wa, wb)
 
-        def left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-            if width == w:
-                return t
-            shape = list(t.shape)
-            shape[dim] = w - width
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
+        def stacked(ta: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+            """a's rows over b's, each right-aligned in `w` columns on dim -2 or -1 (zeros on the left)."""
+            dim = 2 if ta.dim() == 4 else 1
+            shape = list(ta.shape)
+            shape[0], shape[dim] = ta.shape[0] + tb.shape[0], w
+            out = ta.new_zeros(shape)
+            out[: ta.shape[0]].narrow(dim, w - wa, wa).copy_(ta)
+            out[ta.shape[0] :].narrow(dim, w - wb, wb).copy_(tb)
+            return out
 
         for la, lb in zip(a.cache.layers, b.cache.layers):
-            la.keys = torch.cat([left(la.keys, wa, 2), left(lb.keys, wb, 2)])
-            la.values = torch.cat([left(la.values, wa, 2), left(lb.values, wb, 2)])
+            la.keys, la.values = stacked(la.keys, lb.keys), stacked(la.values, lb.values)
         return _Batch(
             a.rows + b.rows,
             a.cache,
-            torch.cat([left(a.mask, wa, 1), left(b.mask, wb, 1)]),
+            stacked(a.mask, b.mask),
             torch.cat([a.positions, b.positions]),
             torch.cat([a.last, b.last]),
             a.done + b.done,
