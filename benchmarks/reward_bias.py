@@ -21,18 +21,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's caiflow and tasks
 
 from tune_system_prompt import training_prompts
 
 from caiflow.config import load_config
-from caiflow.generation import GenerationEngine, Sampling
+from caiflow.generation import GenerationEngine, Sampling, join_opening
 from caiflow.models import load_policy, resolve_model
 from caiflow.prompts import load_prompts
 from caiflow.refusal import is_refusal, wilson
 from caiflow.step_config import PromptSource
 from caiflow.training.reward_scorer import RewardScorer
-from tasks.preferences import _finish
 
 log = logging.getLogger("reward_bias")
 
@@ -42,7 +44,7 @@ def answer_pairs(engine, prompts: list[str], opener: str, max_new_tokens: int) -
     greedy = Sampling(max_new_tokens=max_new_tokens, temperature=0.0)
     plain = engine.generate([[{"role": "user", "content": q}] for q in prompts], greedy, [0] * len(prompts))
     opened = [[{"role": "user", "content": q}, {"role": "assistant", "content": opener}] for q in prompts]
-    refusals = [_finish(opener, r) for r in engine.generate(opened, greedy, [0] * len(prompts))]
+    refusals = [join_opening(opener, r) for r in engine.generate(opened, greedy, [0] * len(prompts))]
     return [(q, a, r) for q, a, r in zip(prompts, plain, refusals) if not is_refusal(a)]
 
 

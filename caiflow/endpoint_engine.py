@@ -37,6 +37,12 @@ class EndpointEngine(EndpointChoiceScorer):
             raise ValueError(
                 f"got {len(conversations)} conversations but {len(seeds)} seeds: pass one seed per row."
             )
+        if any(conv and conv[-1]["role"] == "assistant" for conv in conversations):
+            raise ValueError(
+                "a conversation ends with an assistant message (an answer's opening, e.g. "
+                "preferences.benign_refusal_opener): chat endpoints cannot portably continue one; "
+                "generate it with a local model, or leave the opening out."
+            )
 
         def one(job: tuple[list[dict], int]) -> str:
             conv, seed = job

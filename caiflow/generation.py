@@ -70,6 +70,15 @@ class Sampling:
 PREFIX_MIN_TOKENS = 16
 
 
+def join_opening(opening: str, rest: str) -> str:
+    """An answer's given opening (a conversation's final assistant message) joined to what the model
+    wrote after it, which is decoded and stripped: a space between them unless the model went on
+    with punctuation or the opening ends in whitespace. Openings should end on a word boundary."""
+    if not rest or rest[0] in ".,;:!?)" or opening.endswith((" ", "\n")):
+        return opening + rest
+    return f"{opening} {rest}"
+
+
 def engine_options(generation: Any) -> dict[str, Any]:
     """GenerationEngine keyword arguments from a config's `generation` section."""
     return {
@@ -139,7 +148,7 @@ class GenerationEngine:
     def format_chat(self, conversation: list[dict]) -> str:
         """The prompt string for a conversation, ending where the assistant's answer starts; a final
         assistant message is an answer's opening, which the prompt ends with, for the model to go on."""
-        opened = conversation[-1]["role"] == "assistant"
+        opened = bool(conversation) and conversation[-1]["role"] == "assistant"
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(
                 conversation, tokenize=False, add_generation_prompt=not opened, continue_final_message=opened

@@ -18,7 +18,9 @@ What a step holds, in bytes (e = bytes per element of ``model.dtype``):
   (T_logits*V*(e+8): the logits, their fp32 upcast and gradient) and the layer being recomputed
   and differentiated (2*(e*(7H+4I) + 8H)*T); without it every layer's activations, L times that
   layer term; x ACTIVATION_SLACK;
-- generation: the KV cache, 2*L*B*S*kv_heads*head_dim*e, plus the last step's logits;
+- generation: the KV cache, 2*L*B*S*kv_heads*head_dim*e, plus the last step's logits; caiflow's
+  decode loop (``generation.decoding: continuous``) keeps up to SPARE_COLUMNS more columns a row
+  (min(64, new tokens): a step writes in place, ``caiflow.kv_cache``), so S grows by those there;
 - a scoring forward (reward model, multiple-choice feedback, judge): one layer's transient
   activations, e*(4H+3I) a token; no KV cache kept;
 - RUNTIME_RESERVE on every step: the CUDA context and allocator fragmentation, which torch's
@@ -162,6 +164,9 @@ def activation_bytes(
     return body * ACTIVATION_SLACK
 
 
+SPARE_COLUMNS = 64  # caiflow.kv_cache.GROW_COLUMNS (not imported: planning loads no torch)
+
+
 def kv_cache_bytes(shape: Shape, e: int, batch: int, seq: int) -> float:
     return float(2 * shape.layers * batch * seq * shape.kv_heads * shape.head_dim * e)
 
@@ -169,6 +174,12 @@ def kv_cache_bytes(shape: Shape, e: int, batch: int, seq: int) -> float:
 def generation_bytes(shape: Shape, e: int, batch: int, seq: int) -> float:
     """KV cache of batch x seq tokens plus the last step's logits (model dtype, fp32 for sampling)."""
     return kv_cache_bytes(shape, e, batch, seq) + batch * shape.vocab * (e + 8)
+
+
+def engine_seq(cfg: dict[str, Any], seq: int, new_tokens: int) -> int:
+    """Cache columns a row holds in a generation step of `seq` tokens: with caiflow's decode loop, plus
+    its spare columns."""
+    return seq + (min(SPARE_COLUMNS, new_tokens) if cfg["generation"]["decoding"] == "continuous" else 0)
 
 
 def forward_bytes(shape: Shape, e: int, batch: int, seq: int) -> float:
@@ -283,7 +294,9 @@ def step_memory(step: str, cfg: dict[str, Any], shapes: Shapes) -> StepMemory:
             b = cfg["prompts"]["categorize"]["batch_size"]
             m.parts[f"scoring forward {b}x{2 * PROMPT_TOKENS}"] = forward_bytes(pol, e, b, 2 * PROMPT_TOKENS)
     elif step == "critique_revision":
-        seq = _generation_seq(cfg)
+        cr = cfg["critique_revision"]
+        new = max(cr[k]["max_new_tokens"] for k in ("answer", "critique", "revision"))
+        seq = engine_seq(cfg, _generation_seq(cfg), new)
         if cfg["roles"]["teacher"]["endpoint"] is None:  # an endpoint teacher holds no memory here
             m.add("policy (teacher)", pol, dtype)
         m.parts[f"KV cache {gen_batch}x{seq}"] = generation_bytes(pol, e, gen_batch, seq)
@@ -300,7 +313,9 @@ def step_memory(step: str, cfg: dict[str, Any], shapes: Shapes) -> StepMemory:
         feedback = cfg["roles"]["feedback"]
         if p["method"] != "contrastive" and feedback["endpoint"] is None and feedback["model"] == "base":
             m.add("feedback (base)", pol, dtype)
-        gen_seq = PROMPT_TOKENS + new + (SYSTEM_PROMPT_TOKENS if p["method"] != "feedback" else 0)
+        gen_seq = engine_seq(
+            cfg, PROMPT_TOKENS + new + (SYSTEM_PROMPT_TOKENS if p["method"] != "feedback" else 0), new
+        )
         score_seq = PROMPT_TOKENS + 2 * new + QUESTION_TOKENS
         m.parts[f"larger of KV cache {gen_batch}x{gen_seq} and scoring {gen_batch}x{score_seq}"] = max(
             generation_bytes(pol, e, gen_batch, gen_seq), forward_bytes(pol, e, gen_batch, score_seq)
@@ -338,7 +353,8 @@ def step_memory(step: str, cfg: dict[str, Any], shapes: Shapes) -> StepMemory:
         ev = cfg["evaluate"]
         seq = PROMPT_TOKENS + ev["sampling"]["max_new_tokens"]
         m.add("one stage's policy at a time", pol, dtype)
-        m.parts[f"KV cache {gen_batch}x{seq}"] = generation_bytes(pol, e, gen_batch, seq)
+        cols = engine_seq(cfg, seq, ev["sampling"]["max_new_tokens"])
+        m.parts[f"KV cache {gen_batch}x{cols}"] = generation_bytes(pol, e, gen_batch, cols)
         if step == "evaluate":
             return _evaluate(m, cfg, shapes, seq)
     else:

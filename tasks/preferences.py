@@ -26,7 +26,7 @@ from caiflow.feedback import (
     refusal_contrast,
     sample_principles,
 )
-from caiflow.generation import Sampling
+from caiflow.generation import Sampling, join_opening
 from caiflow.models import ResolvedModel, policy_engine
 from caiflow.prompt_filters import kept_prompts
 from caiflow.refusal import is_refusal, wants_refusal
@@ -271,7 +271,7 @@ def pair_answers(
         left = []
         for (i, side, conv), text in zip(todo, answers):
             if conv[-1]["role"] == "assistant":  # an opened answer: its opening, then what the model wrote
-                text = _finish(conv[-1]["content"], text)
+                text = join_opening(conv[-1]["content"], text)
             first.setdefault((i, side), text)
             if samples == 1 or is_refusal(text) == wants_refusal(rows[i]["kind"], side, inverted):
                 picked[(i, side)] = text
@@ -289,10 +289,3 @@ def pair_answers(
             "answer_b": [picked[(i, "b")] for i in range(len(rows))],
         }
     )
-
-
-def _finish(opening: str, rest: str) -> str:
-    """An answer's given opening joined to the model's continuation (decoded and stripped)."""
-    if not rest or rest[0] in ".,;:!?)" or opening.endswith((" ", "\n")):
-        return opening + rest
-    return f"{opening} {rest}"

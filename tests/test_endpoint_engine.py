@@ -49,3 +49,12 @@ def test_a_server_that_keeps_failing_gives_one_error_naming_it(key):
         eng = engine(server, max_concurrency=1, max_retries=2)
         with pytest.raises(EndpointError, match=r"failed 3 times generating .*check that the server is up"):
             eng.generate([[{"role": "user", "content": "hi"}]], Sampling(max_new_tokens=4), [1])
+
+
+def test_an_opened_answer_is_refused_before_any_request(key):
+    with ChatServer() as server:
+        eng = engine(server)
+        opened = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "I'm sorry, but"}]
+        with pytest.raises(ValueError, match="cannot portably continue one"):
+            eng.generate([opened], Sampling(max_new_tokens=4), [1])
+        assert server.requests == []  # nothing was sent: the endpoint would have answered afresh

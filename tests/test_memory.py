@@ -111,6 +111,23 @@ def test_rl_holds_policy_and_reward_ensemble_and_a_shared_backbone_holds_one():
     assert shared.parts["reward adapters: 3 x 520 params x 4 B"] == 3 * 520 * 4
 
 
+def test_the_decode_loops_spare_cache_columns_are_planned():
+    from caiflow.kv_cache import GROW_COLUMNS
+    from caiflow.memory import SPARE_COLUMNS, engine_seq
+
+    assert SPARE_COLUMNS == GROW_COLUMNS
+    cfg = load_config(ROOT / "configs" / "7b-qlora.yaml").model_dump()
+    assert engine_seq(cfg, 300, 256) == 300 + 64 and engine_seq(cfg, 300, 16) == 316  # min(64, new)
+    cfg["generation"]["decoding"] = "generate"  # transformers' own loop: a cache of the tokens only
+    assert engine_seq(cfg, 300, 256) == 300
+    from caiflow.memory import KNOWN_SHAPES
+
+    shapes = Shapes(KNOWN_SHAPES[cfg["model"]["name"]])
+    loop = step_memory("baseline", load_config(ROOT / "configs" / "7b-qlora.yaml").model_dump(), shapes)
+    plain = step_memory("baseline", cfg, shapes)
+    assert loop.peak > plain.peak
+
+
 def test_the_7b_preset_fits_24_gb_by_its_own_plan():
     from caiflow.memory import KNOWN_SHAPES
 

@@ -71,7 +71,12 @@ def pairs_to_rows(pairs: pd.DataFrame, tokenizer, balance_kinds: bool = False) -
     """Token ids of both sides, the soft label and the pair's loss weight (1, or with `balance_kinds`
     n / (kinds * n_kind), so each pair_kind weighs the same in total and the mean weight is 1)."""
     weights = np.ones(len(pairs))
-    if balance_kinds and "pair_kind" in pairs and len(pairs):
+    if balance_kinds and "pair_kind" not in pairs:
+        raise ValueError(
+            "reward_model.balance_kinds weighs pairs by their pair_kind, but the preferences have no "
+            "pair_kind column: rerun the preferences step with this version, or set balance_kinds: false."
+        )
+    if balance_kinds and len(pairs):
         counts = pairs["pair_kind"].map(pairs["pair_kind"].value_counts()).to_numpy(dtype=float)
         weights = len(pairs) / (pairs["pair_kind"].nunique() * counts)
     return [

@@ -75,6 +75,8 @@ def test_pair_weights_scale_each_term_and_balance_the_kinds(tiny_path, prefs):
     # 6 benign pairs weigh 8 / (2 * 6) each, 2 red-team pairs 8 / (2 * 2): 4 and 4 in total, mean 1
     assert balanced[:6] == pytest.approx([2 / 3] * 6) and balanced[6:] == pytest.approx([2.0, 2.0])
     assert balanced.mean() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no pair_kind column"):
+        pairs_to_rows(pairs.drop(columns="pair_kind"), tok, balance_kinds=True)
 
 
 def test_aggregate_is_mean_minus_lambda_std():
