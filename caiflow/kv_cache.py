@@ -47,6 +47,7 @@ class GrowingLayer(DynamicLayer):
         # Filled columns of each buffer, counted apart so that assigning keys, then values computed
         # from the old `layer.values`, reads the old values whole.
         self._key_columns = self._value_columns = 0
+        self._owned = False  # whether the buffers are this layer's own (assigned tensors are not)
         super().__init__()  # sets keys and values to None through the setters below
 
     # What transformers and the loop read and assign: the filled part only.
@@ -56,7 +57,7 @@ class GrowingLayer(DynamicLayer):
 
     @keys.setter
     def keys(self, tensor: torch.Tensor | None) -> None:
-        self._keys = tensor
+        self._keys, self._owned = tensor, False
         self._key_columns = 0 if tensor is None else tensor.shape[-2]
 
     @property
@@ -65,7 +66,7 @@ class GrowingLayer(DynamicLayer):
 
     @values.setter
     def values(self, tensor: torch.Tensor | None) -> None:
-        self._values = tensor
+        self._values, self._owned = tensor, False
         self._value_columns = 0 if tensor is None else tensor.shape[-2]
 
     @property
@@ -98,9 +99,10 @@ class GrowingLayer(DynamicLayer):
             )
         start = self.length
         end = start + key_states.shape[-2]
-        if end > self.capacity:
+        if end > self.capacity or not self._owned:  # never write into an assigned tensor (even cropped)
             self._keys = self._moved(self._keys, key_states, end + self.grow)
             self._values = self._moved(self._values, value_states, end + self.grow)
+            self._owned = True
         self._keys[:, :, start:end] = key_states
         self._values[:, :, start:end] = value_states
         self._key_columns = self._value_columns = end

@@ -152,6 +152,13 @@ def test_assigned_tensors_are_held_as_they_are_and_never_written():
     layer.keys = layer.keys[:, :, 1:]
     with pytest.raises(RuntimeError, match="assign keys and values of the same width"):
         layer.update(*kv(2, 1, 2))
+    # Cropped after an assignment, the tensor has room again, and is still not written into.
+    held_keys, held_values = kv(2, 5, 3)
+    kept = held_keys.clone()
+    layer.keys, layer.values = held_keys, held_values
+    layer.crop(-2)
+    k, _ = layer.update(*kv(2, 1, 4))
+    assert torch.equal(held_keys, kept) and k.shape[2] == 4
 
 
 def test_growing_cache_refuses_layers_it_does_not_replace():
