@@ -66,7 +66,9 @@ def main() -> None:
     cfg = load_config(args.config)
     red, benign = training_prompts(cfg)
     tune = load_prompts([PromptSource(kind="lookalike", part="tune")], Path(".")).prompt.tolist()
-    base = resolve_model(cfg.model.name, args.storage or cfg.run.storage, cfg.model.revision)
+    base = resolve_model(
+        cfg.model.name, args.storage or cfg.run.storage, cfg.model.revision, cfg.model.tiny.model_dump()
+    )
     model, tok = load_policy(Path(args.sl_model), base_model_path=base.path, dtype=cfg.model.dtype)
     engine = GenerationEngine(model, tok, batch_size=cfg.generation.batch_size)
     sets = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -376,3 +377,39 @@ def test_qlora_members_are_adapters_on_one_shared_4bit_backbone(tiny64_path, pre
 def test_qlora_needs_the_shared_backbone():
     with pytest.raises(ValueError, match="set reward_model.shared_backbone to true"):
         RewardModelConfig(method="qlora")
+
+
+def test_reward_bias_script_prints_a_share_per_prompt_set(tiny_path, sl_adapter, reward_dir, tmp_path):
+    """benchmarks/reward_bias.py on the tiny preset: one row per reward model, three shares with intervals."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/reward_bias.py",
+            "--config",
+            "configs/tiny.yaml",
+            "--storage",
+            str(tmp_path),
+            "--sl-model",
+            str(sl_adapter),
+            "--reward-model",
+            str(reward_dir),
+            "--max-new-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("share of prompts where the reward model scores the refusal above")
+    assert "look-alikes (tune)" in lines[1] and "training red-team" in lines[1]
+    row = lines[2]
+    assert row.startswith(str(reward_dir)[-48:])
+    assert len(re.findall(r"\d+% \[\d+%,\d+%\] n=\d+", row)) == 3, row
