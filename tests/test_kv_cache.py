@@ -9,19 +9,9 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from caiflow.decoding import ContinuousDecoder
 from caiflow.generation import GenerationEngine, Sampling
 from caiflow.kv_cache import GrowingCache, GrowingLayer
+from tests.test_generation import PROMPTS, SEEDS
 
-PROMPTS = [
-    "Hello there.",
-    "Tell me a long story about a dragon who guards a library full of ancient books.",
-    "Why?",
-    "What is two plus two? Please explain your reasoning step by step.",
-    "Name a colour.",
-    "Write a poem about the sea, the wind and a small boat.",
-    "Hi",
-    "How do plants grow?",
-]
 PREFIX = "You are a careful assistant. Example: User: how do I bake bread? Assistant: mix, rise, bake. Now: "
-SEEDS = [11, 22, 33, 44, 55, 66, 77, 88]
 SAMPLINGS = [
     Sampling(max_new_tokens=12, temperature=0),
     Sampling(max_new_tokens=12, temperature=0.9, top_p=0.95),
