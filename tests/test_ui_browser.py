@@ -55,6 +55,7 @@ def browser(tmp_path_factory):
 
 
 def test_quick_run_from_the_ui_completes_and_shows_artifacts(prefect_stack, browser, tmp_path):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect
 
     before = {fr.id for fr in prefect_stack.flow_runs_of("constitutional-ai")}
@@ -68,11 +69,23 @@ def test_quick_run_from_the_ui_completes_and_shows_artifacts(prefect_stack, brow
 
         page.get_by_role("button", name="Run", exact=True).click()
         page.get_by_text("Quick run", exact=True).click()
+        # the click creates exactly one run; the server may take a while on a busy machine
+        new_ids: list[str] = []
+        created_by = time.monotonic() + 120
+        while not new_ids and time.monotonic() < created_by:
+            new_ids = [str(fr.id) for fr in prefect_stack.flow_runs_of("constitutional-ai") if fr.id not in before]
+            time.sleep(0.5)
+        assert len(new_ids) == 1, f"Quick run created {len(new_ids)} flow runs, not one"
         # "View run" on the "scheduled to start now" toast (the UI mounts its toast layer twice; the
-        # last copy is the one on top)
-        page.get_by_role("button", name="View run").last.click()
+        # last copy is the one on top). The toast closes itself after a few seconds, which on a busy
+        # machine can come before the click: then open the run the way a person would without it.
+        try:
+            page.get_by_role("button", name="View run").last.click(timeout=15_000)
+        except PlaywrightTimeout:
+            page.goto(f"{prefect_stack.ui_url}/runs/flow-run/{new_ids[0]}", wait_until="networkidle")
         page.wait_for_url("**/runs/flow-run/**")
         flow_run_id = page.url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
+        assert flow_run_id == new_ids[0]
 
         # the state badge in the run page's heading follows the run live; reload now and then in
         # case an update is missed
