@@ -73,7 +73,8 @@ def test_quick_run_from_the_ui_completes_and_shows_artifacts(prefect_stack, brow
         new_ids: list[str] = []
         created_by = time.monotonic() + 120
         while not new_ids and time.monotonic() < created_by:
-            new_ids = [str(fr.id) for fr in prefect_stack.flow_runs_of("constitutional-ai") if fr.id not in before]
+            runs = prefect_stack.flow_runs_of("constitutional-ai")
+            new_ids = [str(fr.id) for fr in runs if fr.id not in before]
             time.sleep(0.5)
         assert len(new_ids) == 1, f"Quick run created {len(new_ids)} flow runs, not one"
         # "View run" on the "scheduled to start now" toast (the UI mounts its toast layer twice; the
