@@ -1,7 +1,7 @@
 """Generation throughput: caiflow's engine against batched ``model.generate``, in one run.
 
     python benchmarks/generation.py [--storage DIR] [--prompts 64] [--new-tokens 64] [--batch-size 64]
-        [--repeats 3] [--dtype float32|bfloat16] [--scenario answers|critique] [--top-p 1.0]
+        [--repeats 3] [--dtype float32|bfloat16] [--scenario answers|critique] [--top-p 1.0] [--profile]
     python benchmarks/generation.py --backend endpoint --base-url http://127.0.0.1:8080/v1 --model smollm2
 
 ``--backend endpoint``: tokens/s of an OpenAI-compatible server (vLLM, llama.cpp, TGI) through
@@ -23,6 +23,10 @@ its shared-prefix cache, next to the baseline.
 ``--cat-cache`` adds the engine on transformers' ``DynamicCache`` (``torch.cat`` of every layer's
 whole cache per token, what the loop used before `caiflow.kv_cache`) as one more interleaved
 side, and checks that its answers equal the engine's, text for text.
+
+``--profile`` runs the engine once more under torch.profiler and splits its CPU time into matrix
+products (GEMMs), attention and the rest; tokens over the GEMM seconds is the rate the engine would
+reach if nothing else cost anything, the ceiling of the model's precision on this machine.
 """
 
 from __future__ import annotations
@@ -210,6 +214,40 @@ def cat_cache():
         ContinuousDecoder._new_cache = in_place
 
 
+# Self-time groups of --profile, by profiler op name; the rest (norms, activations, rotary embeddings,
+# the sampler, cache surgery, Python-side ops) is "other".
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+ATTENTION_OPS = ("scaled_dot_product",)
+
+
+def profile_engine(engine: GenerationEngine, prompts: list[str], sampling: Sampling) -> dict[str, float]:
+    """One engine run under torch.profiler: self CPU seconds in matrix products, in attention and in
+    everything else, with the tokens generated.
+
+    The matrix products are the floor of this precision: tokens / their seconds is the engine's rate
+    if every other op were free (the profiler adds a little overhead to the small ops, none to GEMMs).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.generated_tokens = 0
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        engine.generate_text(prompts, sampling, list(range(len(prompts))))
+    seconds = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    gemm_flops = 0.0
+    for event in prof.key_averages():
+        if event.key in GEMM_OPS:
+            gemm_flops += event.flops
+        group = (
+            "gemm"
+            if event.key in GEMM_OPS
+            else "attention"
+            if any(op in event.key for op in ATTENTION_OPS)
+            else "other"
+        )
+        seconds[group] += event.self_cpu_time_total / 1e6
+    return {**seconds, "tokens": float(engine.generated_tokens), "gemm_gflops": gemm_flops / 1e9}
+
+
 def load_average() -> str:
     try:
         return "load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -290,6 +328,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "--cat-cache",
         action="store_true",
         help="also time the engine on DynamicCache (torch.cat per token) and check its answers are the same",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timed runs, one engine run under torch.profiler: time in GEMMs, attention and the "
+        "rest, and the engine's rate if only the GEMMs cost anything",
     )
     parser.add_argument(
         "--backend",
@@ -379,6 +423,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "baseline_tokens_per_s": base,
         "speedup": medians["engine"] / base,
     }
+    if args.profile:
+        prof = profile_engine(engine, prompts, sampling)
+        total = prof["gemm"] + prof["attention"] + prof["other"]
+        log.info(
+            "profile (engine, one run): %.2f s in GEMMs (%.0f%%, %.0f GFLOP/s), "
+            "%.2f s in attention (%.0f%%), %.2f s other (%.0f%%), %d tokens",
+            prof["gemm"],
+            100 * prof["gemm"] / total,
+            prof["gemm_gflops"] / prof["gemm"],
+            *(x for g in ("attention", "other") for x in (prof[g], 100 * prof[g] / total)),
+            prof["tokens"],
+        )
+        ceiling = prof["tokens"] / prof["gemm"]
+        log.info(
+            "GEMMs alone: %.1f tokens/s = %.2fx batched generate (the ceiling of this precision)",
+            ceiling,
+            ceiling / base,
+        )
+        result["gemm_ceiling_tokens_per_s"] = ceiling
     if args.cat_cache:
         differ = [i for i, (a, b) in enumerate(zip(answers["engine"], answers[cat_side])) if a != b]
         log.info(

@@ -5,7 +5,8 @@
 - :class:`PerRowSampler` is the ``transformers`` logits processor that samples with that noise
   (Gumbel-max) under ``generate``.
 - :func:`pick_tokens` picks exactly the same token without hashing the whole vocabulary (what
-  caiflow's own decode loop, `caiflow.decoding`, uses): see its notes.
+  caiflow's own decode loop, `caiflow.decoding`, uses): only the nucleus (top-p), or without one
+  only the tokens that the Gumbel noise's bound leaves able to win.
 """
 
 from __future__ import annotations
@@ -205,8 +206,8 @@ def _pick_tokens(
         if nucleus is None:  # PerRowSampler's own filter, then every token hashed
             return _full_vocab_pick(torch.log(_top_p_filter(logp.exp(), top_p)), seeds, steps)
         cand_idx, cand_val = nucleus
-    else:  # nearly every token could win: hash the whole vocabulary, in cache-sized chunks
-        return _full_vocab_pick(logp, seeds, steps)
+    else:
+        return _bounded_pick(logp, seeds, steps)
     k = cand_idx.shape[1]
     noise = _noise(seeds.repeat_interleave(k), steps.repeat_interleave(k), cand_idx.reshape(-1)).view(rows, k)
     score = cand_val - noise
@@ -214,6 +215,27 @@ def _pick_tokens(
     top = score.max(dim=-1, keepdim=True).values
     tied = torch.where(score == top, cand_idx, torch.full_like(cand_idx, vocab))
     return tied.min(dim=-1).values
+
+
+def _bounded_pick(logp: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """argmax(logp - log(-log(row_uniforms))) per row, hashing only the tokens that can still win.
+
+    No token's noise exceeds GUMBEL_MAX, and the winner scores at least what the row's most likely
+    token scores (s0): a token with log(p) below s0 - GUMBEL_MAX cannot win. With a peaked
+    distribution that leaves a few hundred tokens of the vocabulary; a flat one (over a quarter of
+    it left) hashes the whole vocabulary instead.
+    """
+    rows, vocab = logp.shape
+    top_val, top_idx = logp.max(dim=-1)
+    s0 = top_val - _noise(seeds, steps, top_idx)
+    r, t = (logp >= (s0 - GUMBEL_MAX - _SLACK).unsqueeze(1)).nonzero(as_tuple=True)
+    if r.numel() > rows * vocab // 4:
+        return _full_vocab_pick(logp, seeds, steps)
+    score = logp[r, t] - _noise(seeds[r], steps[r], t)
+    best = torch.full((rows,), float("-inf"), device=logp.device).scatter_reduce(0, r, score, "amax")
+    # argmax over the vocabulary takes the lowest token id among equal scores: do the same
+    won = score == best[r]
+    return torch.full((rows,), vocab, device=logp.device).scatter_reduce(0, r[won], t[won], "amin")
 
 
 def _nucleus(logp: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -316,6 +316,35 @@ def test_pick_tokens_is_per_row_sampler_exactly(temperature, top_p):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_pick_tokens_without_nucleus_hashes_only_tokens_that_can_win(monkeypatch, temperature):
+    """Peaked logits, as a language model's: the Gumbel noise's bound leaves a few hundred tokens to
+    hash, and the pick is still PerRowSampler's; flat logits hash the whole vocabulary, same pick."""
+    import caiflow.sampling as sampling
+    from caiflow.sampling import PerRowSampler
+
+    def whole_vocabulary(*args):
+        raise AssertionError("hashed the whole vocabulary")
+
+    torch.manual_seed(1)
+    peaked = torch.randn(16, 49152) * 2
+    peaked[:, :40] += torch.linspace(20, 8, 40)  # a few likely tokens, as after a prompt
+    flat = torch.randn(16, 49152)
+    picked = set()
+    for scores, bounded in ((peaked, True), (flat, False)):
+        for step in range(3):
+            sampler = PerRowSampler(range(200, 216), temperature, 1.0, "cpu")
+            sampler.start = 0
+            want = sampler(torch.zeros((16, step), dtype=torch.long), scores).argmax(dim=-1)
+            with monkeypatch.context() as m:
+                if bounded:
+                    m.setattr(sampling, "_full_vocab_pick", whole_vocabulary)
+                got = sampling.pick_tokens(scores, sampler.seeds, torch.full((16,), step), temperature, 1.0)
+            assert torch.equal(got, want)
+            picked.update(want.tolist())
+    assert len(picked) > 16  # the rows drew different tokens
+
+
 # A (seed, step, token) whose hashed uniform is the largest, (2^24 - 0.5) / 2^24: 1.0 in float32.
 EDGE_SEED, EDGE_STEP, EDGE_TOKEN = 1015106910, 24, 15613
 
@@ -384,3 +413,18 @@ def test_common_prefix_leaves_every_prompt_a_token():
 def test_decoding_must_be_known(tiny_model):
     with pytest.raises(ValueError, match="'continuous'"):
         engine_for(tiny_model, decoding="fast")
+
+
+def test_generation_benchmark_profile_splits_the_engine_time(tiny_model):
+    """benchmarks/generation.py --profile: the engine's tokens, its GEMM time and their FLOP count."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from generation import profile_engine
+
+    engine = engine_for(tiny_model, batch_size=4)
+    prof = profile_engine(engine, PROMPTS, SAMPLED)
+    ids = engine_for(tiny_model, batch_size=4).generate_ids(PROMPTS, SAMPLED, list(range(len(PROMPTS))))
+    assert prof["tokens"] == sum(len(row) for row in ids) > 0
+    assert prof["gemm"] > 0 and prof["gemm_gflops"] > 0 and prof["other"] > 0
