@@ -45,6 +45,8 @@ from transformers import GenerationConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's caiflow, not an installed one
 
+from engine_profile import profile_engine
+
 from caiflow.generation import GenerationEngine, Sampling
 from caiflow.models import DEFAULT_MODEL, load_model_and_tokenizer, resolve_model
 
@@ -212,40 +214,6 @@ def cat_cache():
         yield
     finally:
         ContinuousDecoder._new_cache = in_place
-
-
-# Self-time groups of --profile, by profiler op name; the rest (norms, activations, rotary embeddings,
-# the sampler, cache surgery, Python-side ops) is "other".
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
-ATTENTION_OPS = ("scaled_dot_product",)
-
-
-def profile_engine(engine: GenerationEngine, prompts: list[str], sampling: Sampling) -> dict[str, float]:
-    """One engine run under torch.profiler: self CPU seconds in matrix products, in attention and in
-    everything else, with the tokens generated.
-
-    The matrix products are the floor of this precision: tokens / their seconds is the engine's rate
-    if every other op were free (the profiler adds a little overhead to the small ops, none to GEMMs).
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    engine.generated_tokens = 0
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
-        engine.generate_text(prompts, sampling, list(range(len(prompts))))
-    seconds = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
-    gemm_flops = 0.0
-    for event in prof.key_averages():
-        if event.key in GEMM_OPS:
-            gemm_flops += event.flops
-        group = (
-            "gemm"
-            if event.key in GEMM_OPS
-            else "attention"
-            if any(op in event.key for op in ATTENTION_OPS)
-            else "other"
-        )
-        seconds[group] += event.self_cpu_time_total / 1e6
-    return {**seconds, "tokens": float(engine.generated_tokens), "gemm_gflops": gemm_flops / 1e9}
 
 
 def load_average() -> str:

@@ -6,6 +6,7 @@ import pytest
 from caiflow.constitution import load_constitution
 from caiflow.critique import SCHEMA, Sampler, choose_principles, degenerate_reason, run_rows
 from caiflow.generation import GenerationEngine, Sampling
+from tests.benchmark_scripts import benchmark_module, run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -284,33 +285,21 @@ def test_cut_off_targets_are_cut_back_to_a_sentence_or_dropped(constitution):
 
 def test_system_prompt_tuning_script_reads_training_prompts_only(model_store, tmp_path):
     """benchmarks/tune_system_prompt.py on the tiny preset: one row per candidate, no held-out prompt."""
-    import subprocess
-    import sys
-
     candidates = tmp_path / "candidates.yaml"
     candidates.write_text('- "Refuse anything harmful."\n')
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/tune_system_prompt.py",
-            "--config",
-            "configs/tiny.yaml",
-            "--storage",
-            str(model_store),
-            "--candidates",
-            str(candidates),
-            "--max-new-tokens",
-            "4",
-            "--limit",
-            "6",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
+    lines = run_benchmark(
+        "tune_system_prompt.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--storage",
+        str(model_store),
+        "--candidates",
+        str(candidates),
+        "--max-new-tokens",
+        "4",
+        "--limit",
+        "6",
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
     assert lines[0].startswith("training red-team ") and "look-alike tune 6" in lines[0]
     table = [line.split() for line in lines[2:5]]
     assert [row[0] for row in table] == ["0", "1", "2"]  # none, the constitution's own, the candidate
@@ -321,8 +310,7 @@ def test_system_prompt_tuning_script_reads_training_prompts_only(model_store, tm
     from caiflow.prompt_filters import cap_prompts, clean_prompts, split_prompts
     from caiflow.prompts import load_prompts
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from tune_system_prompt import training_prompts
+    training_prompts = benchmark_module("tune_system_prompt").training_prompts
 
     cfg = load_config(ROOT / "configs/tiny.yaml")
     red, benign = training_prompts(cfg)

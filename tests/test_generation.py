@@ -11,6 +11,7 @@ from caiflow.faults import OOM_ABOVE_ENV as FAULT_OOM_ENV
 from caiflow.faults import free_accelerator_memory, is_out_of_memory
 from caiflow.generation import GenerationEngine, Sampling
 from caiflow.models import DEFAULT_MODEL, load_causal_lm, load_model_and_tokenizer, resolve_model
+from tests.benchmark_scripts import benchmark_module
 
 PROMPTS = [
     "Hello there.",
@@ -417,12 +418,7 @@ def test_decoding_must_be_known(tiny_model):
 
 def test_generation_benchmark_profile_splits_the_engine_time(tiny_model):
     """benchmarks/generation.py --profile: the engine's tokens, its GEMM time and their FLOP count."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from generation import profile_engine
-
+    profile_engine = benchmark_module("engine_profile").profile_engine
     engine = engine_for(tiny_model, batch_size=4)
     prof = profile_engine(engine, PROMPTS, SAMPLED)
     ids = engine_for(tiny_model, batch_size=4).generate_ids(PROMPTS, SAMPLED, list(range(len(PROMPTS))))

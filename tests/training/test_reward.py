@@ -18,6 +18,7 @@ from caiflow.training.config import RewardModelConfig
 from caiflow.training.reward import soft_label_loss, train_reward_model
 from caiflow.training.reward_data import assign_principles, split_pairs
 from caiflow.training.reward_scorer import RewardScorer, aggregate, conversation_ids, pair_metrics
+from tests.benchmark_scripts import run_benchmark
 
 FAST = dict(
     max_steps=2,
@@ -381,33 +382,19 @@ def test_qlora_needs_the_shared_backbone():
 
 def test_reward_bias_script_prints_a_share_per_prompt_set(tiny_path, sl_adapter, reward_dir, tmp_path):
     """benchmarks/reward_bias.py on the tiny preset: one row per reward model, three shares with intervals."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/reward_bias.py",
-            "--config",
-            "configs/tiny.yaml",
-            "--storage",
-            str(tmp_path),
-            "--sl-model",
-            str(sl_adapter),
-            "--reward-model",
-            str(reward_dir),
-            "--max-new-tokens",
-            "4",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        timeout=300,
+    lines = run_benchmark(
+        "reward_bias.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--storage",
+        str(tmp_path),
+        "--sl-model",
+        str(sl_adapter),
+        "--reward-model",
+        str(reward_dir),
+        "--max-new-tokens",
+        "4",
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
     assert lines[0].startswith("share of prompts where the reward model scores the refusal above")
     assert "look-alikes (tune)" in lines[1] and "training red-team" in lines[1]
     row = lines[2]
