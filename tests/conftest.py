@@ -27,6 +27,16 @@ def model_store(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def default_model_store(tmp_path_factory) -> Path:
+    """A storage root for the real default model alone, kept out of `model_store`.
+
+    Tests copy `model_store`'s models into their own storage; with the dequantised default model
+    (about 520 MB) in it, each copy would carry it too.
+    """
+    return tmp_path_factory.mktemp("default-model-storage")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(model_store):
     """(model, tokenizer, resolved) for the tiny random Llama with the default model's tokenizer."""
     resolved = resolve_model(TINY_MODEL, model_store)

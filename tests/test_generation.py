@@ -271,8 +271,8 @@ def test_score_choices_needs_options(tiny_model):
 
 
 @pytest.mark.slow
-def test_default_model_smoke(model_store):
-    model, tokenizer = load_model_and_tokenizer(resolve_model(DEFAULT_MODEL, model_store))
+def test_default_model_smoke(default_model_store):
+    model, tokenizer = load_model_and_tokenizer(resolve_model(DEFAULT_MODEL, default_model_store))
     engine = GenerationEngine(model, tokenizer, batch_size=2)
     convs = [
         [{"role": "user", "content": "What is the capital of France?"}],

