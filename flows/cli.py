@@ -32,7 +32,7 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
-def _prefect_defaults() -> None:
+def prefect_defaults() -> None:
     """Quiet, local Prefect defaults (a user's own settings win)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _prefect_defaults()
+    prefect_defaults()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s")
     for noisy in ("httpx", "httpcore"):  # one line per Prefect API call otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
