@@ -108,8 +108,16 @@ def run_prefect(config: str, overrides: list[str], storage: Path, until: str) ->
     return time.perf_counter() - start, result["steps"]
 
 
+def new_tokens(metrics: dict[str, Any]) -> int | None:
+    """A step's new tokens: its engine's count, or the sum over the stages that evaluate had answer."""
+    if isinstance(metrics.get("generated_tokens"), int):
+        return metrics["generated_tokens"]
+    stages = [m.get("generated_tokens") for m in metrics.get("generation", {}).values()]
+    return sum(stages) if stages and all(isinstance(t, int) for t in stages) else None
+
+
 def tokens_per_second(metrics: dict[str, Any], seconds: float) -> str:
-    tokens = metrics.get("generated_tokens")
+    tokens = new_tokens(metrics)
     return (
         f"{tokens:>7d} {tokens / seconds:>7.1f}"
         if isinstance(tokens, int) and seconds > 0

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.benchmark_scripts import run_benchmark
+from tests.benchmark_scripts import benchmark_module, run_benchmark
 
 
 @pytest.mark.slow
@@ -37,3 +37,12 @@ def test_pipeline_benchmark_times_each_step_with_and_without_prefect():
     assert float(share.group(1)) == pytest.approx(float(total[2]) - float(total[1]), abs=0.2)
     startup = re.search(r"Prefect start-up: ([\d.]+) s, a temporary server at http://127\.0\.0\.1:\d+/", text)
     assert startup and float(startup.group(1)) > 0, text[-1500:]
+
+
+def test_new_tokens_of_a_step_and_of_evaluates_stages():
+    """Evaluate counts its tokens per answering stage; a stage found done in its shards ran no engine."""
+    new_tokens = benchmark_module("pipeline").new_tokens
+    assert new_tokens({"generated_tokens": 25501}) == 25501
+    assert new_tokens({"generation": {"sl": {"generated_tokens": 10}, "rl": {"generated_tokens": 7}}}) == 17
+    assert new_tokens({"generation": {"sl": {"generated_tokens": 10}, "rl": {"rows_reused": 164}}}) is None
+    assert new_tokens({"train_loss": 0.9}) is None
