@@ -47,7 +47,6 @@ def warm_imports() -> float:
     """
     start = time.perf_counter()
     import peft  # noqa: F401
-    import trl  # noqa: F401
     from trl import RewardTrainer, RLOOTrainer, SFTTrainer  # noqa: F401
 
     import caiflow.training.reward  # noqa: F401
@@ -134,11 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     # the figures are its output, so they go to stdout with the steps' progress
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    for noisy in ("httpx", "httpcore"):  # one line per Prefect API call otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from flows.cli import prefect_defaults, quiet_http_loggers
 
-    from flows.cli import prefect_defaults
-
+    quiet_http_loggers()
     prefect_defaults()  # as `caiflow run` sets them: no telemetry, a 180 s start-up allowance, offline
     tmp = Path(tempfile.mkdtemp(prefix="caiflow-bench-"))
     if not os.environ.get("PREFECT_API_URL"):

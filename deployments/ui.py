@@ -36,6 +36,7 @@ from typing import IO, Any
 
 from deployments.server_setup import AUTOMATION, DEPLOYMENTS, POOL, configure, set_default_preset
 from deployments.workers import WorkerSetupError, WorkerSpec, count_gpus, worker_specs
+from flows.cli import quiet_http_loggers
 
 log = logging.getLogger("caiflow.ui")
 
@@ -377,8 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s")
-    for noisy in ("httpx", "httpcore"):  # one line per API call otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_http_loggers()
     args = build_parser().parse_args(argv)
     from zoneinfo import ZoneInfo
 

@@ -395,11 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_http_loggers() -> None:
+    """No INFO line per Prefect API call (httpx logs every request)."""
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     prefect_defaults()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s")
-    for noisy in ("httpx", "httpcore"):  # one line per Prefect API call otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_http_loggers()
     args = build_parser().parse_args(argv)
     return args.func(args)
 
