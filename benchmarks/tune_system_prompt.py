@@ -6,6 +6,8 @@ This script measures candidate wordings with the base model on what a run may tu
 
 - the config's *training* red-team and benign prompts (the same cleaning, cap and split as the
   prompts step; held-out prompts are never read);
+- its *tune* red-team prompts (`prompts.tune_fraction`): never trained on and never reported, so
+  a trained stage's refusal there is a fair estimate, unlike on the prompts it trained on;
 - the look-alike set's `tune` part (benign prompts that only look harmful; the `report` part is
   what the evaluation reports, so it is never read here).
 
@@ -34,7 +36,7 @@ from caiflow.generation import GenerationEngine, Sampling
 from caiflow.models import load_model_and_tokenizer, resolve_model
 from caiflow.prompt_filters import cap_prompts, clean_prompts, split_prompts
 from caiflow.prompts import load_prompts
-from caiflow.refusal import is_refusal
+from caiflow.refusal import is_refusal, wilson
 from caiflow.step_config import PromptSource
 
 log = logging.getLogger("tune_system_prompt")
@@ -55,17 +57,25 @@ CANDIDATES = [
 ]
 
 
-def training_prompts(cfg) -> tuple[list[str], list[str]]:
-    """(training red-team prompts, training benign prompts) exactly as the prompts step splits them."""
+def split_prompts_of(cfg) -> dict[str, list[str]]:
+    """The config's kept prompts exactly as the prompts step splits them, by "split kind"
+    ("train red-team", "train benign", "tune red-team"); held-out prompts are left out."""
     p = cfg.prompts
     df = load_prompts(p.sources, cfg.resolve_path("."))
     df = clean_prompts(df, p.min_chars, p.max_chars)
     df = cap_prompts(df, p.max_red_team, p.max_benign, cfg.run.seed)
-    df = split_prompts(df, p.eval_fraction, cfg.run.seed, p.benign_eval_fraction)
-    train = df[df["drop_reason"].isna() & (df["split"] == "train")].sort_values("prompt_id")
-    red = train.loc[train["kind"] == "red-team", "prompt"].tolist()
-    benign = train.loc[train["kind"] == "benign", "prompt"].tolist()
-    return red, benign
+    df = split_prompts(df, p.eval_fraction, cfg.run.seed, p.benign_eval_fraction, p.tune_fraction)
+    kept = df[df["drop_reason"].isna()].sort_values("prompt_id")
+    return {
+        f"{split} {kind}": kept.loc[(kept["split"] == split) & (kept["kind"] == kind), "prompt"].tolist()
+        for split, kind in (("train", "red-team"), ("train", "benign"), ("tune", "red-team"))
+    }
+
+
+def training_prompts(cfg) -> tuple[list[str], list[str]]:
+    """(training red-team prompts, training benign prompts) exactly as the prompts step splits them."""
+    sets = split_prompts_of(cfg)
+    return sets["train red-team"], sets["train benign"]
 
 
 def refusal_share(engine, system: str | None, prompts: list[str], sampling: Sampling, seeds) -> list[bool]:
@@ -91,21 +101,28 @@ def main() -> None:
     )
     parser.add_argument("--limit", type=int, help="at most N prompts of each set (a quick look)")
     parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, as caiflow run"
+    )
+    parser.add_argument(
         "--max-new-tokens", type=int, default=48, help="refusal is read in the first 160 chars"
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     constitution = load_constitution(cfg.constitution_path(), False, cfg.constitution.principles)
     extra = yaml.safe_load(Path(args.candidates).read_text()) if args.candidates else CANDIDATES
     candidates = [] if args.stages_only else [None, constitution.as_system_prompt(), *extra]
 
-    red, benign = training_prompts(cfg)
+    sets = split_prompts_of(cfg)
+    red, benign, tune_red = sets["train red-team"], sets["train benign"], sets["tune red-team"]
     tune = load_prompts([PromptSource(kind="lookalike", part="tune")], Path(".")).prompt.tolist()
     if args.limit:
-        red, benign, tune = red[: args.limit], benign[: args.limit], tune[: args.limit]
-    log.info("training red-team %d, training benign %d, look-alike tune %d", len(red), len(benign), len(tune))
+        red, benign, tune, tune_red = (x[: args.limit] for x in (red, benign, tune, tune_red))
+    log.info(
+        "training red-team %d, training benign %d, tune red-team %d, look-alike tune %d",
+        *map(len, (red, benign, tune_red, tune)),
+    )
 
     storage = args.storage or cfg.run.storage
     model = resolve_model(cfg.model.name, storage, cfg.model.revision, cfg.model.tiny.model_dump())
@@ -131,19 +148,25 @@ def main() -> None:
         rows.append((i, sum(r) / len(r), sum(b) / max(1, len(b)), sum(t) / len(t), any_of_n))
         log.info("candidate %d done in %.0f s", i, time.perf_counter() - start)
 
+    stages = [("base (no system prompt)", engine)] if args.stage_model else []
     for path in args.stage_model:
         from caiflow.models import load_policy
 
         stage, _ = load_policy(Path(path), base_model_path=model.path, dtype=cfg.model.dtype)
-        stage_engine = GenerationEngine(stage, tok, batch_size=cfg.generation.batch_size)
-        t = refusal_share(stage_engine, None, tune, greedy, range(len(tune)))
-        b = refusal_share(stage_engine, None, benign, greedy, range(len(benign)))
-        r = refusal_share(stage_engine, None, red, greedy, range(len(red)))
-        t_share, b_share, r_share = sum(t) / len(t), sum(b) / max(1, len(b)), sum(r) / max(1, len(r))
+        stages.append((path, GenerationEngine(stage, tok, batch_size=cfg.generation.batch_size)))
+    if stages:
         print(
-            f"{path}: refuses look-alikes (tune) {t_share:.0%}, training benign {b_share:.0%}, "
-            f"training red-team {r_share:.0%} (trained on: an upper bound)"
+            f"{'stage':<56}  refuses red-team (tune)  refuses look-alikes (tune)  refuses training benign"
         )
+    for name, stage_engine in stages:
+        cells = []
+        for prompts in (tune_red, tune, benign):
+            hits = refusal_share(stage_engine, None, prompts, greedy, range(len(prompts)))
+            lo, hi = wilson(sum(hits), len(hits))
+            cells.append(f"{sum(hits) / max(1, len(hits)):.0%} [{lo:.0%},{hi:.0%}] {sum(hits)}/{len(hits)}")
+        print(f"{name[-56:]:<56}  {cells[0]:>23}  {cells[1]:>26}  {cells[2]:>23}")
+    if not rows:
+        return
     print(f"training red-team {len(red)}, training benign {len(benign)}, look-alike tune {len(tune)}; greedy")
     print(
         "cand  refuses red-team  refuses benign  refuses look-alikes"

@@ -42,7 +42,7 @@ def evaluation_prompts(prompts: pd.DataFrame, cfg: Any) -> tuple[pd.DataFrame, d
         extra = load_prompts(cfg.evaluate.prompts, Path(cfg.base_dir))
         counts["extra_read"] = len(extra)
         extra = clean_prompts(extra, cfg.prompts.min_chars, cfg.prompts.max_chars)
-        training = set(prompts.loc[prompts["split"] == "train", "prompt_id"])
+        training = set(prompts.loc[prompts["split"] != "eval", "prompt_id"])  # trained or tuned on
         in_training = extra["drop_reason"].isna() & extra["prompt_id"].isin(training)
         counts["extra_dropped_in_training"] = int(in_training.sum())
         duplicate = extra["prompt_id"].isin(set(rows["prompt_id"]))

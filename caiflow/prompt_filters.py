@@ -7,7 +7,7 @@ testable on three-row DataFrames. Rows are never removed: a row that should not 
 Columns added along the way:
 
 - ``clean_prompts``: ``prompt`` normalised, ``prompt_id``, ``drop_reason``;
-- ``split_prompts``: ``split`` ("train" | "eval");
+- ``split_prompts``: ``split`` ("train" | "tune" | "eval");
 - ``cap_prompts``: more ``drop_reason`` values ("over-cap").
 """
 
@@ -25,7 +25,7 @@ from caiflow.prompts import PromptSourceError
 
 
 def kept_prompts(prompts: pd.DataFrame, split: str, include_benign: bool = True) -> pd.DataFrame:
-    """The kept prompts (no drop_reason) of one split ("train" or "eval"), ordered by prompt id.
+    """The kept prompts (no drop_reason) of one split ("train", "tune" or "eval"), ordered by prompt id.
 
     A fixed order makes shards stable: the same prompt lands in the same shard on every run.
     """
@@ -141,25 +141,32 @@ def clean_prompts(
 
 
 def split_prompts(
-    df: pd.DataFrame, eval_fraction: float, seed: int, benign_eval_fraction: float | None = None
+    df: pd.DataFrame,
+    eval_fraction: float,
+    seed: int,
+    benign_eval_fraction: float | None = None,
+    tune_fraction: float = 0.0,
 ) -> pd.DataFrame:
-    """Add split ("train" / "eval") from a stable hash of (seed, prompt_id).
+    """Add split ("train" / "tune" / "eval") from a stable hash of (seed, prompt_id).
 
     A prompt lands in the same split on every run and machine, whatever else is in the set,
     so adding prompts later never moves old ones between train and eval. Benign prompts use
     `benign_eval_fraction` when given (they are few; training needs them for helpfulness).
+    `tune_fraction` of the red-team prompts become "tune": neither trained on nor reported, the
+    prompts settings are chosen on. They come out of the training side of the hash, so the
+    held-out "eval" prompts are the same with or without a tune split.
     """
     out = df.copy()
     ids = out["prompt_id"] if "prompt_id" in out.columns else out["prompt"].map(prompt_id)
     kinds = out["kind"] if "kind" in out.columns else pd.Series(["red-team"] * len(out), index=out.index)
-    fractions = [
-        benign_eval_fraction if (kind == "benign" and benign_eval_fraction is not None) else eval_fraction
-        for kind in kinds
-    ]
-    out["split"] = [
-        "eval" if _stable_unit("split", seed, pid) < fraction else "train"
-        for pid, fraction in zip(ids, fractions)
-    ]
+    splits = []
+    for pid, kind in zip(ids, kinds):
+        benign = kind == "benign"
+        held_out = benign_eval_fraction if (benign and benign_eval_fraction is not None) else eval_fraction
+        tune = 0.0 if benign else tune_fraction
+        u = _stable_unit("split", seed, pid)
+        splits.append("eval" if u < held_out else "tune" if u < held_out + tune else "train")
+    out["split"] = splits
     return out
 
 

@@ -116,6 +116,15 @@ class PromptsConfig(Section):
         description="Share of benign prompts held out (null: eval_fraction); benign prompts are few and "
         "training needs them for helpfulness.",
     )
+    tune_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Share of red-team prompts set aside as the 'tune' split: neither trained on nor "
+        "reported, for choosing settings (benchmarks/tune_system_prompt.py) without reading the held-out "
+        "prompts. Taken from the training side, so the held-out prompts stay the same. Benign prompts "
+        "are tuned on the look-alike set's tune part.",
+    )
     categorize: CategorizeConfig = Field(
         default_factory=CategorizeConfig, description="How prompts get a principle."
     )
@@ -129,6 +138,15 @@ class PromptsConfig(Section):
                 "list them under evaluate.prompts; under prompts.sources only {kind: lookalike, part: train}"
             )
         return v
+
+    @model_validator(mode="after")
+    def _leaves_training_prompts(self):
+        if self.eval_fraction + self.tune_fraction >= 1.0:
+            raise ValueError(
+                f"prompts.eval_fraction ({self.eval_fraction}) + prompts.tune_fraction ({self.tune_fraction}) "
+                "leave no red-team prompts to train on: keep their sum below 1"
+            )
+        return self
 
 
 class SamplingConfig(Section):

@@ -46,7 +46,7 @@ def run(ctx: StepContext) -> StepOutput:
     check_fits_context(df, context_tokens(model.path), count)
     df = clean_prompts(df, p.min_chars, p.max_chars, _max_tokens(cfg, model), count)
     df = cap_prompts(df, p.max_red_team, p.max_benign, cfg.run.seed)
-    df = split_prompts(df, p.eval_fraction, cfg.run.seed, p.benign_eval_fraction)
+    df = split_prompts(df, p.eval_fraction, cfg.run.seed, p.benign_eval_fraction, p.tune_fraction)
 
     kept = df["drop_reason"].isna()
     texts = df.loc[kept, "prompt"].tolist()
@@ -122,6 +122,8 @@ def prompt_metrics(df: pd.DataFrame) -> dict[str, Any]:
         "eval_red_team": int(((kept["split"] == "eval") & (kept["kind"] == "red-team")).sum()),
         "eval_benign": int(((kept["split"] == "eval") & (kept["kind"] == "benign")).sum()),
     }
+    if (kept["split"] == "tune").any():
+        out["tune_red_team"] = int(((kept["split"] == "tune") & (kept["kind"] == "red-team")).sum())
     reasons = (
         df["drop_reason"]
         .dropna()

@@ -372,6 +372,29 @@ def test_split_is_stable_and_roughly_fractional():
     assert (split_prompts(df, 0.0, seed=1)["split"] == "train").all()
 
 
+def test_tune_split_comes_from_training_side_and_spares_benign_prompts():
+    df = clean_prompts(_frame([f"prompt number {i}" for i in range(400)]), 1, 100)
+    df["kind"] = ["benign" if i % 4 == 0 else "red-team" for i in range(len(df))]
+    plain = split_prompts(df, 0.3, seed=1)
+    tuned = split_prompts(df, 0.3, seed=1, tune_fraction=0.2)
+    assert set(tuned["split"]) == {"train", "tune", "eval"}
+    # the held-out prompts are the same with or without a tune split: reports stay comparable
+    assert ((plain["split"] == "eval") == (tuned["split"] == "eval")).all()
+    red = tuned["kind"] == "red-team"
+    assert 30 <= (tuned.loc[red, "split"] == "tune").sum() <= 90  # ~20% of 300
+    assert not (tuned.loc[~red, "split"] == "tune").any()  # benign prompts tune on the look-alike part
+    moved = (plain["split"] != tuned["split"]).to_numpy()
+    assert (plain.loc[moved, "split"] == "train").all() and (tuned.loc[moved, "split"] == "tune").all()
+
+
+def test_tune_and_eval_fractions_must_leave_training_prompts():
+    from caiflow.step_config import PromptsConfig
+
+    with pytest.raises(ValueError, match=r"eval_fraction \(0.6\) \+ prompts.tune_fraction \(0.4\) leave no"):
+        PromptsConfig(eval_fraction=0.6, tune_fraction=0.4)
+    assert PromptsConfig(eval_fraction=0.6, tune_fraction=0.3).tune_fraction == 0.3
+
+
 def test_split_small_frame_deterministic():
     df = clean_prompts(_frame(["alpha prompt", "beta prompt", "gamma prompt"]), 1, 100)
     assert split_prompts(df, 0.5, 7)["split"].tolist() == split_prompts(df, 0.5, 7)["split"].tolist()

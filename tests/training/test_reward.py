@@ -400,3 +400,32 @@ def test_reward_bias_script_prints_a_share_per_prompt_set(tiny_path, sl_adapter,
     row = lines[2]
     assert row.startswith(str(reward_dir)[-48:])
     assert len(re.findall(r"\d+% \[\d+%,\d+%\] n=\d+", row)) == 3, row
+
+
+def test_tuning_script_measures_stages_on_the_tune_split(tiny_path, sl_adapter, tmp_path):
+    """benchmarks/tune_system_prompt.py --stages-only: base and each stage on prompts never trained on."""
+    lines = run_benchmark(
+        "tune_system_prompt.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--set",
+        "prompts.tune_fraction=0.4",
+        "--storage",
+        str(tmp_path),
+        "--stages-only",
+        "--stage-model",
+        str(sl_adapter),
+        "--max-new-tokens",
+        "4",
+    )
+    assert lines[0].split() == ["stage", "refuses", "red-team", "(tune)", "refuses", "look-alikes", "(tune)"] + [
+        "refuses",
+        "training",
+        "benign",
+    ]
+    assert lines[1].startswith("base (no system prompt)") and lines[2].startswith(str(sl_adapter)[-56:])
+    assert len(lines) == 3  # no candidate table with --stages-only
+    for row in lines[1:]:
+        cells = re.findall(r"\d+% \[\d+%,\d+%\] (\d+)/(\d+)", row)
+        assert len(cells) == 3, row
+        assert int(cells[0][1]) > 0  # the tune split has red-team prompts
