@@ -101,7 +101,11 @@ def main() -> None:
     )
     parser.add_argument("--limit", type=int, help="at most N prompts of each set (a quick look)")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, as caiflow run"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (as caiflow run)",
     )
     parser.add_argument(
         "--max-new-tokens", type=int, default=48, help="refusal is read in the first 160 chars"
@@ -155,9 +159,7 @@ def main() -> None:
         stage, _ = load_policy(Path(path), base_model_path=model.path, dtype=cfg.model.dtype)
         stages.append((path, GenerationEngine(stage, tok, batch_size=cfg.generation.batch_size)))
     if stages:
-        print(
-            f"{'stage':<56}  refuses red-team (tune)  refuses look-alikes (tune)  refuses training benign"
-        )
+        print(f"{'stage':<56}  refuses red-team (tune)  refuses look-alikes (tune)  refuses training benign")
     for name, stage_engine in stages:
         cells = []
         for prompts in (tune_red, tune, benign):

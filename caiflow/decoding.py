@@ -80,6 +80,37 @@ def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
+def prefix_kv(model: Any, ids: Sequence[int], cache_kwarg: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's (keys, values) of one token prefix at positions 0..len-1 (batch 1)."""
+    from transformers import DynamicCache
+
+    t = torch.tensor([list(ids)], device=model.device)
+    out = model(
+        input_ids=t,
+        attention_mask=torch.ones_like(t),
+        position_ids=torch.arange(t.shape[1], device=model.device).unsqueeze(0),
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_kwarg: DynamicCache(config=model.config)},
+    )
+    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+def prefixed_cache(model: Any, kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> Any:
+    """A DynamicCache that starts with a prefix's keys and values in each of `rows` rows.
+
+    The rows are stride-0 views of the prefix: the next forward's update concatenates the new
+    tokens to them, which copies the prefix once into each row, and nothing writes into the views.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer, (k, v) in zip(cache.layers, kv):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)
+    return cache
+
+
 class ContinuousDecoder:
     """One generate call of the engine: `run(order)` decodes every prompt, in slots of engine.batch_size."""
 

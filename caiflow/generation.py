@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
+from caiflow.decoding import common_prefix, prefix_kv, prefixed_cache
 from caiflow.decoding import supports as supports_continuous
 from caiflow.faults import free_accelerator_memory, inject_oom, is_out_of_memory
 from caiflow.sampling import PerRowSampler, row_uniforms
@@ -329,9 +330,10 @@ class GenerationEngine:
         contexts = self._encode_prompts(prompts)
         option_ids = [[self._option_ids(p, ctx, o) for o in options] for p, ctx in zip(prompts, contexts)]
         order = sorted(range(len(prompts)), key=lambda i: -len(contexts[i]))  # similar lengths batch together
+        prefix = self._shared_prefix(contexts)
 
         def run(batch: list[int]) -> list[list[float]]:
-            return self._score_batch([contexts[i] for i in batch], [option_ids[i] for i in batch])
+            return self._score_batch([contexts[i] for i in batch], [option_ids[i] for i in batch], prefix)
 
         logps = self._run_batched(order, run)
         totals = np.empty((len(prompts), len(options)), dtype=np.float64)
@@ -359,20 +361,33 @@ class GenerationEngine:
             raise ValueError(f"option {option!r} has no tokens: options must be non-empty text.")
         return opt
 
-    def _score_batch(self, contexts: list[list[int]], options: list[list[list[int]]]) -> list[list[float]]:
+    def _shared_prefix(self, contexts: list[list[int]]) -> tuple[int, list] | None:
+        """(length, key/value cache) of the token prefix every context shares, run once; None when it
+        is shorter than prefix_min_tokens or the model's cache cannot start from it."""
+        if self.prefix_min_tokens is None or self.decoding != "continuous" or len(contexts) < 2:
+            return None
+        p = common_prefix(contexts)
+        if p < self.prefix_min_tokens:
+            return None
+        with torch.no_grad():
+            return p, prefix_kv(self.model, contexts[0][:p], self._cache_kwarg)
+
+    def _score_batch(self, contexts: list[list[int]], options: list, prefix=None) -> list[list[float]]:
         """Total log-probability of each prompt's option tokens after its context.
 
-        The shared context runs once; its key/value cache is repeated for the K options, which
-        then run together (a few tokens each). With K options this costs about one context
-        forward instead of K.
+        A prefix every context shares (`_shared_prefix`: a question's instructions) runs once per
+        call. Each context runs once; its key/value cache is repeated for the K options, which then
+        run together (a few tokens each): about one context forward instead of K.
         """
         k = len(options[0])
-        ids, mask = self._pad_left(contexts)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row starts at position 0
-        kwargs: dict[str, Any] = dict(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True
-        )
-        out = self._forward_last(**kwargs)
+        p = prefix[0] if prefix else 0
+        ids, mask = self._pad_left([c[p:] for c in contexts])
+        positions = (p + mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's own tokens follow p
+        kwargs: dict[str, Any] = dict(input_ids=ids, position_ids=positions, use_cache=True)
+        if prefix:
+            kwargs[self._cache_kwarg] = prefixed_cache(self.model, prefix[1], len(contexts))
+            mask = torch.cat([mask.new_ones((len(contexts), p)), mask], 1)
+        out = self._forward_last(attention_mask=mask, **kwargs)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, vocab): each option's first token
         flat = [o for row in options for o in row]  # B*K option token lists, prompt-major
         rows = torch.arange(len(contexts), device=first.device).repeat_interleave(k)

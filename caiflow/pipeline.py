@@ -23,14 +23,16 @@ class StepSpec:
 
 
 PIPELINE: tuple[StepSpec, ...] = (
-    StepSpec("prompts", 4, (), False, "load, normalise, dedupe, split, categorise by principle"),
+    # prompts 5, preferences 5, evaluate 7: a prefix shared by a scoring call's contexts runs once
+    # (categorising, AI feedback, the judge), which moves choice probabilities at float-rounding level
+    StepSpec("prompts", 5, (), False, "load, normalise, dedupe, split, categorise by principle"),
     # critique_revision 5: under an inverted constitution prefer_refusals prefers compliant samples; 6: the
     # sampler fix below
     StepSpec("critique_revision", 6, ("prompts",), True, "answer, critique, revise: SL-CAI data"),
     StepSpec("sft", 2, ("critique_revision",), True, "supervised fine-tuning on the revisions"),
     # preferences 4, baseline 2 (and critique_revision 6): the sampler's largest uniform rounded to 1.0
     # (infinite noise: a rare token won outright, or a pick outside the nucleus failed)
-    StepSpec("preferences", 4, ("prompts", "sft"), True, "AI-feedback preference pairs"),
+    StepSpec("preferences", 5, ("prompts", "sft"), True, "AI-feedback preference pairs"),
     StepSpec("reward_model", 2, ("preferences",), True, "reward model on the soft AI labels"),
     # rl 3, evaluate 5: the reward model scores in model.dtype (it loaded in float32 before)
     StepSpec(
@@ -43,7 +45,7 @@ PIPELINE: tuple[StepSpec, ...] = (
     # evaluate 6: the stages answer shard by shard (batches end at shard boundaries, as in every
     # generation step), so an answer can differ from 5's by float noise
     StepSpec(
-        "evaluate", 6, ("sft", "reward_model", "rl", "baseline"), True, "base vs SL vs RL: metrics, report"
+        "evaluate", 7, ("sft", "reward_model", "rl", "baseline"), True, "base vs SL vs RL: metrics, report"
     ),
 )
 

@@ -143,8 +143,9 @@ class PromptsConfig(Section):
     def _leaves_training_prompts(self):
         if self.eval_fraction + self.tune_fraction >= 1.0:
             raise ValueError(
-                f"prompts.eval_fraction ({self.eval_fraction}) + prompts.tune_fraction ({self.tune_fraction}) "
-                "leave no red-team prompts to train on: keep their sum below 1"
+                f"prompts.eval_fraction ({self.eval_fraction}) + "
+                f"prompts.tune_fraction ({self.tune_fraction}) leave no red-team prompts to train on: "
+                "keep their sum below 1"
             )
         return self
 

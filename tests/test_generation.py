@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -245,6 +247,27 @@ def test_score_choices_batched_equals_unbatched(tiny_model):
     np.testing.assert_allclose(batched, single, atol=1e-4)
 
 
+def test_score_choices_runs_a_shared_prefix_once_with_the_same_probabilities(tiny_model, monkeypatch):
+    import caiflow.generation as generation
+
+    head = "Which of these principles is most at stake in the request below? " * 3
+    prompts = [head + f"Request: {p}" for p in PROMPTS]
+    options = [" (A)", " (B)", " neither of these options"]
+    runs = []
+    real = generation.prefix_kv
+    monkeypatch.setattr(
+        generation, "prefix_kv", lambda model, ids, kw: runs.append(len(ids)) or real(model, ids, kw)
+    )
+    shared = engine_for(tiny_model, batch_size=3).score_choices(prompts, options)
+    assert len(runs) == 1 and runs[0] >= 16  # once per call, for every batch of 3
+    plain = engine_for(tiny_model, batch_size=3, prefix_min_tokens=None).score_choices(prompts, options)
+    assert len(runs) == 1
+    np.testing.assert_allclose(shared, plain, atol=1e-5)
+    assert not np.allclose(shared[0], shared[1])  # the rows' own tokens still count
+    engine_for(tiny_model, batch_size=3).score_choices(PROMPTS, options)  # no common head: no prefix run
+    assert len(runs) == 1
+
+
 def test_score_choices_backs_off_on_oom(tiny_model, monkeypatch):
     options = [" (A)", " (B)"]
     expected = engine_for(tiny_model, batch_size=8).score_choices(PROMPTS[:4], options)
@@ -424,3 +447,23 @@ def test_generation_benchmark_profile_splits_the_engine_time(tiny_model):
     ids = engine_for(tiny_model, batch_size=4).generate_ids(PROMPTS, SAMPLED, list(range(len(PROMPTS))))
     assert prof["tokens"] == sum(len(row) for row in ids) > 0
     assert prof["gemm"] > 0 and prof["gemm_gflops"] > 0 and prof["other"] > 0
+
+
+def test_categorize_benchmark_prints_both_ways_and_their_agreement(model_store):
+    """benchmarks/categorize.py on the tiny preset: a line per way, then the ratio and the differences."""
+    from tests.benchmark_scripts import run_benchmark
+
+    lines = run_benchmark(
+        "categorize.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--storage",
+        str(model_store),
+        "--limit",
+        "12",
+        "--repeats",
+        "1",
+    )
+    assert re.match(r"12 prompts, \d+ labels, batch 8, medians of 1 interleaved runs$", lines[0])
+    assert lines[1].startswith("prefix once") and lines[2].startswith("whole prompts")
+    assert lines[3].startswith("speed-up ") and lines[3].endswith("labels that differ 0")

@@ -418,11 +418,8 @@ def test_tuning_script_measures_stages_on_the_tune_split(tiny_path, sl_adapter, 
         "--max-new-tokens",
         "4",
     )
-    assert lines[0].split() == ["stage", "refuses", "red-team", "(tune)", "refuses", "look-alikes", "(tune)"] + [
-        "refuses",
-        "training",
-        "benign",
-    ]
+    header = "stage refuses red-team (tune) refuses look-alikes (tune) refuses training benign"
+    assert lines[0].split() == header.split()
     assert lines[1].startswith("base (no system prompt)") and lines[2].startswith(str(sl_adapter)[-56:])
     assert len(lines) == 3  # no candidate table with --stages-only
     for row in lines[1:]:
