@@ -78,3 +78,17 @@ def test_evaluation_prompts_add_extra_sources_but_not_training_prompts(tmp_path)
     )
     assert rows["lookalike"].sum() == lookalikes
     assert rows["prompt_id"].is_unique and list(rows["prompt_id"]) == sorted(rows["prompt_id"])
+
+
+def test_tune_prompts_are_neither_reported_nor_added_back_as_extra_prompts(tmp_path):
+    df = clean_prompts(load_prompts([PromptSource()], ROOT), 8, 2000)
+    df = split_prompts(df, 0.3, seed=0, tune_fraction=0.2).assign(category=None)
+    tune = df[df["split"] == "tune"]["prompt"].tolist()
+    assert tune and set(df.loc[df["split"] == "tune", "kind"]) == {"red-team"}
+    own = tmp_path / "mine.jsonl"
+    own.write_text(json.dumps({"prompt": tune[0]}) + "\n")
+    cfg = build_config({"evaluate": {"prompts": [{"kind": "jsonl", "path": str(own)}]}}, base_dir=tmp_path)
+    rows, counts = evaluation_prompts(df, cfg)
+    assert counts["held_out"] == int((df["split"] == "eval").sum())
+    assert counts["extra_dropped_in_training"] == 1  # tuned on: not a test prompt either
+    assert not set(tune) & set(rows["prompt"])
