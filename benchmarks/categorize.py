@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's caiflow
 
-from caiflow.categorize import category_question, labels
+from caiflow.categorize import label_probabilities, labels
 from caiflow.config import load_config
 from caiflow.constitution import load_constitution
 from caiflow.generation import GenerationEngine
@@ -54,14 +54,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "prefix once": GenerationEngine(m, tok, batch_size=batch),
         "whole prompts": GenerationEngine(m, tok, batch_size=batch, prefix_min_tokens=None),
     }
-    convs = [[{"role": "user", "content": category_question(constitution, p)}] for p in prompts]
-    options = [f" {label}" for label in labels(constitution)]
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     probs: dict[str, np.ndarray] = {}
     for r in range(args.repeats):
         for name, engine in engines.items():
             start = time.perf_counter()
-            probs[name] = engine.score_choices_chat(convs, options, assistant_prefix="Principle:")
+            probs[name] = label_probabilities(engine, constitution, prompts)
             seconds[name].append(time.perf_counter() - start)
             log.info("run %d, %s: %.1f s", r + 1, name, seconds[name][-1])
 
@@ -69,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     a, b = probs["prefix once"], probs["whole prompts"]
     flips = int((a.argmax(1) != b.argmax(1)).sum())
     print(
-        f"{len(prompts)} prompts, {len(options)} labels, batch {batch}, "
+        f"{len(prompts)} prompts, {len(labels(constitution))} labels, batch {batch}, "
         f"medians of {args.repeats} interleaved runs"
     )
     for name in engines:

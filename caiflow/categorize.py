@@ -53,22 +53,23 @@ def category_question(constitution: Constitution, prompt: str) -> str:
 CONTENT_FREE = ("N/A", "", "[request]")
 
 
+def label_probabilities(engine, constitution: Constitution, prompts: list[str]) -> np.ndarray:
+    """P(label) per prompt, one column per `labels(constitution)`, from the model's log-probabilities."""
+    convs = [[{"role": "user", "content": category_question(constitution, p)}] for p in prompts]
+    options = [f" {label}" for label in labels(constitution)]
+    return engine.score_choices_chat(convs, options, assistant_prefix="Principle:")
+
+
 def categorize_local(
     engine, constitution: Constitution, prompts: list[str], calibrate: bool = True
 ) -> list[tuple[str, float]]:
     """(label, probability) per prompt from the model's log-probability of each label."""
-    options = [f" {label}" for label in labels(constitution)]
     names = labels(constitution)
     if not prompts:
         return []
-
-    def score(texts) -> np.ndarray:
-        convs = [[{"role": "user", "content": category_question(constitution, p)}] for p in texts]
-        return engine.score_choices_chat(convs, options, assistant_prefix="Principle:")
-
-    probs = score(prompts)
+    probs = label_probabilities(engine, constitution, prompts)
     if calibrate:
-        prior = score(CONTENT_FREE).mean(axis=0)
+        prior = label_probabilities(engine, constitution, list(CONTENT_FREE)).mean(axis=0)
         probs = probs / np.maximum(prior, 1e-12)
         probs = probs / probs.sum(axis=1, keepdims=True)
     return [(names[int(np.argmax(row))], float(np.max(row))) for row in probs]

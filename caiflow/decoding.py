@@ -96,15 +96,12 @@ def prefix_kv(model: Any, ids: Sequence[int], cache_kwarg: str) -> list[tuple[to
     return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
 
-def prefixed_cache(model: Any, kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> Any:
-    """A DynamicCache that starts with a prefix's keys and values in each of `rows` rows.
+def start_from_prefix(cache: Any, kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> Any:
+    """An empty cache made to hold a prefix's keys and values in each of `rows` rows.
 
-    The rows are stride-0 views of the prefix: the next forward's update concatenates the new
-    tokens to them, which copies the prefix once into each row, and nothing writes into the views.
+    The rows are stride-0 views of the prefix: the next forward's update copies the prefix into
+    each row's own buffer (torch.cat for a DynamicCache), and nothing writes into the views.
     """
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
     for layer, (k, v) in zip(cache.layers, kv):
         layer.lazy_initialization(k, v)
         layer.keys, layer.values = k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)
@@ -181,12 +178,7 @@ class ContinuousDecoder:
         ids, smask = ids.to(self.device), smask.to(self.device)
         cache = self._new_cache()
         if p:
-            for layer, (k, v) in zip(cache.layers, self._prefix()):
-                layer.lazy_initialization(k, v)
-                # Not copied here: the suffix's update copies the prefix into each row's buffer
-                # (torch.cat for a DynamicCache), and nothing writes into these stride-0 views.
-                layer.keys = k.expand(len(rows), -1, -1, -1)
-                layer.values = v.expand(len(rows), -1, -1, -1)
+            start_from_prefix(cache, self._prefix(), len(rows))
             mask = torch.cat([torch.ones((len(rows), p), dtype=torch.long, device=self.device), smask], 1)
         else:
             mask = smask

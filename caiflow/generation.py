@@ -27,9 +27,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LogitsProcessorList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 
-from caiflow.decoding import common_prefix, prefix_kv, prefixed_cache
+from caiflow.decoding import common_prefix, prefix_kv, start_from_prefix
 from caiflow.decoding import supports as supports_continuous
 from caiflow.faults import free_accelerator_memory, inject_oom, is_out_of_memory
 from caiflow.sampling import PerRowSampler, row_uniforms
@@ -385,7 +385,8 @@ class GenerationEngine:
         positions = (p + mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's own tokens follow p
         kwargs: dict[str, Any] = dict(input_ids=ids, position_ids=positions, use_cache=True)
         if prefix:
-            kwargs[self._cache_kwarg] = prefixed_cache(self.model, prefix[1], len(contexts))
+            cache = DynamicCache(config=self.model.config)
+            kwargs[self._cache_kwarg] = start_from_prefix(cache, prefix[1], len(contexts))
             mask = torch.cat([mask.new_ones((len(contexts), p)), mask], 1)
         out = self._forward_last(attention_mask=mask, **kwargs)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, vocab): each option's first token
