@@ -69,6 +69,20 @@ def supports(model: Any) -> bool:
     )
 
 
+def cache_kwarg(model: Any) -> str:
+    """The name the model's forward takes its KV cache by: `cache` in newer transformers, else
+    `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """A forward's KV cache: `out.cache` in newer transformers (reading `past_key_values` warns there)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     """Length of the token prefix every prompt shares, leaving each at least one token of its own."""
     first, n = prompts[0], min(len(p) for p in prompts) - 1
@@ -80,8 +94,13 @@ def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
-def prefix_kv(model: Any, ids: Sequence[int], cache_kwarg: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every layer's (keys, values) of one token prefix at positions 0..len-1 (batch 1)."""
+def prefix_kv(
+    model: Any, ids: Sequence[int], cache_kwarg: str, last_logits: bool = True
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's (keys, values) of one token prefix at positions 0..len-1 (batch 1).
+
+    `last_logits`: ask a causal LM for its last position's logits only (a classifier takes no such flag).
+    """
     from transformers import DynamicCache
 
     t = torch.tensor([list(ids)], device=model.device)
@@ -90,10 +109,24 @@ def prefix_kv(model: Any, ids: Sequence[int], cache_kwarg: str) -> list[tuple[to
         attention_mask=torch.ones_like(t),
         position_ids=torch.arange(t.shape[1], device=model.device).unsqueeze(0),
         use_cache=True,
-        logits_to_keep=1,
+        **({"logits_to_keep": 1} if last_logits else {}),
         **{cache_kwarg: DynamicCache(config=model.config)},
     )
-    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return [(layer.keys, layer.values) for layer in output_cache(out).layers]
+
+
+def shared_prefix(
+    model: Any, contexts: Sequence[Sequence[int]], min_tokens: int | None, cache_kwarg: str, last_logits=True
+) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    """(length, key/value cache) of the token prefix every context of a call shares, run once; None for
+    fewer than two contexts or a prefix shorter than `min_tokens` (None: never)."""
+    if min_tokens is None or len(contexts) < 2:
+        return None
+    p = common_prefix(contexts)
+    if p < min_tokens:
+        return None
+    with torch.no_grad():
+        return p, prefix_kv(model, contexts[0][:p], cache_kwarg, last_logits)
 
 
 def start_from_prefix(cache: Any, kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> Any:
@@ -127,6 +160,7 @@ class ContinuousDecoder:
         self.eos = torch.tensor(engine.eos_token_ids, device=self.device)
         self.out: list[list[int] | None] = [None] * len(prompts)
         self.tokens: dict[int, list[int]] = {}
+        self.stops: dict[int, int] = {}  # the EOS token each row that ended on one picked
         p = common_prefix(prompts) if len(prompts) > 1 else 0
         self.prefix_len = p if p >= prefix_min_tokens else 0
         self.prefix_cache = None
@@ -144,7 +178,7 @@ class ContinuousDecoder:
             logits_to_keep=1,
             **kwargs,
         )
-        return out.logits[:, -1], out.past_key_values
+        return out.logits[:, -1], output_cache(out)
 
     def _new_cache(self) -> Any:
         """An empty cache whose decode steps write in place (no per-token copy of the whole cache).
@@ -224,6 +258,7 @@ class ContinuousDecoder:
                 continue
             if is_eos[i]:
                 batch.done[i] = True
+                self.stops[r] = tok
             else:
                 self.tokens[r].append(tok)
                 batch.done[i] = len(self.tokens[r]) >= s.max_new_tokens

@@ -19,7 +19,6 @@ goes through :class:`GenerationEngine`. What it guarantees:
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 
-from caiflow.decoding import common_prefix, prefix_kv, start_from_prefix
+from caiflow.decoding import cache_kwarg, output_cache, shared_prefix, start_from_prefix
 from caiflow.decoding import supports as supports_continuous
 from caiflow.faults import free_accelerator_memory, inject_oom, is_out_of_memory
 from caiflow.sampling import PerRowSampler, row_uniforms
@@ -118,10 +117,7 @@ class GenerationEngine:
                 "the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token first."
             )
         self.eos_token_ids = _eos_ids(model, tokenizer)
-        # Newer transformers name the cache argument `cache`; older ones `past_key_values`.
-        self._cache_kwarg = (
-            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        )
+        self._cache_kwarg = cache_kwarg(model)
         self._logits_to_keep = True  # cleared if the model's forward does not take logits_to_keep
         if decoding not in ("continuous", "generate"):
             raise ValueError(f"decoding is {decoding!r}: use 'continuous' (caiflow's loop) or 'generate'.")
@@ -236,24 +232,28 @@ class GenerationEngine:
         """The new token ids of each completion (up to, not including, EOS), in input order."""
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds: pass one seed per prompt.")
-        if not prompts:
-            return []
-        encoded = self._encode_prompts(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first
+        return self.generate_tokens(self._encode_prompts(prompts), sampling, seeds) if prompts else []
+
+    def generate_tokens(
+        self, encoded: list[list[int]], sampling: Sampling, seeds: list[int], keep_stop: bool = False
+    ) -> list[list[int]]:
+        """generate_ids for prompts already tokenized; with `keep_stop`, a completion that ended on an EOS
+        token ends with it (what a trainer scores), one cut off by max_new_tokens does not."""
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first
         if self.decoding == "continuous":
-            return self._decode_continuous(encoded, seeds, sampling, order)
+            return self._decode_continuous(encoded, seeds, sampling, order, keep_stop)
 
         def run(rows: list[int]) -> list[list[int]]:
-            return self._generate_batch([encoded[i] for i in rows], [seeds[i] for i in rows], sampling)
+            picked = [seeds[i] for i in rows]
+            return self._generate_batch([encoded[i] for i in rows], picked, sampling, keep_stop)
 
-        outputs = self._run_batched(order, run)
-        result: list[list[int]] = [[] for _ in prompts]
-        for i, out in zip(order, outputs):
+        result: list[list[int]] = [[] for _ in encoded]
+        for i, out in zip(order, self._run_batched(order, run)):
             result[i] = out
         return result
 
     def _decode_continuous(
-        self, encoded: list[list[int]], seeds: list[int], sampling: Sampling, order: list[int]
+        self, encoded: list[list[int]], seeds: list[int], sampling: Sampling, order: list[int], keep: bool
     ) -> list[list[int]]:
         from caiflow.decoding import ContinuousDecoder
 
@@ -271,6 +271,8 @@ class GenerationEngine:
         )
         out = decoder.run(order)
         self.prefill_tokens += decoder.prefill_tokens
+        if keep:  # the EOS a row ended on
+            out = [o + [decoder.stops[i]] if i in decoder.stops else o for i, o in enumerate(out)]
         return out
 
     def log_backoff(self) -> None:
@@ -296,7 +298,9 @@ class GenerationEngine:
             pad_token_id=self.pad_token_id,
         )
 
-    def _generate_batch(self, rows: list[list[int]], seeds: list[int], sampling: Sampling) -> list[list[int]]:
+    def _generate_batch(
+        self, rows: list[list[int]], seeds: list[int], sampling: Sampling, keep_stop: bool = False
+    ) -> list[list[int]]:
         input_ids, attention_mask = self._pad_left(rows)
         processors = LogitsProcessorList()
         if not sampling.greedy:
@@ -312,7 +316,7 @@ class GenerationEngine:
         result = []
         for toks in new:
             end = next((k for k, t in enumerate(toks) if t in eos), len(toks))
-            result.append(toks[:end])
+            result.append(toks[: end + 1] if keep_stop and end < len(toks) else toks[:end])
             self.generated_tokens += end
         return result
 
@@ -362,15 +366,10 @@ class GenerationEngine:
         return opt
 
     def _shared_prefix(self, contexts: list[list[int]]) -> tuple[int, list] | None:
-        """(length, key/value cache) of the token prefix every context shares, run once; None when it
-        is shorter than prefix_min_tokens or the model's cache cannot start from it."""
-        if self.prefix_min_tokens is None or self.decoding != "continuous" or len(contexts) < 2:
+        """decoding.shared_prefix for this engine (not on the `generate` path)."""
+        if self.decoding != "continuous":
             return None
-        p = common_prefix(contexts)
-        if p < self.prefix_min_tokens:
-            return None
-        with torch.no_grad():
-            return p, prefix_kv(self.model, contexts[0][:p], self._cache_kwarg)
+        return shared_prefix(self.model, contexts, self.prefix_min_tokens, self._cache_kwarg)
 
     def _score_batch(self, contexts: list[list[int]], options: list, prefix=None) -> list[list[float]]:
         """Total log-probability of each prompt's option tokens after its context.
@@ -396,7 +395,7 @@ class GenerationEngine:
         total = first[rows, firsts]
         width = max(len(o) for o in flat)
         if width > 1:  # later option tokens: run the options on the repeated cache
-            cache = out.past_key_values
+            cache = output_cache(out)
             cache.batch_repeat_interleave(k)
             opt = torch.full((len(flat), width), self.pad_token_id, dtype=torch.long)
             opt_mask = torch.zeros((len(flat), width), dtype=torch.long)

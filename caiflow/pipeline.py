@@ -33,10 +33,12 @@ PIPELINE: tuple[StepSpec, ...] = (
     # preferences 4, baseline 2 (and critique_revision 6): the sampler's largest uniform rounded to 1.0
     # (infinite noise: a rare token won outright, or a pick outside the nucleus failed)
     StepSpec("preferences", 5, ("prompts", "sft"), True, "AI-feedback preference pairs"),
-    StepSpec("reward_model", 2, ("preferences",), True, "reward model on the soft AI labels"),
+    # reward_model 3, rl 4, evaluate 8: reward scoring runs the sequences' shared prefix once (rewards move at
+    # float-rounding level); rl 4 also: completions sampled by caiflow's engine (rl.rollouts)
+    StepSpec("reward_model", 3, ("preferences",), True, "reward model on the soft AI labels"),
     # rl 3, evaluate 5: the reward model scores in model.dtype (it loaded in float32 before)
     StepSpec(
-        "rl", 3, ("prompts", "sft", "reward_model"), True, "RL from the SL model against the reward model"
+        "rl", 4, ("prompts", "sft", "reward_model"), True, "RL from the SL model against the reward model"
     ),
     # The base model's answers depend on no constitution: a constitution and its inversion share them.
     StepSpec(
@@ -45,7 +47,7 @@ PIPELINE: tuple[StepSpec, ...] = (
     # evaluate 6: the stages answer shard by shard (batches end at shard boundaries, as in every
     # generation step), so an answer can differ from 5's by float noise
     StepSpec(
-        "evaluate", 7, ("sft", "reward_model", "rl", "baseline"), True, "base vs SL vs RL: metrics, report"
+        "evaluate", 8, ("sft", "reward_model", "rl", "baseline"), True, "base vs SL vs RL: metrics, report"
     ),
 )
 

@@ -248,15 +248,15 @@ def test_score_choices_batched_equals_unbatched(tiny_model):
 
 
 def test_score_choices_runs_a_shared_prefix_once_with_the_same_probabilities(tiny_model, monkeypatch):
-    import caiflow.generation as generation
+    import caiflow.decoding as decoding
 
     head = "Which of these principles is most at stake in the request below? " * 3
     prompts = [head + f"Request: {p}" for p in PROMPTS]
     options = [" (A)", " (B)", " neither of these options"]
     runs = []
-    real = generation.prefix_kv
+    real = decoding.prefix_kv
     monkeypatch.setattr(
-        generation, "prefix_kv", lambda model, ids, kw: runs.append(len(ids)) or real(model, ids, kw)
+        decoding, "prefix_kv", lambda model, ids, *a: runs.append(len(ids)) or real(model, ids, *a)
     )
     shared = engine_for(tiny_model, batch_size=3).score_choices(prompts, options)
     assert len(runs) == 1 and runs[0] >= 16  # once per call, for every batch of 3
@@ -401,6 +401,27 @@ def test_continuous_decoding_equals_generate(tiny_model):
         want = plain.generate_ids(PROMPTS, sampling, SEEDS)
         assert len({len(r) for r in want}) > 1  # rows really end at different steps
         assert refill.generate_ids(PROMPTS, sampling, SEEDS) == want
+
+
+def test_generate_tokens_keeps_the_eos_a_row_ended_on(tiny_model):
+    """keep_stop (what an RL trainer scores): a row that ended on an EOS token ends with it, one cut off at
+    max_new_tokens does not; the same on both decode paths, from token ids as from text."""
+    model, tokenizer, _ = tiny_model
+    encoded = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    eos = early_ends(tiny_model, SAMPLED)
+    for decoding in ("continuous", "generate"):
+        engine = with_eos(engine_for(tiny_model, batch_size=3, decoding=decoding), eos)
+        plain = engine.generate_tokens(encoded, SAMPLED, SEEDS)
+        kept = engine.generate_tokens(encoded, SAMPLED, SEEDS, keep_stop=True)
+        assert plain == engine.generate_ids(PROMPTS, SAMPLED, SEEDS)
+        ended = 0
+        for p, k in zip(plain, kept):
+            if len(p) < SAMPLED.max_new_tokens:
+                assert k[:-1] == p and k[-1] in eos
+                ended += 1
+            else:
+                assert k == p
+        assert 0 < ended < len(PROMPTS)
 
 
 def test_continuous_decoding_does_not_depend_on_batch_size(tiny_model):

@@ -194,6 +194,12 @@ class RLConfig(Section):
     )
     max_new_tokens: int = Field(64, ge=1, description="Longest sampled completion, in tokens.")
     temperature: float = Field(0.9, gt=0.0, description="Sampling temperature of the completions.")
+    rollouts: Literal["engine", "trl"] = Field(
+        "engine",
+        description="What samples the completions: 'engine', caiflow's generation engine on the policy "
+        "with its adapter's update added into copies of the weights (faster; no LoRA dropout while "
+        "sampling, as with vLLM); 'trl', TRL's generate on the live adapter. Fingerprinted.",
+    )
     max_steps: int = Field(20, ge=1, description="Optimiser steps.")
     batch_size: int = Field(
         8,

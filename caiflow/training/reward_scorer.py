@@ -46,26 +46,38 @@ def conversation_ids(tokenizer, prompt: list[dict], answer: str | list[dict]) ->
     return list(out["input_ids"])
 
 
-def score_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int = 8) -> np.ndarray:
+def score_ids(
+    model, ids: list[list[int]], pad_token_id: int, batch_size: int = 8, prefix_min_tokens: int | None = 16
+) -> np.ndarray:
     """Reward of each token sequence: length-sorted batches, right-padded, inference mode, input
-    order kept."""
+    order kept. A token prefix every sequence shares (the chat template's preamble, a system prompt),
+    of at least `prefix_min_tokens` (None: never), runs once and every row starts from its cache."""
     import torch
+    from transformers import DynamicCache
+
+    from caiflow.decoding import cache_kwarg, shared_prefix, start_from_prefix
 
     device = next(model.parameters()).device
     out = np.zeros(len(ids), dtype=float)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     with torch.inference_mode():
+        name = cache_kwarg(model)
+        prefix = shared_prefix(model, ids, prefix_min_tokens, name, last_logits=False)
+        p = prefix[0] if prefix else 0
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            width = max(len(ids[i]) for i in rows)
+            width = max(len(ids[i]) for i in rows) - p
             input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            mask = torch.ones((len(rows), p + width), dtype=torch.long)
             for j, i in enumerate(rows):
-                input_ids[j, : len(ids[i])] = torch.tensor(ids[i])
-                mask[j, : len(ids[i])] = 1
-            logits = model(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False
-            ).logits
+                input_ids[j, : len(ids[i]) - p] = torch.tensor(ids[i][p:])
+                mask[j, len(ids[i]) :] = 0
+            kwargs: dict = {"use_cache": False}
+            if prefix:  # the rows continue the prefix's cache, at positions p, p+1, ...
+                cache = start_from_prefix(DynamicCache(config=model.config), prefix[1], len(rows))
+                positions = torch.arange(p, p + width).expand(len(rows), -1)
+                kwargs = {"use_cache": True, name: cache, "position_ids": positions.to(device)}
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs).logits
             out[rows] = logits[:, 0].float().cpu().numpy()
     return out
 

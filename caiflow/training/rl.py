@@ -6,6 +6,9 @@ disabled the model *is* the SL model, so TRL uses it as the KL reference (``beta
 without a second copy in memory. Completions are rewarded by
 :class:`~caiflow.training.reward_scorer.RewardScorer` (an ensemble scores mean - lambda * std).
 RLOO puts the KL into the reward (sequence-level log-ratio); GRPO adds it to the per-token loss.
+With ``cfg.rollouts == "engine"`` (the default) the completions are sampled by caiflow's
+generation engine on the adapter merged into copies of the weights (``caiflow.training.rollouts``);
+``"trl"`` keeps TRL's own ``generate``.
 
 Batches: ``cfg.batch_size`` completions (``batch_size / num_generations`` prompts) per optimiser
 step, ``cfg.per_device_batch_size`` of them per forward pass, the rest by gradient accumulation;
@@ -62,6 +65,7 @@ from caiflow.training.common import (
     write_card,
 )
 from caiflow.training.config import RLConfig
+from caiflow.training.rollouts import with_engine_rollouts
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +194,8 @@ def train_rl(
         sl_model_path if (sl_model_path / "tokenizer_config.json").is_file() else base_model_path
     )
     config_cls, trainer_cls = _trainer_classes(cfg.algorithm)
+    if cfg.rollouts == "engine":
+        trainer_cls = with_engine_rollouts(trainer_cls, seed)
     peft_config = lora_config(cfg.lora)
     sl_full = full_weights(sl_model_path, base_model_path, work_dir, dtype) if cfg.method == "qlora" else None
 

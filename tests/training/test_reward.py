@@ -17,7 +17,7 @@ from caiflow.faults import OOM_ABOVE_ENV as FAULT_ENV
 from caiflow.training.config import RewardModelConfig
 from caiflow.training.reward import soft_label_loss, train_reward_model
 from caiflow.training.reward_data import assign_principles, split_pairs
-from caiflow.training.reward_scorer import RewardScorer, aggregate, conversation_ids, pair_metrics
+from caiflow.training.reward_scorer import RewardScorer, aggregate, conversation_ids, pair_metrics, score_ids
 from tests.benchmark_scripts import run_benchmark
 
 FAST = dict(
@@ -194,6 +194,34 @@ def test_scorer_gives_member_and_aggregated_scores(ensemble):
     assert members[0, 1] == pytest.approx(raw - scorer.offsets[0], abs=1e-5)
     with pytest.raises(ValueError, match="one completion per prompt"):
         scorer.score(prompts, answers[:2])
+
+
+def test_scoring_runs_the_shared_prefix_once_with_the_same_rewards(ensemble, monkeypatch):
+    """The chat template's preamble every sequence shares runs once per call; rewards stay those of whole
+    sequences (right padding after the prefix, positions continuing it), and nothing is shared without a
+    common head."""
+    from caiflow.decoding import common_prefix
+
+    out, _, _, prefs = ensemble
+    scorer = RewardScorer(out, batch_size=2)
+    prompts = list(prefs["prompt"][:5])
+    ids = scorer.encode(prompts, ["No.", "Sure, here is how: first you", "?", "I can't help.", "Fine"])
+    model, pad = scorer.models[0], scorer.models[0].config.pad_token_id
+    assert common_prefix(ids) >= 16
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    shared = score_ids(model, ids, pad, batch_size=2)
+    assert seen[0] == (1, common_prefix(ids)) and len(seen) == 1 + 3  # the prefix, then 3 batches of suffixes
+    assert all(shape[1] < max(map(len, ids)) for shape in seen[1:])
+    seen.clear()
+    whole = score_ids(model, ids, pad, batch_size=2, prefix_min_tokens=None)
+    assert len(seen) == 3 and shared == pytest.approx(whole, abs=1e-5)
+    seen.clear()
+    score_ids(model, [[7, 8, 9] + i for i in ids[:2]] + [[5] + ids[2]], pad, batch_size=2)
+    assert len(seen) == 2  # no common head: no prefix run
+    hook.remove()
 
 
 def test_scorer_formats_like_trl_reward_trainer(ensemble):
@@ -426,3 +454,26 @@ def test_tuning_script_measures_stages_on_the_tune_split(tiny_path, sl_adapter, 
         cells = re.findall(r"\d+% \[\d+%,\d+%\] (\d+)/(\d+)", row)
         assert len(cells) == 3, row
         assert int(cells[0][1]) > 0  # the tune split has red-team prompts
+
+
+def test_reward_scoring_benchmark_prints_both_ways_and_their_agreement(model_store):
+    """benchmarks/reward_scoring.py on the tiny preset: a line per way, then the ratio and the difference."""
+    from tests.benchmark_scripts import run_benchmark
+
+    lines = run_benchmark(
+        "reward_scoring.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--storage",
+        str(model_store),
+        "--limit",
+        "6",
+        "--repeats",
+        "1",
+    )
+    assert re.match(
+        r"24 sequences \(6 prompts x 4 answers, [\d.]+ tokens on average\), batch \d+, ", lines[0]
+    )
+    assert lines[1].startswith("prefix once") and lines[2].startswith("whole sequences")
+    diff = float(lines[3].rsplit(" ", 1)[1])
+    assert lines[3].startswith("speed-up ") and diff < 1e-4

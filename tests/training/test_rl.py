@@ -4,6 +4,7 @@ back-off."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from caiflow.faults import OOM_ABOVE_ENV as FAULT_ENV
 from caiflow.models import load_policy
 from caiflow.training.config import RLConfig
 from caiflow.training.rl import check_prompts, history_from_logs, train_rl
+from caiflow.training.rollouts import fallback_reason, merged_adapter
 
 FAST = dict(
     lora={"r": 4, "alpha": 8},
@@ -198,7 +200,7 @@ def test_rloo_against_a_reward_ensemble_uses_its_conservative_score(
     assert rewards != pytest.approx(members.mean(axis=0).tolist(), abs=1e-6)  # lambda is applied
 
     metrics = train_rl(
-        RLConfig(algorithm="rloo", **FAST),
+        RLConfig(algorithm="rloo", rollouts="trl", **FAST),  # TRL's own generate (the engine: elsewhere)
         sl_adapter,
         tiny_path,
         reward_ensemble_dir,
@@ -244,3 +246,111 @@ def test_qlora_trains_on_the_4bit_sl_policy_and_saves_full_precision(tiny64_path
     policy, tok = load_policy(tmp_path / "out")
     sl, _ = load_policy(sl_adapter, tiny_path)
     assert not torch.allclose(_logits(policy, tok), _logits(sl, tok))
+
+
+# ---------------------------------------------------------------- rollouts through the engine
+
+
+def _peft_policy(tiny_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_path),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: an adapter that changes nothing
+            torch.nn.init.normal_(param, std=0.5)
+    return model.eval()
+
+
+def test_merged_adapter_is_the_policy_and_puts_its_weights_back(tiny_path):
+    from caiflow.models import load_tokenizer
+
+    model, tokenizer = _peft_policy(tiny_path), load_tokenizer(tiny_path)
+    live = _logits(model, tokenizer)
+    with model.disable_adapter():
+        base = _logits(model, tokenizer)
+    weights = {n: (p, p.detach().clone()) for n, p in model.named_parameters() if "base_layer" in n}
+    with merged_adapter(model):
+        merged = _logits(model, tokenizer)
+        swapped = {n for n, p in model.named_parameters() if "base_layer" in n and p is not weights[n][0]}
+        assert swapped and not any(p.requires_grad for n, p in model.named_parameters() if n in swapped)
+    assert torch.allclose(merged, live, atol=1e-5) and not torch.allclose(base, live, atol=1e-3)
+    after = dict(model.named_parameters())
+    assert all(after[n] is p and torch.equal(p, copy) for n, (p, copy) in weights.items())
+    assert torch.equal(_logits(model, tokenizer), live)  # the adapter is on again
+
+
+def test_rollouts_fall_back_to_trl_where_the_engine_cannot_stand_in(tiny_path):
+    from transformers import AutoModelForCausalLM
+
+    policy = _peft_policy(tiny_path)
+
+    def trainer(**changes):
+        fields = dict(
+            args=SimpleNamespace(generation_kwargs=None),
+            use_vllm=False,
+            top_k=0,
+            min_p=None,
+            repetition_penalty=1.0,
+            accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+            model=policy,
+        )
+        return SimpleNamespace(**{**fields, **changes})
+
+    assert fallback_reason(trainer(), None, {}) is None
+    assert "vLLM" in fallback_reason(trainer(use_vllm=True), None, {})
+    assert "top_k" in fallback_reason(trainer(top_k=20), None, {})
+    assert "repetition_penalty" in fallback_reason(trainer(repetition_penalty=1.1), None, {})
+    assert "images" in fallback_reason(trainer(), ["picture"], {})
+    plain = AutoModelForCausalLM.from_pretrained(tiny_path)
+    assert "LoRA" in fallback_reason(trainer(model=plain), None, {})
+
+
+def test_engine_rollouts_repeat_with_the_seed_and_differ_within_a_group(
+    tiny_path, sl_adapter, reward_dir, tmp_path, monkeypatch
+):
+    """rl.rollouts 'engine': one engine call per optimiser step for the whole batch, per-row seeds (the copies
+    of a prompt sample different completions), and a second run with the same seed samples and learns the
+    same."""
+    from caiflow.generation import GenerationEngine
+
+    calls = []
+    real = GenerationEngine.generate_tokens
+
+    def recorded(self, encoded, sampling, seeds, keep_stop=False):
+        out = real(self, encoded, sampling, seeds, keep_stop)
+        calls.append((encoded, sampling, keep_stop, out))
+        return out
+
+    monkeypatch.setattr(GenerationEngine, "generate_tokens", recorded)
+    cfg = RLConfig(**{**FAST, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}})
+    assert cfg.rollouts == "engine"
+    runs = []
+    for name in ("a", "b"):
+        calls.clear()
+        metrics = train_rl(
+            cfg, sl_adapter, tiny_path, reward_dir, PROMPTS, tmp_path / name, tmp_path / f"w{name}", seed=0
+        )
+        _check_history(metrics)
+        runs.append((metrics, list(calls)))
+    (first, first_calls), (second, second_calls) = runs
+    assert len(first_calls) == FAST["max_steps"]
+    for encoded, sampling, keep_stop, out in first_calls:
+        assert keep_stop and len(encoded) == len(out) == FAST["batch_size"]
+        assert (sampling.temperature, sampling.max_new_tokens) == (cfg.temperature, FAST["max_new_tokens"])
+        assert all(1 <= len(o) <= FAST["max_new_tokens"] for o in out)
+        assert encoded[0] == encoded[1] and out[0] != out[1]  # a group: one prompt, two seeds
+    assert [c[3] for c in first_calls] == [c[3] for c in second_calls]
+    assert first["history"] == second["history"]
+    from transformers import AutoModelForCausalLM
+
+    from caiflow.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_path)
+    a = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "a"), tokenizer)
+    b = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "b"), tokenizer)
+    assert torch.equal(a, b)

@@ -1,0 +1,125 @@
+"""RL rollouts through caiflow's generation engine instead of TRL's ``model.generate`` (``rl.rollouts``).
+
+TRL 1.16 generates RLOO/GRPO completions with ``generate`` on the policy as it trains: a PEFT
+model whose every projection runs its LoRA branch (and its dropout) beside the base weight, one
+token at a time for the whole batch until the longest completion ends. With ``rollouts: engine``
+the trainer subclass below overrides that one method (``_generate_single_turn``):
+
+- the adapter's current update is added into copies of the base weights and the adapter is
+  switched off while sampling (the policy's function without its per-layer detour, and without
+  LoRA dropout, as TRL's vLLM path samples from merged weights too); the original weights are
+  put back untouched afterwards, so training never sees the copies;
+- :class:`caiflow.generation.GenerationEngine` decodes (continuous batching, the prompts' shared
+  prefix run once, an in-place KV cache) with per-row seeds from the run seed, the optimiser step
+  and the row's place in the generation batch, so a run repeats itself, and a row's completion
+  does not depend on how TRL slices the batch into per-device passes;
+- completions keep the EOS token they ended on (TRL scores and trains on it) and stop at
+  ``max_completion_length`` as TRL's do.
+
+Where that cannot stand in for TRL's own path (vLLM, multimodal prompts, top-k / min-p /
+repetition penalty, 4-bit base weights that cannot take the update, a model the engine's loop
+cannot decode) the trainer generates TRL's way and logs why, once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from caiflow.seeds import row_seed
+
+log = logging.getLogger(__name__)
+
+ROLLOUTS = ("engine", "trl")
+
+
+@contextmanager
+def merged_adapter(model: Any) -> Iterator[None]:
+    """The active LoRA update added into copies of the base weights, the adapter switched off.
+
+    The base layers' own weight tensors are set aside, never written, and restored on exit.
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    swapped: list[tuple[Any, Any]] = []
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                if not isinstance(module, LoraLayer):
+                    continue
+                adapters = [a for a in module.active_adapters if a in module.lora_A]
+                if not adapters:
+                    continue
+                base = module.get_base_layer()
+                weight = base.weight
+                merged = weight + sum(module.get_delta_weight(a) for a in adapters).to(weight.dtype)
+                swapped.append((base, weight))
+                base.weight = torch.nn.Parameter(merged, requires_grad=False)
+        with model.disable_adapter():
+            yield
+    finally:
+        for base, weight in swapped:
+            base.weight = weight
+
+
+def fallback_reason(trainer: Any, images: Any, multimodal_fields: Any) -> str | None:
+    """Why this trainer must generate TRL's way, or None when the engine can stand in."""
+    from caiflow.decoding import supports
+
+    args = trainer.args
+    if getattr(trainer, "use_vllm", False) or getattr(trainer, "use_transformers_continuous_batching", False):
+        return "vLLM or transformers' continuous batching is configured"
+    if images is not None and any(i is not None for i in images) or multimodal_fields:
+        return "the prompts carry images"
+    if (trainer.top_k or 0) > 0 or trainer.min_p is not None or trainer.repetition_penalty != 1.0:
+        return "top_k, min_p or repetition_penalty is set"
+    if getattr(args, "generation_kwargs", None):
+        return "generation_kwargs is set"
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return "the base weights are quantised (the adapter's update cannot be added into them)"
+    if not hasattr(model, "disable_adapter") or not supports(model):
+        return "the model is not a LoRA model the engine's loop can decode"
+    return None
+
+
+def with_engine_rollouts(trainer_cls: type, seed: int) -> type:
+    """`trainer_cls` (TRL's RLOOTrainer or GRPOTrainer) with its rollouts sampled by caiflow's engine."""
+
+    class EngineRollouts(trainer_cls):
+        _rollout_fallback_logged = False
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
+            reason = fallback_reason(self, images, multimodal_fields)
+            if reason is not None:
+                if not self._rollout_fallback_logged:
+                    log.warning("rl.rollouts: engine: generating TRL's way instead, because %s", reason)
+                    self._rollout_fallback_logged = True
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
+            completions = self._engine_completions([list(p) for p in prompt_ids])
+            # GRPO also returns sampling log-probabilities (None: it computes them itself)
+            return completions if trainer_cls.__name__.startswith("RLOO") else (completions, None)
+
+        def _engine_completions(self, prompts: list[list[int]]) -> list[list[int]]:
+            from caiflow.generation import GenerationEngine, Sampling
+
+            model = self.accelerator.unwrap_model(self.model)
+            engine = GenerationEngine(model, self._tokenizer, batch_size=max(1, len(prompts)))
+            engine.eos_token_ids = list(self.eos_token_ids)
+            sampling = Sampling(
+                max_new_tokens=self.max_completion_length,
+                temperature=self.temperature,
+                top_p=self.top_p if self.top_p is not None else 1.0,
+            )
+            step = int(self.state.global_step)
+            calls = self._rollout_calls = getattr(self, "_rollout_calls", {})
+            call = calls[step] = calls.get(step, -1) + 1
+            seeds = [row_seed(seed, f"rollout-{step}-{call}-{i}", "rl") for i in range(len(prompts))]
+            with merged_adapter(model):
+                return engine.generate_tokens(prompts, sampling, seeds, keep_stop=True)
+
+    EngineRollouts.__name__ = f"EngineRollouts{trainer_cls.__name__}"
+    return EngineRollouts
