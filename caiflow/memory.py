@@ -342,10 +342,11 @@ def step_memory(step: str, cfg: dict[str, Any], shapes: Shapes) -> StepMemory:
             per_device * rl["max_new_tokens"],
         )
         _reward_models(m, cfg, rshape)
-        m.parts[
-            f"larger of KV cache {rl['batch_size']}x{seq} and reward scoring {rl['scoring_batch_size']}x{seq}"
-        ] = max(
-            generation_bytes(pol, e, rl["batch_size"], seq),
+        # rl.rollouts 'engine' samples from copies of the projections with the adapter merged in
+        copies = pol.linear_params() * e if rl.get("rollouts") == "engine" and rl["method"] == "lora" else 0
+        sampling = f"KV cache {rl['batch_size']}x{seq}" + (" + merged weight copies" if copies else "")
+        m.parts[f"larger of {sampling} and reward scoring {rl['scoring_batch_size']}x{seq}"] = max(
+            generation_bytes(pol, e, rl["batch_size"], seq) + copies,
             forward_bytes(rshape, e, rl["scoring_batch_size"], seq),
         )
         m.notes.append("KL reference = the policy with its adapter off (no second copy)")

@@ -488,3 +488,8 @@ def test_categorize_benchmark_prints_both_ways_and_their_agreement(model_store):
     assert re.match(r"12 prompts, \d+ labels, batch 8, medians of 1 interleaved runs$", lines[0])
     assert lines[1].startswith("prefix once") and lines[2].startswith("whole prompts")
     assert lines[3].startswith("speed-up ") and lines[3].endswith("labels that differ 0")
+
+
+def test_training_benchmark_measures_both_precisions_matmul_rate():
+    rates = benchmark_module("training").matmul_rates(m=8, k=16, n=8, repeats=2)
+    assert set(rates) == {"float32", "bfloat16"} and all(r > 0 for r in rates.values())

@@ -80,6 +80,20 @@ def test_sft_step_by_hand():
     assert [h.role for h in m.models] == ["policy"]
 
 
+def test_rl_engine_rollouts_count_the_merged_weight_copies():
+    """rl.rollouts 'engine' samples from copies of the projections with the adapter merged in: the sampling
+    phase holds them beside the KV cache (not with a 4-bit policy, which samples TRL's way)."""
+    # a sampling batch large enough that the KV cache, not reward scoring, sets the phase's size
+    rl = {"lora": {"r": 2}, "batch_size": 16, "num_generations": 2, "max_new_tokens": 64}
+    rl["scoring_batch_size"] = 1
+    engine = step_memory("rl", _cfg(rl={**rl, "rollouts": "engine"}), Shapes(SMALL))
+    trl = step_memory("rl", _cfg(rl={**rl, "rollouts": "trl"}), Shapes(SMALL))
+    assert engine.peak - trl.peak == pytest.approx(SMALL.linear_params() * 2)  # bf16 copies
+    assert any("merged weight copies" in k for k in engine.parts)
+    four_bit = step_memory("rl", _cfg(rl={**rl, "rollouts": "engine", "method": "qlora"}), Shapes(SMALL))
+    assert not any("merged weight copies" in k for k in four_bit.parts)
+
+
 def test_rl_holds_policy_and_reward_ensemble_and_a_shared_backbone_holds_one():
     rl = {
         "lora": {"r": 2},

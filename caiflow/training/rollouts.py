@@ -18,7 +18,8 @@ the trainer subclass below overrides that one method (``_generate_single_turn``)
 
 Where that cannot stand in for TRL's own path (vLLM, multimodal prompts, top-k / min-p /
 repetition penalty, 4-bit base weights that cannot take the update, a model the engine's loop
-cannot decode) the trainer generates TRL's way and logs why, once.
+cannot decode, a GPU without room for the weight copies) the trainer generates TRL's way and logs
+why, once. `caiflow memory` counts the copies in the RL step's sampling phase.
 """
 
 from __future__ import annotations
@@ -42,14 +43,11 @@ def merged_adapter(model: Any) -> Iterator[None]:
     The base layers' own weight tensors are set aside, never written, and restored on exit.
     """
     import torch
-    from peft.tuners.lora import LoraLayer
 
     swapped: list[tuple[Any, Any]] = []
     try:
         with torch.no_grad():
-            for module in model.modules():
-                if not isinstance(module, LoraLayer):
-                    continue
+            for module in _lora_layers(model):
                 adapters = [a for a in module.active_adapters if a in module.lora_A]
                 if not adapters:
                     continue
@@ -83,7 +81,22 @@ def fallback_reason(trainer: Any, images: Any, multimodal_fields: Any) -> str | 
         return "the base weights are quantised (the adapter's update cannot be added into them)"
     if not hasattr(model, "disable_adapter") or not supports(model):
         return "the model is not a LoRA model the engine's loop can decode"
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        import torch
+
+        need = sum(m.get_base_layer().weight.nbytes for m in _lora_layers(model))
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > 0.9 * free:
+            gib = 2**30
+            return f"the merged weight copies ({need / gib:.1f} GiB) do not fit ({free / gib:.1f} GiB free)"
     return None
+
+
+def _lora_layers(model: Any) -> list[Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
 def with_engine_rollouts(trainer_cls: type, seed: int) -> type:

@@ -354,3 +354,17 @@ def test_engine_rollouts_repeat_with_the_seed_and_differ_within_a_group(
     a = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "a"), tokenizer)
     b = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "b"), tokenizer)
     assert torch.equal(a, b)
+
+
+def test_rollouts_benchmark_prints_trls_way_and_the_engines():
+    """benchmarks/rollouts.py on the tiny shape (what --shape 1.7b runs on a GPU): a line per side, ratios
+    to TRL's way."""
+    from tests.benchmark_scripts import run_benchmark
+
+    lines = run_benchmark(
+        "rollouts.py", "--shape", "1.7b", "--smoke", "--batch", "4", "--new-tokens", "4", "--repeats", "1"
+    )
+    assert lines[0].startswith("rollouts: 1.7b model on cpu, 4 completions per prompt")
+    sides = [line.split(None, 1)[1] for line in lines[1:]]
+    assert [s.split("  ")[0] for s in sides] == ["generate (TRL)", "engine, live adapter", "engine, merged"]
+    assert lines[1].endswith("1.00x") and all(" 16 tokens" in line for line in lines[1:])
