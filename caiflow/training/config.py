@@ -197,8 +197,9 @@ class RLConfig(Section):
     rollouts: Literal["engine", "trl"] = Field(
         "engine",
         description="What samples the completions: 'engine', caiflow's generation engine on the policy "
-        "with its adapter's update added into copies of the weights (faster; no LoRA dropout while "
-        "sampling, as with vLLM); 'trl', TRL's generate on the live adapter. Fingerprinted.",
+        "with its adapter's update added into float32 copies of the weights (faster; no LoRA dropout while "
+        "sampling; the adapter stays live for 16-bit weights; TRL's way where the engine cannot stand in, "
+        "the step's metrics say which); 'trl', TRL's generate on the live adapter. Fingerprinted.",
     )
     max_steps: int = Field(20, ge=1, description="Optimiser steps.")
     batch_size: int = Field(

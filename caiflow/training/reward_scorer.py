@@ -55,11 +55,15 @@ def score_ids(
     import torch
     from transformers import DynamicCache
 
-    from caiflow.decoding import cache_kwarg, shared_prefix, start_from_prefix
+    from caiflow.decoding import cache_kwarg, common_prefix, shared_prefix, start_from_prefix, supports
 
     device = next(model.parameters()).device
     out = np.zeros(len(ids), dtype=float)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    # The head reads each row's last non-pad token of what it is given: a row whose own tokens after the
+    # prefix are all pad ids (pad = EOS) would read the wrong one, so such calls score whole sequences.
+    if ids and (not supports(model) or any(set(x[common_prefix(ids) :]) <= {pad_token_id} for x in ids)):
+        prefix_min_tokens = None
     with torch.inference_mode():
         name = cache_kwarg(model)
         prefix = shared_prefix(model, ids, prefix_min_tokens, name, last_logits=False)

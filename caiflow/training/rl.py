@@ -250,6 +250,8 @@ def train_rl(
     rewards = [h["reward"] for h in history if h["reward"] is not None]
     metrics = {
         "algorithm": cfg.algorithm,
+        # what sampled the completions: 'engine, merged', 'engine, adapter live (why)', 'trl (why)' or 'trl'
+        "rollouts": getattr(trainer, "rollouts_used", None) or "trl",
         "prompts": len(prompts),
         "steps": int(trainer.state.global_step),
         "train_loss": float(outcome.train_output.training_loss),

@@ -5,35 +5,36 @@ model whose every projection runs its LoRA branch (and its dropout) beside the b
 token at a time for the whole batch until the longest completion ends. With ``rollouts: engine``
 the trainer subclass below overrides that one method (``_generate_single_turn``):
 
-- the adapter's current update is added into copies of the base weights and the adapter is
-  switched off while sampling (the policy's function without its per-layer detour, and without
-  LoRA dropout, as TRL's vLLM path samples from merged weights too); the original weights are
-  put back untouched afterwards, so training never sees the copies;
+- with float32 weights, the adapter's current update is added into copies of the base weights and
+  the adapter is switched off while sampling (the policy's function without its per-layer detour
+  and without LoRA dropout); the original weights are put back untouched afterwards, so training
+  never sees the copies. 16-bit weights would round a small update away in such copies (RL's first
+  steps would sample the SL policy), so there, and on a GPU without room for the copies, the
+  engine samples with the adapter live;
 - :class:`caiflow.generation.GenerationEngine` decodes (continuous batching, the prompts' shared
-  prefix run once, an in-place KV cache) with per-row seeds from the run seed, the optimiser step
-  and the row's place in the generation batch, so a run repeats itself, and a row's completion
-  does not depend on how TRL slices the batch into per-device passes;
+  prefix run once, an in-place KV cache) with per-row seeds from the run seed, the optimiser step,
+  the process and the row's place in the generation batch, so a run repeats itself, and a row's
+  completion does not depend on how TRL slices the batch into per-device passes;
 - completions keep the EOS token they ended on (TRL scores and trains on it) and stop at
   ``max_completion_length`` as TRL's do.
 
 Where that cannot stand in for TRL's own path (vLLM, multimodal prompts, top-k / min-p /
-repetition penalty, 4-bit base weights that cannot take the update, a model the engine's loop
-cannot decode, a GPU without room for the weight copies) the trainer generates TRL's way and logs
-why, once. `caiflow memory` counts the copies in the RL step's sampling phase.
+repetition penalty, 4-bit base weights, DoRA, LoRA on embeddings, modules trained whole, a model
+the engine's loop cannot decode) the trainer generates TRL's way. The choice is made at the first
+rollout, logged, and reported in the RL step's metrics (``rollouts``). `caiflow memory` counts the
+copies in the RL step's sampling phase.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from caiflow.seeds import row_seed
 
 log = logging.getLogger(__name__)
-
-ROLLOUTS = ("engine", "trl")
 
 
 @contextmanager
@@ -81,12 +82,40 @@ def fallback_reason(trainer: Any, images: Any, multimodal_fields: Any) -> str | 
         return "the base weights are quantised (the adapter's update cannot be added into them)"
     if not hasattr(model, "disable_adapter") or not supports(model):
         return "the model is not a LoRA model the engine's loop can decode"
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        import torch
+    return adapter_problem(model)
 
-        need = sum(m.get_base_layer().weight.nbytes for m in _lora_layers(model))
-        free = torch.cuda.mem_get_info(device)[0]
+
+def adapter_problem(model: Any) -> str | None:
+    """Why the adapter's update cannot be added into plain weight copies (None: it can): only LoRA on
+    linear layers, without DoRA or LoRA biases, and no modules PEFT trains or swaps whole."""
+    from peft.tuners.lora import Linear
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) or type(module).__name__.startswith("TrainableTokens"):
+            return f"{name} is trained whole (modules_to_save or trainable tokens)"
+    for module in _lora_layers(model):
+        if not isinstance(module, Linear):
+            return f"LoRA on a {type(module).__name__} layer (only linear layers merge here)"
+        if any(module.use_dora.values()) or any(getattr(module, "lora_bias", {}).values()):
+            return "the adapter uses DoRA or LoRA biases"
+    return None
+
+
+def can_merge(model: Any) -> str | None:
+    """Why the engine keeps the adapter live instead of sampling from merged copies (None: it merges).
+
+    16-bit weights would round a small update away (bfloat16 keeps 8 significant bits: RL's first
+    steps would sample the SL policy), and a GPU needs room for the copies.
+    """
+    import torch
+
+    weights = [m.get_base_layer().weight for m in _lora_layers(model)]
+    if any(w.dtype != torch.float32 for w in weights):
+        return "the base weights are 16-bit (the update would round away in merged copies)"
+    device = weights[0].device if weights else torch.device("cpu")
+    if device.type == "cuda":
+        need, free = sum(w.nbytes for w in weights), torch.cuda.mem_get_info(device)[0]
         if need > 0.9 * free:
             gib = 2**30
             return f"the merged weight copies ({need / gib:.1f} GiB) do not fit ({free / gib:.1f} GiB free)"
@@ -100,39 +129,58 @@ def _lora_layers(model: Any) -> list[Any]:
 
 
 def with_engine_rollouts(trainer_cls: type, seed: int) -> type:
-    """`trainer_cls` (TRL's RLOOTrainer or GRPOTrainer) with its rollouts sampled by caiflow's engine."""
+    """`trainer_cls` (TRL's RLOOTrainer or GRPOTrainer) with its rollouts sampled by caiflow's engine.
+
+    The choice (engine merged, engine with the adapter live, or TRL's way and why) is made at the first
+    rollout, logged, and kept in `rollouts_used` for the step's metrics.
+    """
 
     class EngineRollouts(trainer_cls):
-        _rollout_fallback_logged = False
+        rollouts_used: str | None = None
+        _engine: Any = None
+        _merge = False
 
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
-            reason = fallback_reason(self, images, multimodal_fields)
-            if reason is not None:
-                if not self._rollout_fallback_logged:
-                    log.warning("rl.rollouts: engine: generating TRL's way instead, because %s", reason)
-                    self._rollout_fallback_logged = True
+            if self.rollouts_used is None:
+                self._choose(images, multimodal_fields)
+            if self._engine is None:
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
             completions = self._engine_completions([list(p) for p in prompt_ids])
             # GRPO also returns sampling log-probabilities (None: it computes them itself)
             return completions if trainer_cls.__name__.startswith("RLOO") else (completions, None)
 
-        def _engine_completions(self, prompts: list[list[int]]) -> list[list[int]]:
-            from caiflow.generation import GenerationEngine, Sampling
+        def _choose(self, images, multimodal_fields) -> None:
+            from caiflow.generation import GenerationEngine
 
+            reason = fallback_reason(self, images, multimodal_fields)
+            if reason is not None:
+                self.rollouts_used = f"trl ({reason})"
+                log.warning("rl.rollouts: engine: sampling TRL's way instead, because %s", reason)
+                return
             model = self.accelerator.unwrap_model(self.model)
-            engine = GenerationEngine(model, self._tokenizer, batch_size=max(1, len(prompts)))
-            engine.eos_token_ids = list(self.eos_token_ids)
+            live = can_merge(model)
+            self._merge = live is None
+            self.rollouts_used = "engine, merged" if live is None else f"engine, adapter live ({live})"
+            log.info("rl.rollouts: %s", self.rollouts_used)
+            self._engine = GenerationEngine(model, self._tokenizer, batch_size=64)
+            self._engine.eos_token_ids = list(self.eos_token_ids)
+
+        def _engine_completions(self, prompts: list[list[int]]) -> list[list[int]]:
+            from caiflow.generation import Sampling
+
             sampling = Sampling(
                 max_new_tokens=self.max_completion_length,
                 temperature=self.temperature,
                 top_p=self.top_p if self.top_p is not None else 1.0,
             )
-            step = int(self.state.global_step)
+            step, rank = int(self.state.global_step), self.accelerator.process_index
             calls = self._rollout_calls = getattr(self, "_rollout_calls", {})
             call = calls[step] = calls.get(step, -1) + 1
-            seeds = [row_seed(seed, f"rollout-{step}-{call}-{i}", "rl") for i in range(len(prompts))]
-            with merged_adapter(model):
-                return engine.generate_tokens(prompts, sampling, seeds, keep_stop=True)
+            first = rank * len(prompts)  # each process's rows get their own numbers
+            seeds = [row_seed(seed, f"rollout-{step}-{call}-{first + i}", "rl") for i in range(len(prompts))]
+            model = self.accelerator.unwrap_model(self.model)
+            with merged_adapter(model) if self._merge else nullcontext():
+                return self._engine.generate_tokens(prompts, sampling, seeds, keep_stop=True)
 
     EngineRollouts.__name__ = f"EngineRollouts{trainer_cls.__name__}"
     return EngineRollouts

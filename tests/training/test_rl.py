@@ -15,7 +15,7 @@ from caiflow.faults import OOM_ABOVE_ENV as FAULT_ENV
 from caiflow.models import load_policy
 from caiflow.training.config import RLConfig
 from caiflow.training.rl import check_prompts, history_from_logs, train_rl
-from caiflow.training.rollouts import fallback_reason, merged_adapter
+from caiflow.training.rollouts import adapter_problem, can_merge, fallback_reason, merged_adapter
 
 FAST = dict(
     lora={"r": 4, "alpha": 8},
@@ -209,7 +209,7 @@ def test_rloo_against_a_reward_ensemble_uses_its_conservative_score(
         tmp_path / "work",
         seed=0,
     )
-    assert metrics["reward_members"] == 2 and metrics["steps"] == 2
+    assert metrics["reward_members"] == 2 and metrics["steps"] == 2 and metrics["rollouts"] == "trl"
     _check_history(metrics)
 
 
@@ -238,6 +238,7 @@ def test_qlora_trains_on_the_4bit_sl_policy_and_saves_full_precision(tiny64_path
         cfg, sl_adapter, tiny_path, reward_dir, PROMPTS, tmp_path / "out", tmp_path / "work", seed=0
     )
     assert loaded == [True] and metrics["steps"] == 2
+    assert metrics["rollouts"].startswith("trl (the base weights are quantised")  # the engine's fallback
     assert (tmp_path / "work" / "sl-merged" / "config.json").is_file()  # the SL adapter merged once
     adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
     assert any(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n), "the RL adapter must move"
@@ -282,6 +283,52 @@ def test_merged_adapter_is_the_policy_and_puts_its_weights_back(tiny_path):
     after = dict(model.named_parameters())
     assert all(after[n] is p and torch.equal(p, copy) for n, (p, copy) in weights.items())
     assert torch.equal(_logits(model, tokenizer), live)  # the adapter is on again
+
+
+def test_the_engine_samples_what_the_live_adapter_would(tiny_path):
+    """Greedy: the engine on the merged copies writes what generate writes with the adapter live (no dropout),
+    and not what the model without the adapter writes: the update reaches the samples."""
+    from transformers import GenerationConfig
+
+    from caiflow.generation import GenerationEngine, Sampling
+    from caiflow.models import load_tokenizer
+
+    model, tokenizer = _peft_policy(tiny_path), load_tokenizer(tiny_path)
+    prompts = [tokenizer(p)["input_ids"] for p in ("How do I open a lock?", "Name a colour.", "Why?")]
+    engine = GenerationEngine(model, tokenizer, batch_size=3)
+    greedy = Sampling(max_new_tokens=6, temperature=0)
+    with merged_adapter(model):
+        merged = engine.generate_tokens(prompts, greedy, [0, 1, 2], keep_stop=True)
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=engine.eos_token_ids)
+    live = []
+    for p in prompts:
+        with torch.inference_mode():
+            out = model.generate(input_ids=torch.tensor([p]), generation_config=config)[0, len(p) :].tolist()
+        live.append(out)
+    with model.disable_adapter():
+        without = engine.generate_tokens(prompts, greedy, [0, 1, 2], keep_stop=True)
+    assert merged == live and merged != without
+
+
+def test_what_cannot_merge_keeps_the_adapter_live_or_samples_trls_way(tiny_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    assert adapter_problem(_peft_policy(tiny_path)) is None and can_merge(_peft_policy(tiny_path)) is None
+
+    def peft_on(**config):
+        base = AutoModelForCausalLM.from_pretrained(tiny_path)
+        return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **config))
+
+    embeddings = peft_on(target_modules=["q_proj", "embed_tokens"])
+    assert "Embedding" in adapter_problem(embeddings)
+    assert "DoRA" in adapter_problem(peft_on(target_modules=["q_proj"], use_dora=True))
+    assert "trained whole" in adapter_problem(peft_on(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    half = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.bfloat16),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    assert "16-bit" in can_merge(half)
 
 
 def test_rollouts_fall_back_to_trl_where_the_engine_cannot_stand_in(tiny_path):
@@ -338,6 +385,7 @@ def test_engine_rollouts_repeat_with_the_seed_and_differ_within_a_group(
         _check_history(metrics)
         runs.append((metrics, list(calls)))
     (first, first_calls), (second, second_calls) = runs
+    assert first["rollouts"] == "engine, merged"
     assert len(first_calls) == FAST["max_steps"]
     for encoded, sampling, keep_stop, out in first_calls:
         assert keep_stop and len(encoded) == len(out) == FAST["batch_size"]
@@ -367,4 +415,6 @@ def test_rollouts_benchmark_prints_trls_way_and_the_engines():
     assert lines[0].startswith("rollouts: 1.7b model on cpu, 4 completions per prompt")
     sides = [line.split(None, 1)[1] for line in lines[1:]]
     assert [s.split("  ")[0] for s in sides] == ["generate (TRL)", "engine, live adapter", "engine, merged"]
-    assert lines[1].endswith("1.00x") and all(" 16 tokens" in line for line in lines[1:])
+    assert lines[1].endswith("1.00x")
+    tokens = [float(line.split(" tokens ")[0].split()[-1]) for line in lines[1:]]
+    assert all(0 < t <= 16 for t in tokens)  # one prompt x 4 copies x at most 4 new tokens
