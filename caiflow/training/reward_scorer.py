@@ -62,7 +62,8 @@ def score_ids(
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     # The head reads each row's last non-pad token of what it is given: a row whose own tokens after the
     # prefix are all pad ids (pad = EOS) would read the wrong one, so such calls score whole sequences.
-    if ids and (not supports(model) or any(set(x[common_prefix(ids) :]) <= {pad_token_id} for x in ids)):
+    head = common_prefix(ids) if len(ids) > 1 else 0
+    if ids and (not supports(model) or any(set(x[head:]) <= {pad_token_id} for x in ids)):
         prefix_min_tokens = None
     with torch.inference_mode():
         name = cache_kwarg(model)
