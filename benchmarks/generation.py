@@ -24,6 +24,10 @@ its shared-prefix cache, next to the baseline.
 whole cache per token, what the loop used before `caiflow.kv_cache`) as one more interleaved
 side, and checks that its answers equal the engine's, text for text.
 
+``--int8`` adds the engine with ``generation.matmul: int8`` (caiflow/int8.py: the linear layers'
+products in int8, calibrated and smoothed; its answers are not float32's, see precision.py) as one
+more interleaved side.
+
 ``--profile`` runs the engine once more under torch.profiler and splits its CPU time into matrix
 products (GEMMs), attention and the rest; tokens over the GEMM seconds is the rate the engine would
 reach if nothing else cost anything, the ceiling of the model's precision on this machine.
@@ -298,6 +302,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         help="also time the engine on DynamicCache (torch.cat per token) and check its answers are the same",
     )
     parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also time the engine with int8 products (generation.matmul: int8)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="after the timed runs, one engine run under torch.profiler: time in GEMMs, attention and the "
@@ -352,6 +361,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.scenario == "critique":
         sides["engine, no prefix cache"] = GenerationEngine(
             model, tokenizer, batch_size=args.batch_size, prefix_min_tokens=None
+        )
+    if args.int8:
+        sides["engine, int8 products"] = GenerationEngine(
+            model, tokenizer, batch_size=args.batch_size, matmul="int8"
         )
     cat_side = "engine, DynamicCache"
     if args.cat_cache:

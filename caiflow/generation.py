@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 
+from caiflow import int8
 from caiflow.decoding import cache_kwarg, output_cache, shared_prefix, start_from_prefix
 from caiflow.decoding import supports as supports_continuous
 from caiflow.faults import free_accelerator_memory, inject_oom, is_out_of_memory
@@ -84,6 +85,7 @@ def engine_options(generation: Any) -> dict[str, Any]:
     return {
         "decoding": generation.decoding,
         "prefix_min_tokens": PREFIX_MIN_TOKENS if generation.prefix_cache else None,
+        "matmul": generation.matmul,
     }
 
 
@@ -99,10 +101,14 @@ class GenerationEngine:
         progress: Callable[[int, int], None] | None = None,
         decoding: str = "continuous",
         prefix_min_tokens: int | None = PREFIX_MIN_TOKENS,
+        matmul: str = "dtype",
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size is {batch_size}: set it to 1 or more.")
-        self.model = model
+        if matmul not in ("dtype", "int8"):
+            raise ValueError(f"matmul is {matmul!r}: use 'dtype' (the model's own) or 'int8' (caiflow.int8).")
+        # 'int8': a copy of the model whose linear layers multiply in int8 (CPU), sharing its other weights
+        self.model = model if matmul == "dtype" else int8.quantize(model, tokenizer)
         self.tokenizer = tokenizer
         self.batch_size = batch_size  # current batch size; halves on out-of-memory and stays halved
         self.max_input_tokens = max_input_tokens  # longer prompts are an error (drop them upstream)

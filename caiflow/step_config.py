@@ -212,6 +212,14 @@ class GenerationConfig(Section):
         description="continuous decoding: run a token prefix shared by all prompts of a call (system "
         "prompt, few-shot turns, chat template) once and start every row from a copy of its cache.",
     )
+    # Fingerprinted: int8 products move every logit (README, "Precision").
+    matmul: Literal["dtype", "int8"] = Field(
+        "dtype",
+        description="Matrix products of generation and choice scoring: 'dtype': in model.dtype; 'int8': "
+        "the linear layers in int8 with smoothing and float32 outlier channels (caiflow/int8.py; CPUs "
+        "with AVX-512 VNNI or AMX; faster, and the outputs move further from float32's than bfloat16's "
+        "do: README, 'Precision'). RL's sampling and all training stay in model.dtype.",
+    )
     # Not fingerprinted (the section as a whole): where shards run does not change their rows.
     executor: ExecutorConfig = Field(
         default_factory=ExecutorConfig,
