@@ -342,8 +342,10 @@ def step_memory(step: str, cfg: dict[str, Any], shapes: Shapes) -> StepMemory:
             per_device * rl["max_new_tokens"],
         )
         _reward_models(m, cfg, rshape)
-        # rl.rollouts 'engine' samples from copies of the projections with the adapter merged in
-        copies = pol.linear_params() * e if rl.get("rollouts") == "engine" and rl["method"] == "lora" else 0
+        # rl.rollouts 'engine' samples from float32 copies of the projections with the adapter merged in
+        # (16-bit weights keep the adapter live: caiflow.training.rollouts.can_merge)
+        merges = rl.get("rollouts") == "engine" and rl["method"] == "lora" and dtype == "float32"
+        copies = pol.linear_params() * e if merges else 0
         sampling = f"KV cache {rl['batch_size']}x{seq}" + (" + merged weight copies" if copies else "")
         m.parts[f"larger of {sampling} and reward scoring {rl['scoring_batch_size']}x{seq}"] = max(
             generation_bytes(pol, e, rl["batch_size"], seq) + copies,
@@ -356,11 +358,21 @@ def step_memory(step: str, cfg: dict[str, Any], shapes: Shapes) -> StepMemory:
         m.add("one stage's policy at a time", pol, dtype)
         cols = engine_seq(cfg, seq, ev["sampling"]["max_new_tokens"])
         m.parts[f"KV cache {gen_batch}x{cols}"] = generation_bytes(pol, e, gen_batch, cols)
+        _int8_copy(m, cfg, pol)
         if step == "evaluate":
             return _evaluate(m, cfg, shapes, seq)
     else:
         raise ValueError(f"unknown step '{step}' for the memory plan")
+    if step in ("prompts", "critique_revision", "preferences"):
+        _int8_copy(m, cfg, pol)
     return m
+
+
+def _int8_copy(m: StepMemory, cfg: dict, shape: Shape) -> None:
+    """generation.matmul 'int8': the engine's copy of the linear layers (one byte a weight), built
+    beside the model it came from (caiflow.int8.quantize)."""
+    if cfg["generation"].get("matmul") == "int8" and m.models:
+        m.parts["int8 copy of the linear layers (generation.matmul)"] = shape.linear_params()
 
 
 def _evaluate(m: StepMemory, cfg: dict, shapes: Shapes, seq: int) -> StepMemory:

@@ -81,17 +81,35 @@ def test_sft_step_by_hand():
 
 
 def test_rl_engine_rollouts_count_the_merged_weight_copies():
-    """rl.rollouts 'engine' samples from copies of the projections with the adapter merged in: the sampling
-    phase holds them beside the KV cache (not with a 4-bit policy, which samples TRL's way)."""
+    """rl.rollouts 'engine' samples from float32 copies of the projections with the adapter merged in:
+    the sampling phase holds them beside the KV cache (not with 16-bit weights, which keep the adapter
+    live, nor with a 4-bit policy, which samples TRL's way)."""
     # a sampling batch large enough that the KV cache, not reward scoring, sets the phase's size
     rl = {"lora": {"r": 2}, "batch_size": 16, "num_generations": 2, "max_new_tokens": 64}
     rl["scoring_batch_size"] = 1
-    engine = step_memory("rl", _cfg(rl={**rl, "rollouts": "engine"}), Shapes(SMALL))
-    trl = step_memory("rl", _cfg(rl={**rl, "rollouts": "trl"}), Shapes(SMALL))
-    assert engine.peak - trl.peak == pytest.approx(SMALL.linear_params() * 2)  # bf16 copies
+
+    def plan(dtype: str, **changes):
+        cfg = build_config({"model": {"dtype": dtype}, "rl": {**rl, **changes}}).model_dump()
+        return step_memory("rl", cfg, Shapes(SMALL))
+
+    engine, trl = plan("float32", rollouts="engine"), plan("float32", rollouts="trl")
+    assert engine.peak - trl.peak == pytest.approx(SMALL.linear_params() * 4)  # float32 copies
     assert any("merged weight copies" in k for k in engine.parts)
-    four_bit = step_memory("rl", _cfg(rl={**rl, "rollouts": "engine", "method": "qlora"}), Shapes(SMALL))
+    assert plan("bfloat16", rollouts="engine").peak == plan("bfloat16", rollouts="trl").peak
+    four_bit = plan("float32", rollouts="engine", method="qlora")
     assert not any("merged weight copies" in k for k in four_bit.parts)
+
+
+def test_int8_generation_counts_its_copy_of_the_linear_layers():
+    plain = {s: step_memory(s, _cfg(), Shapes(SMALL)) for s in ("critique_revision", "baseline")}
+    for step, before in plain.items():
+        after = step_memory(step, _cfg(generation={"matmul": "int8"}), Shapes(SMALL))
+        assert after.peak - before.peak == pytest.approx(SMALL.linear_params())  # one byte a weight
+    sft = _cfg(sft={"lora": {"r": 2}}, generation={"matmul": "int8"})
+    assert (
+        step_memory("sft", sft, Shapes(SMALL)).peak
+        == step_memory("sft", _cfg(sft={"lora": {"r": 2}}), Shapes(SMALL)).peak
+    )
 
 
 def test_rl_holds_policy_and_reward_ensemble_and_a_shared_backbone_holds_one():
