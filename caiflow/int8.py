@@ -1,7 +1,7 @@
 """int8 matrix products for generation on the CPU (``generation.matmul: int8``).
 
 On CPUs with AVX-512 VNNI or AMX an int8 matrix product (``torch._int_mm``, int32 accumulation)
-runs 3-5x faster than float32 at the shapes of batched decoding (see README, "Throughput"), and
+runs 3-5x faster than float32 at the shapes of batched decoding (README, "int8 products"), and
 float32 GEMMs are most of the engine's time. `quantize` returns a copy of a model whose linear
 layers do their products in int8 (W8A8): weights per output channel, activations per token at run
 time. Everything else (embeddings, norms, attention, the KV cache, sampling) stays in the model's
@@ -10,7 +10,7 @@ dtype and is shared with the original, not copied.
 Plain W8A8 moves a small model's next-token distribution too far (the default model's mean KL to
 float32 is 0.04 nats per token, greedy tokens agree 89% of the time under teacher forcing), because
 a few input channels carry activations 10-100x larger than the rest. Two standard fixes, whose
-settings below were chosen on the built-in prompts the calibration uses (README, "Precision"):
+settings below were chosen in a sweep on built-in prompts (README, "int8 products"):
 
 - smoothing (SmoothQuant, Xiao et al. 2023): divide each input channel by
   s = max|x|^ALPHA / max|w|^(1 - ALPHA) and multiply the weight's column by it, so activations and
@@ -74,9 +74,10 @@ class Int8Linear(torch.nn.Module):
         if any(b is not None for b in biases):
             bias = torch.cat([b if b is not None else torch.zeros(n) for b, n in zip(biases, self.splits)])
         self.register_buffer("bias", bias)
-        self._input: torch.Tensor | None = None  # the last input, and its product split by layer
+        # the last input and its product split by layer, until every layer has taken its part
+        self._input: torch.Tensor | None = None
         self._version = -1
-        self._outputs: tuple[torch.Tensor, ...] = ()
+        self._outputs: dict[int, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
@@ -91,11 +92,17 @@ class Int8Linear(torch.nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def output_of(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Layer `index`'s output for input x; the group's product runs once per input tensor."""
-        if self._input is not x or self._version != _version(x):
+        """Layer `index`'s output for input x; the group's product runs once per input tensor and is
+        let go as soon as every layer has its part (held, a prefill's products would pile up)."""
+        if len(self.splits) == 1:
+            return self(x)
+        if self._input is not x or self._version != _version(x) or index not in self._outputs:
             self._input, self._version = x, _version(x)
-            self._outputs = self(x).split(self.splits, -1)
-        return self._outputs[index]
+            self._outputs = dict(enumerate(self(x).split(self.splits, -1)))
+        out = self._outputs.pop(index)
+        if not self._outputs:
+            self._input = None
+        return out
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.splits}, float32 channels={len(self.outliers)}"

@@ -58,11 +58,13 @@ def test_a_group_runs_its_product_once_per_input_and_again_for_a_new_one(monkeyp
     x = torch.randn(3, 5, 64)
     ya, yb = first(x), second(x)
     assert len(runs) == 1 and ya.shape == (3, 5, 32) and yb.shape == (3, 5, 16)
+    assert group._input is None and not group._outputs  # let go once every layer has its part
+    assert torch.equal(first(x), ya) and len(runs) == 2  # asked again: computed again
     assert relative_error(ya, a(x).detach()) < 0.02 and relative_error(yb, b(x).detach()) < 0.02
     x2 = torch.randn(3, 5, 64)
-    assert relative_error(second(x2), b(x2).detach()) < 0.02 and len(runs) == 2
-    x2.mul_(2)  # the same tensor written in place: a new input
     assert relative_error(second(x2), b(x2).detach()) < 0.02 and len(runs) == 3
+    x2.mul_(2)  # the same tensor written in place: a new input
+    assert relative_error(second(x2), b(x2).detach()) < 0.02 and len(runs) == 4
 
 
 def test_quantize_groups_layers_that_share_an_input_and_leaves_the_model_alone(tiny_model):
@@ -92,6 +94,10 @@ def test_int8_engine_outputs_do_not_depend_on_batch_size(tiny_model):
     ]
     assert all(r == runs[0] for r in runs[1:])
     assert all(len(r) > 0 for r in runs[0])
+    engine = GenerationEngine(model, tokenizer, batch_size=5, matmul="int8")
+    engine.generate_ids(PROMPTS, SAMPLED, SEEDS)
+    groups = {m.group for m in engine.model.modules() if isinstance(m, int8.Int8Member)}
+    assert all(g._input is None and not g._outputs for g in groups)  # no activations held after a call
 
 
 def test_int8_is_refused_where_it_cannot_run(tiny_model):
