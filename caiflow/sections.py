@@ -10,6 +10,10 @@ Every field is in one of three fingerprint classes:
 - not fingerprinted (``not_fingerprinted``): batch sizes, devices, worker counts, checkpoint and
   log cadence, labels. tests/test_fingerprints.py holds every field to its class.
 
+A by-value field added after stores were made (``added_setting``) is left out of the fingerprint
+while it holds its default, which is what the code did before it existed: upgrading keeps those
+stores' artifacts; setting it re-runs what reads it, as any by-value field does.
+
 Kept apart from `caiflow.config` so step configs living next to their code (for instance
 `caiflow.training.config`) can build on it without an import cycle.
 """
@@ -31,6 +35,12 @@ def by_content(default: Any = ..., **kwargs: Any) -> Any:
     return Field(default, json_schema_extra={"fingerprint": "content"}, **kwargs)
 
 
+def added_setting(default: Any, **kwargs: Any) -> Any:
+    """A by-value field whose default is the behaviour from before it existed: fingerprinted only when set
+    to something else, so stores made before it keep their artifacts."""
+    return Field(default, json_schema_extra={"fingerprint": True, "omit_default": True}, **kwargs)
+
+
 def fingerprint_class(field: Any) -> str:
     """'value', 'content' or 'none' for a pydantic FieldInfo."""
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
@@ -48,6 +58,9 @@ class Section(BaseModel):
             if fingerprint_class(field) != "value":
                 continue
             value = getattr(self, name)
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if extra.get("omit_default") and value == field.default:
+                continue
             out[name] = _fp_value(value)
         return out
 

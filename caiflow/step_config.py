@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from caiflow.sections import Section, by_content, not_fingerprinted
+from caiflow.sections import Section, added_setting, by_content, not_fingerprinted
 
 
 class PromptSource(Section):
@@ -212,8 +212,8 @@ class GenerationConfig(Section):
         description="continuous decoding: run a token prefix shared by all prompts of a call (system "
         "prompt, few-shot turns, chat template) once and start every row from a copy of its cache.",
     )
-    # Fingerprinted: int8 products move every logit (README, "Precision").
-    matmul: Literal["dtype", "int8"] = Field(
+    # Fingerprinted when int8: int8 products move every logit (README, "Precision").
+    matmul: Literal["dtype", "int8"] = added_setting(
         "dtype",
         description="Matrix products of generation and choice scoring: 'dtype': in model.dtype; 'int8': "
         "the linear layers in int8 with smoothing and float32 outlier channels (caiflow/int8.py; CPUs "

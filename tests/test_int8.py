@@ -110,10 +110,13 @@ def test_int8_is_refused_where_it_cannot_run(tiny_model):
         GenerationEngine(tiny_model[0], tokenizer, matmul="int4")
 
 
-def test_matmul_is_a_result_changing_setting():
+def test_matmul_is_a_result_changing_setting_that_keeps_older_stores():
     default = build_config({})
     assert default.generation.matmul == "dtype"
     assert build_config({"generation": {"matmul": "int8"}}).fingerprint_dict() != default.fingerprint_dict()
+    # at its default it is what the code did before the setting existed: left out, so stores stay valid
+    assert "matmul" not in default.generation.fingerprint_dict()
+    assert build_config({"generation": {"matmul": "dtype"}}).fingerprint_dict() == default.fingerprint_dict()
     with pytest.raises(Exception, match="matmul"):
         build_config({"generation": {"matmul": "int4"}})
 
