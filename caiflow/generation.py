@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 
 from caiflow import int8
+from caiflow.chat import chat_prompt
 from caiflow.decoding import cache_kwarg, output_cache, shared_prefix, start_from_prefix
 from caiflow.decoding import supports as supports_continuous
 from caiflow.faults import free_accelerator_memory, inject_oom, is_out_of_memory
@@ -149,15 +150,7 @@ class GenerationEngine:
     # ------------------------------------------------------------ prompts
 
     def format_chat(self, conversation: list[dict]) -> str:
-        """The prompt string for a conversation, ending where the assistant's answer starts; a final
-        assistant message is an answer's opening, which the prompt ends with, for the model to go on."""
-        opened = bool(conversation) and conversation[-1]["role"] == "assistant"
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=not opened, continue_final_message=opened
-            )
-        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in conversation]
-        return "\n".join(lines if opened else [*lines, "Assistant:"])
+        return chat_prompt(self.tokenizer, conversation)
 
     def _encode(self, text: str) -> list[int]:
         # A chat template already writes the BOS token as text; do not add a second one.

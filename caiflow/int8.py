@@ -30,17 +30,18 @@ import inspect
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from caiflow.chat import chat_prompt
+from caiflow.prompts import BUILTIN_PATH
 
 log = logging.getLogger(__name__)
 
 ALPHA = 0.5  # smoothing strength: 0 leaves activations as they are, 1 moves their whole range to the weights
 OUTLIERS = 16  # input channels kept in float32 per layer (fewer on narrow layers: at most 1/32 of them)
 CALIBRATION_PROMPTS = 32  # built-in prompts whose activations set the smoothing and the outlier channels
-BUILTIN_PROMPTS = Path(__file__).resolve().parent / "data" / "builtin_prompts.jsonl"
 
 
 class Int8Linear(torch.nn.Module):
@@ -145,19 +146,11 @@ def unsupported(model: Any) -> str | None:
 
 
 def calibration_texts(tokenizer: Any, n: int = CALIBRATION_PROMPTS) -> list[str]:
-    """The first n built-in prompts, chat-formatted when the tokenizer has a template."""
-    prompts = [
-        json.loads(line)["prompt"] for line in BUILTIN_PROMPTS.read_text().splitlines() if line.strip()
+    """The first n built-in prompts, formatted as the engine formats a chat."""
+    lines = [line for line in BUILTIN_PATH.read_text().splitlines() if line.strip()][:n]
+    return [
+        chat_prompt(tokenizer, [{"role": "user", "content": json.loads(line)["prompt"]}]) for line in lines
     ]
-    prompts = prompts[:n]
-    if getattr(tokenizer, "chat_template", None):
-        return [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts
-        ]
-    return prompts
 
 
 @torch.no_grad()

@@ -41,10 +41,14 @@ def added_setting(default: Any, **kwargs: Any) -> Any:
     return Field(default, json_schema_extra={"fingerprint": True, "omit_default": True}, **kwargs)
 
 
+def _marks(field: Any) -> dict[str, Any]:
+    """What the helpers above put in a pydantic FieldInfo's json_schema_extra."""
+    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+
+
 def fingerprint_class(field: Any) -> str:
     """'value', 'content' or 'none' for a pydantic FieldInfo."""
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-    mark = extra.get("fingerprint", True)
+    mark = _marks(field).get("fingerprint", True)
     return {True: "value", "content": "content", False: "none"}[mark]
 
 
@@ -58,8 +62,7 @@ class Section(BaseModel):
             if fingerprint_class(field) != "value":
                 continue
             value = getattr(self, name)
-            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-            if extra.get("omit_default") and value == field.default:
+            if _marks(field).get("omit_default") and value == field.default:
                 continue
             out[name] = _fp_value(value)
         return out
