@@ -19,7 +19,8 @@ Every side first runs one untimed batch; then the sides run interleaved ``--repe
 the medians are printed: real new tokens (up to EOS), seconds, tokens/s and the ratio to TRL's
 way. Default: the CPU default model with its tokenizer and the built-in prompts; ``--shape 1.7b``
 builds SmolLM2-1.7B's shape with random bf16 weights and synthetic prompts on the accelerator
-(``benchmarks/gpu_check.py``'s builders), needing only torch, transformers and peft there.
+(the GPU check's builders, ``benchmarks/gpu/common.py``), needing only torch, transformers and
+peft there.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def load_policy(args) -> tuple[torch.nn.Module, object, list[list[int]], torch.d
     from peft import LoraConfig, get_peft_model
 
     if args.shape == "1.7b":
-        import gpu_check as g
+        from gpu import common as g
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         shape = g.TINY if args.smoke else g.SMOLLM2_1_7B

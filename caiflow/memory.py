@@ -2,7 +2,8 @@
 
 Nothing is loaded: parameter counts come from the model's shape (the fields of its config.json),
 sizes from the config. Pure standard library (no pydantic, no torch), so the GPU check
-(benchmarks/gpu_check.py) imports it on a machine with only torch, transformers and peft.
+(benchmarks/gpu_check.py, through benchmarks/gpu/memory.py) imports it on a machine with only
+torch, transformers and peft.
 The step planner takes the config as a plain dict (``Config.model_dump()``).
 
 What a step holds, in bytes (e = bytes per element of ``model.dtype``):
