@@ -1,4 +1,4 @@
-"""SFT time on the default model: float32, bf16 autocast, packing, both.
+"""SFT time on the default model: float32, bf16 autocast, packing, both, and every position scored.
 
     python benchmarks/training.py [--storage DIR] [--rows 32] [--variants fp32,bf16,packing]
 
@@ -8,7 +8,8 @@ and prints the epoch's seconds (model loading included) and its optimiser steps:
 several rows in one sequence, so it takes fewer steps for the same rows. The variants run one
 after another; the load average is printed with each. First it prints the rate of one matrix
 product of the model's MLP shape in float32 and in bfloat16 on this machine (what autocast
-could gain at best).
+could gain at best). ``all-positions`` is float32 with TRL's output head scoring every position
+(prompt and padding too), as TRL does on the CPU unless `score_labelled_positions_only` is in place.
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ import logging
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's caiflow and benchmarks
 
 import pandas as pd
 
+import caiflow.training.sft as sft_module
 from benchmarks.generation import load_average, load_prompts
 from caiflow.models import DEFAULT_MODEL, resolve_model
+from caiflow.training.common import score_labelled_positions_only
 from caiflow.training.config import SFTConfig
 from caiflow.training.sft import train_sft
 
@@ -36,7 +40,21 @@ VARIANTS = {
     "bf16": {"bf16_autocast": True},
     "packing": {"packing": True},
     "bf16+packing": {"bf16_autocast": True, "packing": True},
+    "all-positions": {},  # float32, the output head scoring every position (see every_position)
 }
+
+
+@contextmanager
+def every_position(enabled: bool):
+    """While enabled, train_sft leaves TRL's output head scoring every position (TRL's CPU default)."""
+    if not enabled:
+        yield
+        return
+    sft_module.score_labelled_positions_only = lambda: score_labelled_positions_only(False)
+    try:
+        yield
+    finally:
+        sft_module.score_labelled_positions_only = score_labelled_positions_only
 
 
 def records(n: int) -> pd.DataFrame:
@@ -104,12 +122,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             save_steps=1000,
             **VARIANTS[name],
         )
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, every_position(name == "all-positions"):
             start = time.perf_counter()
             metrics = train_sft(cfg, path, data, Path(tmp) / "out", Path(tmp) / "work", seed=0)
             seconds = time.perf_counter() - start
         out[name] = seconds
-        log.info("%-13s %6.1f s for the epoch, %d steps, %s", name, seconds, metrics["steps"], load_average())
+        log.info("%-14s %6.1f s for the epoch, %d steps, %s", name, seconds, metrics["steps"], load_average())
     return out
 
 

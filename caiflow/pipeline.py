@@ -29,7 +29,9 @@ PIPELINE: tuple[StepSpec, ...] = (
     # critique_revision 5: under an inverted constitution prefer_refusals prefers compliant samples; 6: the
     # sampler fix below
     StepSpec("critique_revision", 6, ("prompts",), True, "answer, critique, revise: SL-CAI data"),
-    StepSpec("sft", 2, ("critique_revision",), True, "supervised fine-tuning on the revisions"),
+    # sft 3, rl 5: TRL's output head scores only the labelled positions on the CPU too
+    # (`training.common.score_labelled_positions_only`): the same values up to the product's rounding
+    StepSpec("sft", 3, ("critique_revision",), True, "supervised fine-tuning on the revisions"),
     # preferences 4, baseline 2 (and critique_revision 6): the sampler's largest uniform rounded to 1.0
     # (infinite noise: a rare token won outright, or a pick outside the nucleus failed)
     StepSpec("preferences", 5, ("prompts", "sft"), True, "AI-feedback preference pairs"),
@@ -38,7 +40,7 @@ PIPELINE: tuple[StepSpec, ...] = (
     StepSpec("reward_model", 3, ("preferences",), True, "reward model on the soft AI labels"),
     # rl 3, evaluate 5: the reward model scores in model.dtype (it loaded in float32 before)
     StepSpec(
-        "rl", 4, ("prompts", "sft", "reward_model"), True, "RL from the SL model against the reward model"
+        "rl", 5, ("prompts", "sft", "reward_model"), True, "RL from the SL model against the reward model"
     ),
     # The base model's answers depend on no constitution: a constitution and its inversion share them.
     StepSpec(

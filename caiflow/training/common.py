@@ -210,6 +210,40 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+def score_labelled_positions_only(enabled: bool = True) -> bool:
+    """Make TRL's fused LM head score only the positions that carry a label, on every device.
+
+    SFT (completion-only loss) and RLOO/GRPO (log-probabilities of the completion) run the output
+    head through ``trl.kernels.ChunkedLogProbFunction``. TRL hands it only the labelled positions
+    on Triton devices; elsewhere every position, prompt and padding included, so that compiled
+    tile shapes stay fixed on devices such as Neuron, and the unlabelled ones are zeroed after.
+    On the CPU nothing is compiled and those positions are pure waste: more than half of the
+    head's work in the demo's SFT and RL (the prompts, the chat preamble, the padding), which
+    is itself a fifth of a step (``benchmarks/training.py --variants fp32,all-positions``). The
+    labelled positions' values are the same either way, up to the matrix product's rounding.
+    TRL's own choice stays where it decides by Triton (CUDA, XPU). Returns whether the switch is
+    in place (False when this TRL has no such decision to make).
+    """
+    try:
+        import trl.trainer.utils as trl_utils
+    except ImportError:  # pragma: no cover - TRL is a dependency
+        return False
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        return False
+    original = getattr(original, "_caiflow_original", original)
+    if not enabled:
+        trl_utils._use_triton = original
+        return False
+
+    def compact(device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    compact._caiflow_original = original  # type: ignore[attr-defined]
+    trl_utils._use_triton = compact
+    return True
+
+
 def log_to_logger(trainer):
     """Swap the Trainer's print-based log callback (used when tqdm is off) for one that uses `logging`."""
     from transformers import PrinterCallback, TrainerCallback

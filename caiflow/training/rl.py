@@ -59,6 +59,7 @@ from caiflow.training.common import (
     log_to_logger,
     lora_config,
     quiet_libraries,
+    score_labelled_positions_only,
     seed_everything,
     train_with_backoff,
     trainer_args,
@@ -184,6 +185,7 @@ def train_rl(
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     quiet_libraries()
+    score_labelled_positions_only()  # the output head skips prompt and padding positions on the CPU too
     seed_everything(seed)
     prompts = check_prompts(prompts)
     dataset = Dataset.from_list([{"prompt": p} for p in prompts])

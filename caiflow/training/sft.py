@@ -35,6 +35,7 @@ from caiflow.training.common import (
     log_to_logger,
     lora_config,
     quiet_libraries,
+    score_labelled_positions_only,
     seed_everything,
     train_with_backoff,
     trainer_args,
@@ -102,6 +103,7 @@ def train_sft(
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     quiet_libraries()
+    score_labelled_positions_only()  # the output head skips prompt and padding positions on the CPU too
     seed_everything(seed)
 
     mixed = mix_records(records, cfg.benign_ratio, seed)
