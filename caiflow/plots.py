@@ -84,8 +84,8 @@ def refusal_plot(refusal: dict[str, dict[str, dict[str, Any]]], path: Path) -> P
                 continue
             xs.append(i + (j - (len(stages) - 1) / 2) * width)
             ys.append(100 * r["rate"])
-            lo.append(100 * (r["rate"] - r["lo"]))
-            hi.append(100 * (r["hi"] - r["rate"]))
+            lo.append(100 * max(0.0, r["rate"] - r["lo"]))
+            hi.append(100 * max(0.0, r["hi"] - r["rate"]))
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=COLOURS.get(stage), label=stage)
     ax.set_xticks(range(len(groups)), [label for _, label in groups])
     ax.set_ylabel("% of answers that refuse")
@@ -125,9 +125,10 @@ def elo_plot(elo: dict[str, dict[str, dict[str, float]]], path: Path) -> Path | 
     for ax, (dim, ratings) in zip(axes[0], elo.items()):
         stages = [s for s in COLOURS if s in ratings] + sorted(set(ratings) - set(COLOURS))
         ys = [ratings[s]["rating"] for s in stages]
+        # a bootstrap interval need not hold the point estimate: no negative error bars
         err = [
-            [ratings[s]["rating"] - ratings[s]["lo"] for s in stages],
-            [ratings[s]["hi"] - ratings[s]["rating"] for s in stages],
+            [max(0.0, ratings[s]["rating"] - ratings[s]["lo"]) for s in stages],
+            [max(0.0, ratings[s]["hi"] - ratings[s]["rating"]) for s in stages],
         ]
         ax.bar(stages, ys, yerr=err, capsize=4, color=[COLOURS.get(s, "#444444") for s in stages])
         ax.axhline(1000, color="black", linewidth=0.8, linestyle=":")

@@ -88,7 +88,8 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval holds p: rounding left 0 of 112 with a lower bound of 3.5e-18 (a negative error bar)
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def rate(flags: Sequence[bool] | np.ndarray) -> dict[str, Any]:

@@ -38,6 +38,11 @@ def test_wilson_interval_by_hand_and_at_the_edges():
     assert (lo, hi) == pytest.approx((centre - half, centre + half))
     assert wilson(0, 9)[0] == 0.0 and 0.29 < wilson(0, 9)[1] < 0.31  # 0 of 9 is not "certainly never"
     assert wilson(9, 9)[1] == 1.0 and wilson(0, 0) == (0.0, 1.0)
+    # the interval holds the rate at every count: rounding once put 0 of 112's lower bound at 3.5e-18
+    for n in (1, 7, 38, 84, 112, 301):
+        for k in range(n + 1):
+            lo, hi = wilson(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
     r = rate([True, False, False, True])
     assert (r["rate"], r["k"], r["n"]) == (0.5, 2, 4) and r["lo"] < 0.5 < r["hi"]
 
