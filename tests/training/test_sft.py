@@ -179,7 +179,9 @@ def _adapter_tensors(folder):
 def test_per_device_batch_does_not_change_the_adapter(tiny_path, sl_records, tmp_path):
     """sft.per_device_batch_size is not fingerprinted: the same effective batch by accumulation gives the same
     adapter, up to float rounding. (With LoRA dropout on, the dropout masks are drawn per forward pass and so
-    differ too: dropout is off here to compare the optimisation alone.)"""
+    differ too: dropout is off here to compare the optimisation alone.) Adam divides by the gradient's own
+    size, so a weight whose gradient is at rounding level moves by a rounding-driven share of the learning
+    rate (1e-2 here): up to 2.5e-5 apart on one machine, against ~1e-2 for a tenth of the learning rate."""
     settings = {**FAST, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
     train_sft(
         SFTConfig(method="lora", **settings), tiny_path, sl_records, tmp_path / "a", tmp_path / "wa", seed=0
@@ -194,11 +196,11 @@ def test_per_device_batch_does_not_change_the_adapter(tiny_path, sl_records, tmp
     )
     a, b = _adapter_tensors(tmp_path / "a"), _adapter_tensors(tmp_path / "b")
     assert a.keys() == b.keys()
-    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-4) for k in a)
     untrained = SFTConfig(method="lora", **{**settings, "learning_rate": 1e-3})  # the comparison can fail:
     train_sft(untrained, tiny_path, sl_records, tmp_path / "c", tmp_path / "wc", seed=0)
     c = _adapter_tensors(tmp_path / "c")
-    assert not all(torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-6) for k in a)
+    assert not all(torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-4) for k in a)
 
 
 def test_packing_fills_sequences_and_still_trains_the_adapter(tiny_path, sl_records, tmp_path, spy_on):
