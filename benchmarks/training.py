@@ -55,6 +55,7 @@ def every_position(enabled: bool):
         yield
     finally:
         sft_module.score_labelled_positions_only = score_labelled_positions_only
+        score_labelled_positions_only()  # as every training entry point leaves it
 
 
 def records(n: int) -> pd.DataFrame:

@@ -84,3 +84,29 @@ def test_the_switch_leaves_accelerators_to_trl(switch_restored):
     assert trl_utils._use_triton(torch.device("cuda")) == original(torch.device("cuda"))
     score_labelled_positions_only(False)
     assert trl_utils._use_triton is original
+
+
+def test_training_benchmark_times_both_ways_of_scoring(default_model_store, switch_restored):
+    """benchmarks/training.py --variants fp32,all-positions on the default model: the all-positions run
+    sends more rows through the head than the default one, and the switch is back in place after it."""
+    from benchmark_scripts import benchmark_module
+
+    training = benchmark_module("training")
+    rows: list[int] = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def counting(hidden, *args):
+        rows.append(hidden.shape[0])
+        return apply(hidden, *args)
+
+    trl_utils._ChunkedLogProbFunction.apply = counting
+    try:
+        out = training.main(
+            ["--storage", str(default_model_store), "--rows", "8", "--variants", "fp32,all-positions"]
+        )
+    finally:
+        trl_utils._ChunkedLogProbFunction.apply = apply
+    assert set(out) == {"fp32", "all-positions"} and all(s > 0 for s in out.values())
+    assert len(rows) == 4  # one step of 8 rows in per-device slices of 4, per variant
+    assert sum(rows[2:]) > 2 * sum(rows[:2]) > 0  # the prompt and padding too: over twice the rows
+    assert trl_utils._use_triton(torch.device("cpu")) is True
