@@ -35,35 +35,40 @@ def _batch(vocab: int):
     return ids, mask, labels
 
 
-def _run(model, ids, mask, labels, rows_seen: list[int]):
+@pytest.fixture
+def head_rows(monkeypatch) -> list[int]:
+    """The rows of every call into TRL's chunked output head during the test."""
+    rows: list[int] = []
     apply = trl_utils._ChunkedLogProbFunction.apply
 
     def counting(hidden, *args):
-        rows_seen.append(hidden.shape[0])
+        rows.append(hidden.shape[0])
         return apply(hidden, *args)
 
-    trl_utils._ChunkedLogProbFunction.apply = counting
-    try:
-        model.zero_grad()
-        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
-        out.loss.backward()
-    finally:
-        trl_utils._ChunkedLogProbFunction.apply = apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counting)
+    return rows
+
+
+def _run(model, ids, mask, labels):
+    model.zero_grad()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
 
 
-def test_labelled_positions_only_same_values_fewer_rows(tiny_path, switch_restored):
+def test_labelled_positions_only_same_values_fewer_rows(tiny_path, switch_restored, head_rows):
     model = _fused_model(tiny_path)
     ids, mask, labels = _batch(model.config.vocab_size)
     labelled = int((labels[:, 1:] != -100).sum())  # shifted: position t predicts token t+1
 
     assert score_labelled_positions_only(False) is False
-    every: list[int] = []
-    full, full_grads = _run(model, ids, mask, labels, every)
+    full, full_grads = _run(model, ids, mask, labels)
+    every = list(head_rows)
+    head_rows.clear()
     assert score_labelled_positions_only(True) is True
-    only: list[int] = []
-    compact, compact_grads = _run(model, ids, mask, labels, only)
+    compact, compact_grads = _run(model, ids, mask, labels)
+    only = list(head_rows)
 
     assert every == [3 * 19] and only == [labelled] and labelled < 3 * 19
     keep = labels[:, 1:] != -100
@@ -86,26 +91,16 @@ def test_the_switch_leaves_accelerators_to_trl(switch_restored):
     assert trl_utils._use_triton is original
 
 
-def test_training_benchmark_times_both_ways_of_scoring(default_model_store, switch_restored):
+def test_training_benchmark_times_both_ways_of_scoring(default_model_store, switch_restored, head_rows):
     """benchmarks/training.py --variants fp32,all-positions on the default model: the all-positions run
     sends more rows through the head than the default one, and the switch is back in place after it."""
     from benchmark_scripts import benchmark_module
 
     training = benchmark_module("training")
-    rows: list[int] = []
-    apply = trl_utils._ChunkedLogProbFunction.apply
-
-    def counting(hidden, *args):
-        rows.append(hidden.shape[0])
-        return apply(hidden, *args)
-
-    trl_utils._ChunkedLogProbFunction.apply = counting
-    try:
-        out = training.main(
-            ["--storage", str(default_model_store), "--rows", "8", "--variants", "fp32,all-positions"]
-        )
-    finally:
-        trl_utils._ChunkedLogProbFunction.apply = apply
+    out = training.main(
+        ["--storage", str(default_model_store), "--rows", "8", "--variants", "fp32,all-positions"]
+    )
+    rows = head_rows
     assert set(out) == {"fp32", "all-positions"} and all(s > 0 for s in out.values())
     assert len(rows) == 4  # one step of 8 rows in per-device slices of 4, per variant
     assert sum(rows[2:]) > 2 * sum(rows[:2]) > 0  # the prompt and padding too: over twice the rows
