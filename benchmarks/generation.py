@@ -307,6 +307,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         help="also time the engine with int8 products (generation.matmul: int8)",
     )
     parser.add_argument(
+        "--plain-kernels",
+        action="store_true",
+        help="also time the engine on torch's products and SDPA attention (model.cpu_kernels: false)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="after the timed runs, one engine run under torch.profiler: time in GEMMs, attention and the "
@@ -365,6 +370,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.int8:
         sides["engine, int8 products"] = GenerationEngine(
             model, tokenizer, batch_size=args.batch_size, matmul="int8"
+        )
+    if args.plain_kernels:
+        sides["engine, torch's kernels"] = GenerationEngine(
+            model, tokenizer, batch_size=args.batch_size, fast_cpu=False
         )
     cat_side = "engine, DynamicCache"
     if args.cat_cache:

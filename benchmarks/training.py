@@ -1,4 +1,4 @@
-"""SFT time on the default model: float32, bf16 autocast, packing, both, and every position scored.
+"""SFT time on the default model: float32, bf16 autocast, packing, every position scored, torch's kernels.
 
     python benchmarks/training.py [--storage DIR] [--rows 32] [--variants fp32,bf16,packing]
 
@@ -10,6 +10,8 @@ after another; the load average is printed with each. First it prints the rate o
 product of the model's MLP shape in float32 and in bfloat16 on this machine (what autocast
 could gain at best). ``all-positions`` is float32 with TRL's output head scoring every position
 (prompt and padding too), as TRL does on the CPU unless `score_labelled_positions_only` is in place.
+``torch-kernels`` is float32 on torch's own products (``model.cpu_kernels: false``); every other
+variant runs LoRA's frozen base weights on oneDNN's packed products (caiflow.cpu_kernels).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's caiflow and benchmarks
@@ -41,6 +44,7 @@ VARIANTS = {
     "packing": {"packing": True},
     "bf16+packing": {"bf16_autocast": True, "packing": True},
     "all-positions": {},  # float32, the output head scoring every position (see every_position)
+    "torch-kernels": {},  # float32 on torch's products (train_sft's fast_cpu=False)
 }
 
 
@@ -75,20 +79,29 @@ def records(n: int) -> pd.DataFrame:
 
 
 def matmul_rates(m: int = 400, k: int = 576, n: int = 1536, repeats: int = 20) -> dict[str, float]:
-    """GFLOP/s of an (m x k) @ (k x n) product in float32 and bfloat16 (best of `repeats`)."""
+    """GFLOP/s of an (m x k) @ (k x n) product in float32 and bfloat16 (best of `repeats`), and in
+    float32 through oneDNN with the weight packed (caiflow.cpu_kernels)."""
     import torch
+
+    from caiflow.cpu_kernels import pack
 
     rates = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        for _ in range(3):  # kernel selection, threads waking up
-            a @ b
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - start)
-        rates[str(dtype).removeprefix("torch.")] = 2 * m * k * n / best / 1e9
+        packed = pack(b.t().contiguous())
+        products = {str(dtype).removeprefix("torch."): partial(torch.matmul, a, b)}
+        if dtype == torch.float32:
+            linear = torch.ops.mkldnn._linear_pointwise
+            products["float32 packed"] = partial(linear, a, packed, None, "none", [], "")
+        for name, product in products.items():
+            for _ in range(3):  # kernel selection, threads waking up
+                product()
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                product()
+                best = min(best, time.perf_counter() - start)
+            rates[name] = 2 * m * k * n / best / 1e9
     return rates
 
 
@@ -106,9 +119,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     log.info("%s, %d rows, one epoch per variant, %s", DEFAULT_MODEL, args.rows, load_average())
     rates = matmul_rates()
     log.info(
-        "matrix product 400x576 @ 576x1536: float32 %.0f GFLOP/s, bfloat16 %.0f GFLOP/s",
+        "matrix product 400x576 @ 576x1536: float32 %.0f GFLOP/s, bfloat16 %.0f GFLOP/s, "
+        "float32 packed (oneDNN) %.0f GFLOP/s",
         rates["float32"],
         rates["bfloat16"],
+        rates["float32 packed"],
     )
     out: dict[str, float] = {}
     for name in args.variants.split(","):
@@ -125,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
         with tempfile.TemporaryDirectory() as tmp, every_position(name == "all-positions"):
             start = time.perf_counter()
-            metrics = train_sft(cfg, path, data, Path(tmp) / "out", Path(tmp) / "work", seed=0)
+            fast = name != "torch-kernels"
+            metrics = train_sft(cfg, path, data, Path(tmp) / "out", Path(tmp) / "work", seed=0, fast_cpu=fast)
             seconds = time.perf_counter() - start
         out[name] = seconds
         log.info("%-14s %6.1f s for the epoch, %d steps, %s", name, seconds, metrics["steps"], load_average())

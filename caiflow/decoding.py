@@ -142,6 +142,35 @@ def start_from_prefix(cache: Any, kv: list[tuple[torch.Tensor, torch.Tensor]], r
     return cache
 
 
+# What one more prefill forward pass costs, in prompt tokens: its Python and per-layer overhead, the
+# merge of its cache into the batch, and smaller products running below the CPU's rate.
+PREFILL_GROUP_COST = 64
+
+
+def prefill_groups(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of `lengths` in runs of similar length, each run padded to its longest row.
+
+    The runs (of the lengths sorted longest first) minimise the tokens run, padding included, plus
+    PREFILL_GROUP_COST per run: one long prompt among short ones no longer pads all of them to its
+    length, and near-equal lengths still run together.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cheapest split of the first j rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # rows i..j-1 as one run, padded to row i's length
+            cost = best[i] + (j - i) * lengths[order[i]] + PREFILL_GROUP_COST
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups: list[list[int]] = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
+
+
 class ContinuousDecoder:
     """One generate call of the engine: `run(order)` decodes every prompt, in slots of engine.batch_size."""
 
@@ -200,8 +229,20 @@ class ContinuousDecoder:
         return self.prefix_cache
 
     def _prefill(self, rows: list[int]) -> _Batch:
-        """Run new rows' prompts (after the shared prefix) and pick each row's first token."""
+        """Run new rows' prompts (after the shared prefix) and pick each row's first token.
+
+        Rows of similar length run together (`prefill_groups`), so short prompts are not padded to
+        the longest one; the groups' caches are then merged into one batch.
+        """
         inject_oom(len(rows))
+        batch = None
+        for group in prefill_groups([len(self.prompts[r]) - self.prefix_len for r in rows]):
+            fresh = self._prefill_group([rows[i] for i in group])
+            batch = fresh if batch is None else self._merge(batch, fresh)
+        assert batch is not None
+        return batch
+
+    def _prefill_group(self, rows: list[int]) -> _Batch:
         p = self.prefix_len
         suffixes = [self.prompts[r][p:] for r in rows]
         width = max(len(s) for s in suffixes)

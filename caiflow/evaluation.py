@@ -243,6 +243,7 @@ def evaluate_stages(
         batch_size=batch_size,
         lam=cfg.reward_model.ensemble_lambda,
         dtype=cfg.model.dtype,
+        fast_cpu=cfg.model.cpu_kernels,
     )
     rewards = {s: np.asarray(scorer.score(convs, answers[s]), dtype=float) for s in stages}
     del scorer

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 
-from caiflow import int8
+from caiflow import cpu_kernels, int8
 from caiflow.chat import chat_prompt
 from caiflow.decoding import cache_kwarg, output_cache, shared_prefix, start_from_prefix
 from caiflow.decoding import supports as supports_continuous
@@ -81,9 +82,11 @@ def join_opening(opening: str, rest: str) -> str:
     return f"{opening} {rest}"
 
 
-def engine_options(generation: Any) -> dict[str, Any]:
-    """GenerationEngine keyword arguments from a config's `generation` section."""
+def engine_options(generation: Any, model: Any = None) -> dict[str, Any]:
+    """GenerationEngine keyword arguments from a config's `generation` section (and `model`: its
+    cpu_kernels; None: the default)."""
     return {
+        **({"fast_cpu": model.cpu_kernels} if model is not None else {}),
         "decoding": generation.decoding,
         "prefix_min_tokens": PREFIX_MIN_TOKENS if generation.prefix_cache else None,
         "matmul": generation.matmul,
@@ -103,6 +106,7 @@ class GenerationEngine:
         decoding: str = "continuous",
         prefix_min_tokens: int | None = PREFIX_MIN_TOKENS,
         matmul: str = "dtype",
+        fast_cpu: bool = True,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size is {batch_size}: set it to 1 or more.")
@@ -110,6 +114,12 @@ class GenerationEngine:
             raise ValueError(f"matmul is {matmul!r}: use 'dtype' (the model's own) or 'int8' (caiflow.int8).")
         # 'int8': a copy of the model whose linear layers multiply in int8 (CPU), sharing its other weights
         self.model = model if matmul == "dtype" else int8.quantize(model, tokenizer)
+        # On the CPU: packed linear layers and decode attention (caiflow.cpu_kernels)
+        why_not = cpu_kernels.unsupported(self.model) if fast_cpu else "model.cpu_kernels is false"
+        self.fast_cpu = why_not is None
+        self._packed: dict = {}  # module id -> packed weight, for this engine's lifetime
+        if fast_cpu and why_not is not None:
+            log.debug("caiflow's CPU kernels not used: %s", why_not)
         self.tokenizer = tokenizer
         self.batch_size = batch_size  # current batch size; halves on out-of-memory and stays halved
         self.max_input_tokens = max_input_tokens  # longer prompts are an error (drop them upstream)
@@ -182,6 +192,10 @@ class GenerationEngine:
         device = self.model.device
         return ids.to(device), mask.to(device)
 
+    def _kernels(self) -> Any:
+        """How the model's forward passes run: caiflow's CPU kernels, or the model as it is."""
+        return cpu_kernels.cpu_kernels(self.model, self._packed) if self.fast_cpu else nullcontext()
+
     # ------------------------------------------------------------ batching with OOM backoff
 
     def _run_batched(self, items: Sequence[T], run: Callable[[list[T]], list[R]]) -> list[R]:
@@ -240,15 +254,17 @@ class GenerationEngine:
         token ends with it (what a trainer scores), one cut off by max_new_tokens does not."""
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first
         if self.decoding == "continuous":
-            return self._decode_continuous(encoded, seeds, sampling, order, keep_stop)
+            with self._kernels():
+                return self._decode_continuous(encoded, seeds, sampling, order, keep_stop)
 
         def run(rows: list[int]) -> list[list[int]]:
             picked = [seeds[i] for i in rows]
             return self._generate_batch([encoded[i] for i in rows], picked, sampling, keep_stop)
 
         result: list[list[int]] = [[] for _ in encoded]
-        for i, out in zip(order, self._run_batched(order, run)):
-            result[i] = out
+        with self._kernels():
+            for i, out in zip(order, self._run_batched(order, run)):
+                result[i] = out
         return result
 
     def _decode_continuous(
@@ -333,12 +349,13 @@ class GenerationEngine:
         contexts = self._encode_prompts(prompts)
         option_ids = [[self._option_ids(p, ctx, o) for o in options] for p, ctx in zip(prompts, contexts)]
         order = sorted(range(len(prompts)), key=lambda i: -len(contexts[i]))  # similar lengths batch together
-        prefix = self._shared_prefix(contexts)
 
         def run(batch: list[int]) -> list[list[float]]:
             return self._score_batch([contexts[i] for i in batch], [option_ids[i] for i in batch], prefix)
 
-        logps = self._run_batched(order, run)
+        with self._kernels():
+            prefix = self._shared_prefix(contexts)
+            logps = self._run_batched(order, run)
         totals = np.empty((len(prompts), len(options)), dtype=np.float64)
         for i, lp in zip(order, logps):
             totals[i] = lp

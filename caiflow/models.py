@@ -409,5 +409,5 @@ def policy_engine(
             device=model_cfg.device,
             dtype=model_cfg.dtype,
         )
-    options = engine_options(generation) if generation is not None else {}
+    options = engine_options(generation, model_cfg) if generation is not None else {}
     return GenerationEngine(m, tok, batch_size=batch_size, **options)

@@ -23,33 +23,37 @@ class StepSpec:
 
 
 PIPELINE: tuple[StepSpec, ...] = (
+    # prompts 6, critique_revision 7, preferences 6, reward_model 4, rl 6, baseline 3, evaluate 9: on the
+    # CPU, inference multiplies through oneDNN with packed weights and a decode step's attention is two
+    # batched products (caiflow.cpu_kernels, model.cpu_kernels); generation prefills rows of similar
+    # length together: logits and rewards move at float-rounding level
     # prompts 5, preferences 5, evaluate 7: a prefix shared by a scoring call's contexts runs once
     # (categorising, AI feedback, the judge), which moves choice probabilities at float-rounding level
-    StepSpec("prompts", 5, (), False, "load, normalise, dedupe, split, categorise by principle"),
+    StepSpec("prompts", 6, (), False, "load, normalise, dedupe, split, categorise by principle"),
     # critique_revision 5: under an inverted constitution prefer_refusals prefers compliant samples; 6: the
     # sampler fix below
-    StepSpec("critique_revision", 6, ("prompts",), True, "answer, critique, revise: SL-CAI data"),
+    StepSpec("critique_revision", 7, ("prompts",), True, "answer, critique, revise: SL-CAI data"),
     # sft 3, rl 5: TRL's output head scores only the labelled positions on the CPU too
     # (`training.common.score_labelled_positions_only`): the same values up to the product's rounding
     StepSpec("sft", 3, ("critique_revision",), True, "supervised fine-tuning on the revisions"),
     # preferences 4, baseline 2 (and critique_revision 6): the sampler's largest uniform rounded to 1.0
     # (infinite noise: a rare token won outright, or a pick outside the nucleus failed)
-    StepSpec("preferences", 5, ("prompts", "sft"), True, "AI-feedback preference pairs"),
+    StepSpec("preferences", 6, ("prompts", "sft"), True, "AI-feedback preference pairs"),
     # reward_model 3, rl 4, evaluate 8: reward scoring runs the sequences' shared prefix once (rewards move at
     # float-rounding level); rl 4 also: completions sampled by caiflow's engine (rl.rollouts)
-    StepSpec("reward_model", 3, ("preferences",), True, "reward model on the soft AI labels"),
+    StepSpec("reward_model", 4, ("preferences",), True, "reward model on the soft AI labels"),
     # rl 3, evaluate 5: the reward model scores in model.dtype (it loaded in float32 before)
     StepSpec(
-        "rl", 5, ("prompts", "sft", "reward_model"), True, "RL from the SL model against the reward model"
+        "rl", 6, ("prompts", "sft", "reward_model"), True, "RL from the SL model against the reward model"
     ),
     # The base model's answers depend on no constitution: a constitution and its inversion share them.
     StepSpec(
-        "baseline", 2, ("prompts",), True, "the evaluation prompts and the base model's answers to them"
+        "baseline", 3, ("prompts",), True, "the evaluation prompts and the base model's answers to them"
     ),
     # evaluate 6: the stages answer shard by shard (batches end at shard boundaries, as in every
     # generation step), so an answer can differ from 5's by float noise
     StepSpec(
-        "evaluate", 8, ("sft", "reward_model", "rl", "baseline"), True, "base vs SL vs RL: metrics, report"
+        "evaluate", 9, ("sft", "reward_model", "rl", "baseline"), True, "base vs SL vs RL: metrics, report"
     ),
 )
 

@@ -51,7 +51,11 @@ def source_digest(source: PromptSource, base_dir: Path) -> str:
 
 def model_settings(cfg: Config) -> dict[str, Any]:
     """The model settings that change what a loaded model computes, besides its identity."""
-    return {"dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code}
+    return {
+        "dtype": cfg.model.dtype,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "cpu_kernels": cfg.model.cpu_kernels,
+    }
 
 
 def critique_row_context(

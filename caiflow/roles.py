@@ -224,7 +224,9 @@ def teacher_engine(cfg: Any, policy: Any, batch_size: int) -> Any:
     model_obj, tok = load_model_and_tokenizer(
         resolved, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code
     )
-    return GenerationEngine(model_obj, tok, batch_size=batch_size, **engine_options(cfg.generation))
+    return GenerationEngine(
+        model_obj, tok, batch_size=batch_size, **engine_options(cfg.generation, cfg.model)
+    )
 
 
 def role_scorer(
@@ -247,7 +249,9 @@ def role_scorer(
     model_obj, tok = load_model_and_tokenizer(
         resolve_model(role.model, cfg.run.storage), cfg.model.dtype, cfg.model.device
     )
-    return GenerationEngine(model_obj, tok, batch_size=batch_size, **engine_options(cfg.generation))
+    return GenerationEngine(
+        model_obj, tok, batch_size=batch_size, **engine_options(cfg.generation, cfg.model)
+    )
 
 
 def usage_metrics(role: str, engine: Any) -> dict[str, int]:

@@ -63,6 +63,7 @@ def run(ctx: StepContext) -> StepOutput:
             tokenizer,
             batch_size=retry_scaled(cat.batch_size),
             progress=lambda d, t: progress.update(d),
+            fast_cpu=cfg.model.cpu_kernels,
         )
         result = categorize_local(engine, ctx.constitution, texts)
     else:  # "endpoint": the role's server answers in JSON (checked at start-up: caiflow.roles)

@@ -43,6 +43,7 @@ def run(ctx: StepContext) -> StepOutput:
         work_dir=ctx.work_dir(),
         seed=cfg.run.seed,
         dtype=cfg.model.dtype,
+        fast_cpu=cfg.model.cpu_kernels,  # scoring the held-out pairs (caiflow.cpu_kernels)
         card_extra={
             "backbone": base.identity,
             "preferences": f"preferences/{ctx.upstream['preferences'].fingerprint}",

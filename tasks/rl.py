@@ -49,6 +49,7 @@ def run(ctx: StepContext) -> StepOutput:
         ctx.work_dir(),
         seed=cfg.run.seed,
         dtype=cfg.model.dtype,
+        fast_cpu=cfg.model.cpu_kernels,  # rollouts and reward scoring (caiflow.cpu_kernels)
         card_extra={
             "base model": model.identity,
             "sl model": f"sft/{sft_ref.fingerprint}",

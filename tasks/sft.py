@@ -36,6 +36,7 @@ def run(ctx: StepContext) -> StepOutput:
         work_dir=ctx.work_dir(),
         seed=cfg.run.seed,
         dtype=cfg.model.dtype,
+        fast_cpu=cfg.model.cpu_kernels,  # frozen base weights on packed products (caiflow.cpu_kernels)
         card_extra={
             "base model": model.identity,
             "constitution": f"{constitution.name} v{constitution.version} ({constitution.content_hash})",

@@ -306,13 +306,23 @@ def _smaller_batch(batch: int, per_device: int) -> int:
 
 
 def train_with_backoff(
-    build: Callable[[int, int], Any], batch_size: int, per_device: int, checkpoints: Path
+    build: Callable[[int, int], Any],
+    batch_size: int,
+    per_device: int,
+    checkpoints: Path,
+    fast_cpu: bool = True,
 ) -> RunOutcome:
     """Build a trainer for (per_device, accumulation) and train it, resuming from the last checkpoint.
 
     On out-of-memory: halve the per-device batch, double accumulation, rebuild, resume. Gives up
-    (re-raises) when the per-device batch is already 1.
+    (re-raises) when the per-device batch is already 1. `fast_cpu`: on the CPU, frozen linear layers
+    (LoRA's base weights) and passes that record no gradient run on packed weights
+    (caiflow.cpu_kernels), kept for the whole run.
     """
+    from contextlib import nullcontext
+
+    from caiflow.cpu_kernels import cpu_kernels
+
     backoffs = 0
     attempts: list[dict] = []
     from caiflow.training.launch import process_count
@@ -323,7 +333,8 @@ def train_with_backoff(
         resume = last_checkpoint(checkpoints)
         trainer = build(per_device, accumulation)
         try:
-            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            with cpu_kernels(trainer.model) if fast_cpu else nullcontext():
+                output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except BaseException as exc:  # noqa: BLE001 - filtered just below
             if not is_out_of_memory(exc):
                 raise

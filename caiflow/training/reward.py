@@ -146,6 +146,7 @@ def _train_member(
     work: Path,
     seed: int,
     dtype: str,
+    fast_cpu: bool = True,
 ):
     """Train one member; returns (model with LoRA merged, or the adapter model with
     ``shared_backbone``, and the outcome)."""
@@ -203,7 +204,7 @@ def _train_member(
                     param.data = param.data.to(getattr(torch, dtype))
         return log_to_logger(trainer)
 
-    outcome = train_with_backoff(build, cfg.batch_size, cfg.per_device_batch_size, work)
+    outcome = train_with_backoff(build, cfg.batch_size, cfg.per_device_batch_size, work, fast_cpu)
     model = outcome.trainer.model
     if peft_config is not None and not cfg.shared_backbone:
         model = model.merge_and_unload()  # LoRA folded in, the trained score head kept
@@ -225,22 +226,24 @@ def _train_and_score_member(
     work: Path,
     seed: int,
     dtype: str,
+    fast_cpu: bool = True,
 ) -> dict:
     """Train one member, save it to dest, and score its centring sample and the held-out pairs."""
     log.info("reward_model: training %s on %d pairs (seed %d)", dest.name, len(data), seed)
     rows = pairs_to_rows(data, tokenizer, cfg.balance_kinds)
-    model, outcome = _train_member(cfg, backbone_path, rows, tokenizer, work, seed, dtype)
+    model, outcome = _train_member(cfg, backbone_path, rows, tokenizer, work, seed, dtype, fast_cpu)
     if is_main_process():  # under `accelerate launch`, one process writes the outputs
         _save_member(model, tokenizer, dest)
     pad, batch = tokenizer.pad_token_id, cfg.per_device_batch_size * 2
     sample = np.random.default_rng(seed).permutation(len(rows))[:OFFSET_SAMPLE]
-    offset = float(
-        score_ids(
-            model, [rows[j][s] for j in sample for s in ("chosen_ids", "rejected_ids")], pad, batch
-        ).mean()
-    )
-    chosen = score_ids(model, [r["chosen_ids"] for r in eval_rows], pad, batch) - offset
-    rejected = score_ids(model, [r["rejected_ids"] for r in eval_rows], pad, batch) - offset
+    packed: dict = {}  # the trained member's packed weights, shared by its three scoring calls
+
+    def score(ids: list[list[int]]) -> np.ndarray:
+        return score_ids(model, ids, pad, batch, fast_cpu=fast_cpu, packed=packed)
+
+    offset = float(score([rows[j][s] for j in sample for s in ("chosen_ids", "rejected_ids")]).mean())
+    chosen = score([r["chosen_ids"] for r in eval_rows]) - offset
+    rejected = score([r["rejected_ids"] for r in eval_rows]) - offset
     return {
         "train_pairs": len(data),
         "train_loss": float(outcome.train_output.training_loss),
@@ -275,6 +278,7 @@ def train_reward_model(
     seed: int,
     dtype: str = "float32",
     card_extra: dict | None = None,
+    fast_cpu: bool = True,
 ) -> dict:
     """Train ``cfg.ensemble_size`` reward models on soft labels; write them, ensemble.json and a
     card to out_dir."""
@@ -346,6 +350,7 @@ def train_reward_model(
                 work_dir / name,
                 member_seed,
                 dtype,
+                fast_cpu,
             )
             record.update(name=name, seed=member_seed, principles=shares[i])
             record["eval"] = pair_metrics(

@@ -47,14 +47,27 @@ def conversation_ids(tokenizer, prompt: list[dict], answer: str | list[dict]) ->
 
 
 def score_ids(
-    model, ids: list[list[int]], pad_token_id: int, batch_size: int = 8, prefix_min_tokens: int | None = 16
+    model,
+    ids: list[list[int]],
+    pad_token_id: int,
+    batch_size: int = 8,
+    prefix_min_tokens: int | None = 16,
+    fast_cpu: bool = True,
+    packed: dict | None = None,
 ) -> np.ndarray:
     """Reward of each token sequence: length-sorted batches, right-padded, inference mode, input
     order kept. A token prefix every sequence shares (the chat template's preamble, a system prompt),
-    of at least `prefix_min_tokens` (None: never), runs once and every row starts from its cache."""
+    of at least `prefix_min_tokens` (None: never), runs once and every row starts from its cache.
+
+    `fast_cpu`: on the CPU, the linear layers multiply through oneDNN with packed weights
+    (caiflow.cpu_kernels); `packed` keeps the packed weights between calls (None: packed per call).
+    """
+    from contextlib import nullcontext
+
     import torch
     from transformers import DynamicCache
 
+    from caiflow.cpu_kernels import cpu_kernels
     from caiflow.decoding import cache_kwarg, common_prefix, shared_prefix, start_from_prefix, supports
 
     device = next(model.parameters()).device
@@ -65,7 +78,7 @@ def score_ids(
     head = common_prefix(ids) if len(ids) > 1 else 0
     if ids and (not supports(model) or any(set(x[head:]) <= {pad_token_id} for x in ids)):
         prefix_min_tokens = None
-    with torch.inference_mode():
+    with torch.inference_mode(), cpu_kernels(model, packed) if fast_cpu else nullcontext():
         name = cache_kwarg(model)
         prefix = shared_prefix(model, ids, prefix_min_tokens, name, last_logits=False)
         p = prefix[0] if prefix else 0
@@ -105,6 +118,7 @@ class RewardScorer:
         lam: float | None = None,
         dtype: str = "float32",
         backbone: str | Path | None = None,
+        fast_cpu: bool = True,
     ):
         from caiflow.models import load_tokenizer, pick_device, quiet_transformers
 
@@ -117,6 +131,8 @@ class RewardScorer:
                 "Point at the reward_model artifact's model/ folder written by train_reward_model."
             )
         self.spec = json.loads(spec_file.read_text())
+        self.fast_cpu = fast_cpu  # caiflow's CPU kernels (model.cpu_kernels)
+        self._packed: dict = {}  # the members' packed weights, kept while the scorer lives
         self.lam = float(self.spec.get("lambda", 0.0) if lam is None else lam)
         self.batch_size = max(1, int(batch_size))
         self.max_length = self.spec.get("max_length")
@@ -197,7 +213,17 @@ class RewardScorer:
         if not ids:
             return np.zeros((self.size, 0))
         raw = np.stack(
-            [score_ids(m, ids, m.config.pad_token_id, self.batch_size) for _, m in self._member_models()]
+            [
+                score_ids(
+                    m,
+                    ids,
+                    m.config.pad_token_id,
+                    self.batch_size,
+                    fast_cpu=self.fast_cpu,
+                    packed=self._packed,
+                )
+                for _, m in self._member_models()
+            ]
         )
         return raw - self.offsets[:, None]
 

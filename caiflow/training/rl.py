@@ -173,6 +173,7 @@ def train_rl(
     dtype: str = "float32",
     card_extra: dict | None = None,
     on_log: OnLog | None = None,
+    fast_cpu: bool = True,
 ) -> dict:
     """Train a LoRA adapter on the SL policy with RLOO (or GRPO) against the reward model; write
     out_dir (see above)."""
@@ -190,14 +191,16 @@ def train_rl(
     prompts = check_prompts(prompts)
     dataset = Dataset.from_list([{"prompt": p} for p in prompts])
     device = "cuda" if has_cuda() else "cpu"
-    scorer = RewardScorer(reward_dir, device=device, batch_size=cfg.scoring_batch_size, dtype=dtype)
+    scorer = RewardScorer(
+        reward_dir, device=device, batch_size=cfg.scoring_batch_size, dtype=dtype, fast_cpu=fast_cpu
+    )
     reward_fn = reward_function(scorer)
     tokenizer = load_tokenizer(
         sl_model_path if (sl_model_path / "tokenizer_config.json").is_file() else base_model_path
     )
     config_cls, trainer_cls = _trainer_classes(cfg.algorithm)
     if cfg.rollouts == "engine":
-        trainer_cls = with_engine_rollouts(trainer_cls, seed)
+        trainer_cls = with_engine_rollouts(trainer_cls, seed, fast_cpu)
     peft_config = lora_config(cfg.lora)
     sl_full = full_weights(sl_model_path, base_model_path, work_dir, dtype) if cfg.method == "qlora" else None
 
@@ -244,7 +247,8 @@ def train_rl(
 
     # One generation batch of cfg.batch_size completions per optimiser step (TRL's default
     # steps_per_generation = accumulation), trained in per-device slices.
-    outcome = train_with_backoff(build, cfg.batch_size, cfg.per_device_batch_size or cfg.batch_size, work_dir)
+    per_device = cfg.per_device_batch_size or cfg.batch_size
+    outcome = train_with_backoff(build, cfg.batch_size, per_device, work_dir, fast_cpu)
     trainer = outcome.trainer
     history = history_from_logs(trainer.state.log_history)
     _save_policy(trainer, tokenizer, out_dir, sl_model_path, base_model_path, dtype, cfg.method == "qlora")

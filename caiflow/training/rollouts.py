@@ -128,7 +128,7 @@ def _lora_layers(model: Any) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
-def with_engine_rollouts(trainer_cls: type, seed: int) -> type:
+def with_engine_rollouts(trainer_cls: type, seed: int, fast_cpu: bool = True) -> type:
     """`trainer_cls` (TRL's RLOOTrainer or GRPOTrainer) with its rollouts sampled by caiflow's engine.
 
     The choice (engine merged, engine with the adapter live, or TRL's way and why) is made at the first
@@ -162,7 +162,7 @@ def with_engine_rollouts(trainer_cls: type, seed: int) -> type:
             self._merge = live is None
             self.rollouts_used = "engine, merged" if live is None else f"engine, adapter live ({live})"
             log.info("rl.rollouts: %s", self.rollouts_used)
-            self._engine = GenerationEngine(model, self._tokenizer, batch_size=64)
+            self._engine = GenerationEngine(model, self._tokenizer, batch_size=64, fast_cpu=fast_cpu)
             self._engine.eos_token_ids = list(self.eos_token_ids)
 
         def _engine_completions(self, prompts: list[list[int]]) -> list[list[int]]:

@@ -90,6 +90,7 @@ def train_sft(
     seed: int,
     dtype: str = "float32",
     card_extra: dict | None = None,
+    fast_cpu: bool = True,
 ) -> dict:
     """Fine-tune the base model on the SL mix; write the adapter (or full model), tokenizer and a
     card to out_dir."""
@@ -147,7 +148,7 @@ def train_sft(
             )
         )
 
-    outcome = train_with_backoff(build, cfg.batch_size, cfg.per_device_batch_size, work_dir)
+    outcome = train_with_backoff(build, cfg.batch_size, cfg.per_device_batch_size, work_dir, fast_cpu)
     trainer = outcome.trainer
     trainer.save_model(str(out_dir))  # adapter for lora/qlora, full weights for full (rank 0 only)
     if is_main_process():  # under `accelerate launch`, one process writes the outputs
