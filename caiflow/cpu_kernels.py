@@ -5,7 +5,10 @@ Two swaps, both inside the :func:`cpu_kernels` context:
 - linear layers through oneDNN with prepacked weights (below);
 - single-token attention (a decode step) as two batched products on the key/value heads, where
   SDPA's CPU flash kernel, made for long queries, took 0.61 ms for what the products do in 0.29 ms
-  (64 rows, 9 query heads on 3 key/value heads, 70 cached columns: the default model's decoding).
+  (64 rows, 9 query heads on 3 key/value heads, 70 cached columns: the default model's decoding);
+  and masked attention over several tokens with no gradient (prefill, choice and reward scoring)
+  through SDPA's `enable_gqa`, without transformers' `repeat_kv` copies of every key/value head
+  (categorising 150 prompts: 18.0-18.2 s against 26.5-27.6 s).
 
 Packed linear layers
 --------------------
@@ -167,17 +170,31 @@ def decode_attention(
 
     The query heads that share a key/value head are stacked as that head's rows (no `repeat_kv`
     copy of the cache), the boolean mask sends masked columns to -inf before the softmax, as SDPA
-    does. Anything else (prefill, dropout, a float mask, the arguments in _SDPA_ONLY) goes to SDPA.
+    does. Several query tokens under a boolean mask, with no gradient recorded, go to SDPA with
+    `enable_gqa` (no `repeat_kv` copies either). Anything else (dropout, a float mask, training,
+    the arguments in _SDPA_ONLY) goes to transformers' SDPA path as before.
     """
     simple = (
-        query.shape[2] == 1
-        and query.device.type == "cpu"
+        query.device.type == "cpu"
         and not dropout
         and (attention_mask is None or attention_mask.dtype == torch.bool)
         and not any(kwargs.get(k) is not None for k in _SDPA_ONLY)
         and query.shape[1] % key.shape[1] == 0
     )
-    if not simple:
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if simple and query.shape[2] > 1 and attention_mask is not None and not recording:
+        # a prompt's tokens under a padding mask (prefill, scoring): SDPA reads each key/value head
+        # for its group of query heads (enable_gqa) instead of transformers' repeat_kv copies
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            scale=scaling,
+            enable_gqa=key.shape[1] != query.shape[1],
+        )
+        return out.transpose(1, 2).contiguous(), None
+    if not simple or query.shape[2] != 1:
         return sdpa_attention_forward(
             module,
             query,

@@ -23,10 +23,11 @@ class StepSpec:
 
 
 PIPELINE: tuple[StepSpec, ...] = (
-    # prompts 6, critique_revision 7, preferences 6, reward_model 4, rl 6, baseline 3, evaluate 9: on the
-    # CPU, inference multiplies through oneDNN with packed weights and a decode step's attention is two
-    # batched products (caiflow.cpu_kernels, model.cpu_kernels); generation prefills rows of similar
-    # length together: logits and rewards move at float-rounding level
+    # prompts 6, critique_revision 7, sft 4, preferences 6, reward_model 4, rl 6, baseline 3, evaluate 9:
+    # on the CPU, inference multiplies through oneDNN with packed weights and a decode step's attention
+    # is two batched products (caiflow.cpu_kernels, model.cpu_kernels); generation prefills rows of
+    # similar length together; LoRA training's frozen weights multiply on packed copies too: logits,
+    # rewards and gradients move at float-rounding level
     # prompts 5, preferences 5, evaluate 7: a prefix shared by a scoring call's contexts runs once
     # (categorising, AI feedback, the judge), which moves choice probabilities at float-rounding level
     StepSpec("prompts", 6, (), False, "load, normalise, dedupe, split, categorise by principle"),
@@ -35,7 +36,7 @@ PIPELINE: tuple[StepSpec, ...] = (
     StepSpec("critique_revision", 7, ("prompts",), True, "answer, critique, revise: SL-CAI data"),
     # sft 3, rl 5: TRL's output head scores only the labelled positions on the CPU too
     # (`training.common.score_labelled_positions_only`): the same values up to the product's rounding
-    StepSpec("sft", 3, ("critique_revision",), True, "supervised fine-tuning on the revisions"),
+    StepSpec("sft", 4, ("critique_revision",), True, "supervised fine-tuning on the revisions"),
     # preferences 4, baseline 2 (and critique_revision 6): the sampler's largest uniform rounded to 1.0
     # (infinite noise: a rare token won outright, or a pick outside the nucleus failed)
     StepSpec("preferences", 6, ("prompts", "sft"), True, "AI-feedback preference pairs"),

@@ -191,25 +191,23 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
 def pick_tokens(
     scores: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, temperature: float, top_p: float
 ) -> torch.Tensor:
-    """The token PerRowSampler would keep for each row of `scores` (rows, vocab), at per-row `steps`.
+    """The token PerRowSampler would keep for each row of `scores` (rows, vocab), at per-row `steps`."""
+    with _one_cpu_thread(scores.device):
+        return _pick_tokens(scores, seeds, steps, temperature, top_p)
 
-    The few passes over the whole (rows, vocab) tensor run on torch's threads (each row is reduced
-    by one thread, so the values do not depend on their number); the many small operations on the
-    candidates run on one thread (`_one_cpu_thread`).
-    """
+
+def _pick_tokens(
+    scores: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, temperature: float, top_p: float
+) -> torch.Tensor:
+    rows, vocab = scores.shape
     logp = torch.log_softmax(scores.float() / temperature, dim=-1)
     if top_p < 1.0:
-        with _one_cpu_thread(scores.device):
-            return _nucleus_pick(logp, seeds, steps, top_p)
-    return _bounded_pick(logp, seeds, steps)
-
-
-def _nucleus_pick(logp: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, top_p: float) -> torch.Tensor:
-    rows, vocab = logp.shape
-    nucleus = _nucleus(logp, top_p)  # (rows, k): log(p) inside the nucleus, -inf outside
-    if nucleus is None:  # PerRowSampler's own filter, then every token hashed
-        return _full_vocab_pick(torch.log(_top_p_filter(logp.exp(), top_p)), seeds, steps)
-    cand_idx, cand_val = nucleus
+        nucleus = _nucleus(logp, top_p)  # (rows, k): log(p) inside the nucleus, -inf outside
+        if nucleus is None:  # PerRowSampler's own filter, then every token hashed
+            return _full_vocab_pick(torch.log(_top_p_filter(logp.exp(), top_p)), seeds, steps)
+        cand_idx, cand_val = nucleus
+    else:
+        return _bounded_pick(logp, seeds, steps)
     k = cand_idx.shape[1]
     noise = _noise(seeds.repeat_interleave(k), steps.repeat_interleave(k), cand_idx.reshape(-1)).view(rows, k)
     score = cand_val - noise
@@ -229,17 +227,15 @@ def _bounded_pick(logp: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) 
     """
     rows, vocab = logp.shape
     top_val, top_idx = logp.max(dim=-1)
-    with _one_cpu_thread(logp.device):
-        s0 = top_val - _noise(seeds, steps, top_idx)
+    s0 = top_val - _noise(seeds, steps, top_idx)
     r, t = (logp >= (s0 - GUMBEL_MAX - _SLACK).unsqueeze(1)).nonzero(as_tuple=True)
-    with _one_cpu_thread(logp.device):
-        if r.numel() > rows * vocab // 4:
-            return _full_vocab_pick(logp, seeds, steps)
-        score = logp[r, t] - _noise(seeds[r], steps[r], t)
-        best = torch.full((rows,), float("-inf"), device=logp.device).scatter_reduce(0, r, score, "amax")
-        # argmax over the vocabulary takes the lowest token id among equal scores: do the same
-        won = score == best[r]
-        return torch.full((rows,), vocab, device=logp.device).scatter_reduce(0, r[won], t[won], "amin")
+    if r.numel() > rows * vocab // 4:
+        return _full_vocab_pick(logp, seeds, steps)
+    score = logp[r, t] - _noise(seeds[r], steps[r], t)
+    best = torch.full((rows,), float("-inf"), device=logp.device).scatter_reduce(0, r, score, "amax")
+    # argmax over the vocabulary takes the lowest token id among equal scores: do the same
+    won = score == best[r]
+    return torch.full((rows,), vocab, device=logp.device).scatter_reduce(0, r[won], t[won], "amin")
 
 
 def _nucleus(logp: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -171,6 +171,27 @@ def test_decode_attention_equals_sdpa(width):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+def test_masked_prompt_tokens_read_the_key_value_heads_without_copies(monkeypatch):
+    """Several query tokens under a padding mask (prefill, scoring), no gradient: SDPA with enable_gqa,
+    the same output as transformers' repeat_kv path; with a gradient recorded, transformers' path."""
+    torch.manual_seed(0)
+    rows, kv_heads, dim, q_len, width = 3, 2, 16, 5, 9
+    q = torch.randn(rows, kv_heads * 3, q_len, dim)
+    k, v = torch.randn(rows, kv_heads, width, dim), torch.randn(rows, kv_heads, width, dim)
+    mask = torch.ones(rows, 1, q_len, width, dtype=torch.bool).tril(diagonal=width - q_len)
+    mask[0, ..., :3] = False  # left padding
+    want, _ = sdpa_attention_forward(_Module(), q, k, v, mask, scaling=0.25)
+    with torch.no_grad():
+        got, _ = decode_attention(_Module(), q, k, v, mask, scaling=0.25)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    calls = []
+    monkeypatch.setattr(
+        cpu_kernels, "sdpa_attention_forward", lambda *a, **kw: calls.append(1) or ("sdpa", None)
+    )
+    decode_attention(_Module(), q.requires_grad_(), k, v, mask, scaling=0.25)
+    assert calls == [1]
+
+
 def test_decode_attention_leaves_prefill_and_extras_to_sdpa(monkeypatch):
     calls = []
     monkeypatch.setattr(
