@@ -37,7 +37,6 @@ RL keeps the merged copies' too. `caiflow memory` plans accelerator memory and l
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,8 +47,6 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-log = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -267,12 +264,13 @@ def packed_linears(model: Any, cache: dict | None = None) -> Iterator[int]:
 
 
 @contextmanager
-def cpu_kernels(model: Any, cache: dict | None = None) -> Iterator[int]:
-    """Both swaps for a model on the CPU (packed linear layers, decode attention); nothing elsewhere.
+def cpu_kernels(model: Any, cache: dict | None = None, enabled: bool = True) -> Iterator[int]:
+    """Both swaps for a model on the CPU (packed linear layers, decode attention); nothing elsewhere,
+    nor when not `enabled` (``model.cpu_kernels: false``).
 
     Yields the number of linear layers packed.
     """
-    if unsupported(model) is not None:
+    if not enabled or unsupported(model) is not None:
         yield 0
         return
     with packed_linears(model, cache) as layers, _decode_attention(model):

@@ -319,8 +319,6 @@ def train_with_backoff(
     (LoRA's base weights) and passes that record no gradient run on packed weights
     (caiflow.cpu_kernels), kept for the whole run.
     """
-    from contextlib import nullcontext
-
     from caiflow.cpu_kernels import cpu_kernels
 
     backoffs = 0
@@ -333,7 +331,7 @@ def train_with_backoff(
         resume = last_checkpoint(checkpoints)
         trainer = build(per_device, accumulation)
         try:
-            with cpu_kernels(trainer.model) if fast_cpu else nullcontext():
+            with cpu_kernels(trainer.model, enabled=fast_cpu):
                 output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except BaseException as exc:  # noqa: BLE001 - filtered just below
             if not is_out_of_memory(exc):

@@ -62,8 +62,6 @@ def score_ids(
     `fast_cpu`: on the CPU, the linear layers multiply through oneDNN with packed weights
     (caiflow.cpu_kernels); `packed` keeps the packed weights between calls (None: packed per call).
     """
-    from contextlib import nullcontext
-
     import torch
     from transformers import DynamicCache
 
@@ -78,7 +76,7 @@ def score_ids(
     head = common_prefix(ids) if len(ids) > 1 else 0
     if ids and (not supports(model) or any(set(x[head:]) <= {pad_token_id} for x in ids)):
         prefix_min_tokens = None
-    with torch.inference_mode(), cpu_kernels(model, packed) if fast_cpu else nullcontext():
+    with torch.inference_mode(), cpu_kernels(model, packed, enabled=fast_cpu):
         name = cache_kwarg(model)
         prefix = shared_prefix(model, ids, prefix_min_tokens, name, last_logits=False)
         p = prefix[0] if prefix else 0
