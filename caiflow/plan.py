@@ -11,6 +11,7 @@ re-runs that step and everything downstream of it. The steps and what each reads
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from caiflow.pipeline import PIPELINE, spec
 from caiflow.roles import endpoint_identity, is_stage, role_identity
 from caiflow.step_config import PromptSource
 from caiflow.store import fingerprint
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -204,11 +207,42 @@ def judge_question(cfg: Config) -> str:
         ) from exc
 
 
+TRAINING_SECTIONS = ("sft", "reward_model", "rl")
+
+
+def resolve_auto_settings(cfg: Config) -> dict[str, bool]:
+    """Settings left to this machine, decided once per run and written into `cfg`, so that the steps
+    and the fingerprints see what runs: each training section's `bf16_autocast: auto` becomes true or
+    false (`caiflow.training.common.resolve_bf16_autocast`). Returns what 'auto' became, by section."""
+    from caiflow.training.common import bf16_rates, resolve_bf16_autocast
+
+    resolved = {}
+    for name in TRAINING_SECTIONS:
+        section = getattr(cfg, name)
+        if section.bf16_autocast == "auto":
+            section.bf16_autocast = resolved[name] = resolve_bf16_autocast("auto", cfg.model.dtype)
+    if resolved:
+        rates = bf16_rates()
+        measured = (
+            f" (bfloat16 products {rates['bfloat16']:.0f} GFLOP/s, float32 {rates['float32']:.0f} here)"
+            if rates
+            else ""
+        )
+        log.info(
+            "bf16_autocast: auto -> %s%s",
+            ", ".join(f"{name} {'on' if on else 'off'}" for name, on in resolved.items()),
+            measured if cfg.model.dtype == "float32" else f" (model.dtype {cfg.model.dtype})",
+        )
+    return resolved
+
+
 def plan_for(cfg: Config) -> Resolved:
-    """Load the constitution, resolve the models (building or dequantising once) and plan the run."""
+    """Load the constitution, resolve the models (building or dequantising once), decide the settings
+    left to this machine (`resolve_auto_settings`) and plan the run."""
     from caiflow.constitution import load_constitution
 
     storage = cfg.run.storage
+    resolve_auto_settings(cfg)
     constitution = load_constitution(
         cfg.constitution_path(), cfg.constitution.invert, cfg.constitution.principles
     )

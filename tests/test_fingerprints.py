@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from caiflow.config import Config, build_config
 from caiflow.pipeline import STEPS, downstream
 from caiflow.plan import plan_for
+from caiflow.training.common import resolve_bf16_autocast
 from caiflow.sections import Section, fingerprint_class
 from caiflow.step_config import PromptSource
 
@@ -97,6 +98,9 @@ BY_CONTENT = {
     "roles.judge.model": "evaluate",
 }
 # Every other field is fingerprinted by value; the steps that read it first, by longest prefix.
+# what `bf16_autocast: auto` becomes here (tiny.yaml's model is float32)
+AUTO_BF16 = resolve_bf16_autocast("auto")
+
 READERS = {
     "run.seed": "prompts",
     "model": "prompts",
@@ -136,6 +140,8 @@ CHANGES: dict[str, Any] = {
     "generation.executor": {"kind": "ray", "address": "10.0.0.5:6379", "actors": 3, "shard_retries": 1},
     "reward_model.method": "full",
     "preferences.contrastive_filter_margin": 0.3,  # 'qlora' also needs shared_backbone
+    # 'auto' (the default) is fingerprinted as what it resolves to on this machine: try the other value
+    **{f"{s}.bf16_autocast": not AUTO_BF16 for s in ("sft", "reward_model", "rl")},
 }
 
 
@@ -426,3 +432,15 @@ def test_prompt_source_fields_are_walked():
     assert {p for p in FIELDS if p.startswith("prompts.sources[].")} == {
         f"prompts.sources[].{name}" for name in PromptSource.model_fields
     }
+
+
+def test_auto_bf16_is_fingerprinted_as_what_it_resolves_to(tiny_data):
+    """'auto' plans exactly as the value it became here, and the other value plans differently."""
+    auto = fingerprints(tiny_data)
+    explicit, other = tiny_data, tiny_data
+    for section in ("sft", "reward_model", "rl"):
+        explicit = set_path(explicit, f"{section}.bf16_autocast", AUTO_BF16)
+        other = set_path(other, f"{section}.bf16_autocast", not AUTO_BF16)
+    assert fingerprints(explicit) == auto
+    changed = {step for step, fp in fingerprints(other).items() if fp != auto[step]}
+    assert changed == {"sft", "preferences", "reward_model", "rl", "evaluate"}

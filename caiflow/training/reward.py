@@ -54,6 +54,7 @@ from caiflow.training.common import (
     log_to_logger,
     lora_config,
     quiet_libraries,
+    resolve_bf16_autocast,
     seed_everything,
     train_with_backoff,
     trainer_args,
@@ -183,6 +184,7 @@ def _train_member(
             save_steps=cfg.save_steps,
             logging_steps=cfg.logging_steps,
             gradient_checkpointing=cfg.gradient_checkpointing,
+            bf16_autocast=resolve_bf16_autocast(cfg.bf16_autocast, dtype),
             max_length=cfg.max_length,
         )
         trainer = trainer_cls(

@@ -59,6 +59,7 @@ from caiflow.training.common import (
     log_to_logger,
     lora_config,
     quiet_libraries,
+    resolve_bf16_autocast,
     score_labelled_positions_only,
     seed_everything,
     train_with_backoff,
@@ -225,7 +226,7 @@ def train_rl(
             save_steps=cfg.save_steps,
             logging_steps=cfg.logging_steps,
             gradient_checkpointing=cfg.gradient_checkpointing,
-            bf16_autocast=cfg.bf16_autocast,
+            bf16_autocast=resolve_bf16_autocast(cfg.bf16_autocast, dtype),
             beta=cfg.kl_coef,  # KL to the SL model (the adapter-disabled policy)
             num_generations=cfg.num_generations,
             max_completion_length=cfg.max_new_tokens,

@@ -35,6 +35,7 @@ from caiflow.training.common import (
     log_to_logger,
     lora_config,
     quiet_libraries,
+    resolve_bf16_autocast,
     score_labelled_positions_only,
     seed_everything,
     train_with_backoff,
@@ -135,7 +136,7 @@ def train_sft(
             max_length=cfg.max_length,
             completion_only_loss=True,
             packing=cfg.packing,
-            bf16_autocast=cfg.bf16_autocast,
+            bf16_autocast=resolve_bf16_autocast(cfg.bf16_autocast, dtype),
         )
         return log_to_logger(
             SFTTrainer(

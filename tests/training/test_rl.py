@@ -142,12 +142,13 @@ def test_history_maps_trl_names():
 def test_per_device_batch_does_not_change_the_policy(tiny_path, sl_adapter, reward_dir, tmp_path):
     """rl.per_device_batch_size is not fingerprinted: TRL generates one batch of rl.batch_size completions per
     optimiser step whatever the slices, and accumulation gives the same update (dropout off; with LoRA dropout
-    on, its masks are drawn per forward pass and differ too)."""
+    on, its masks are drawn per forward pass and differ too). In float32: under bf16 autocast
+    (`bf16_autocast: auto` where it pays) they agree to bfloat16 rounding."""
     from transformers import AutoModelForCausalLM
 
     from caiflow.models import load_tokenizer
 
-    settings = {**FAST, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+    settings = {**FAST, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "bf16_autocast": False}
     whole = train_rl(
         RLConfig(**settings),
         sl_adapter,

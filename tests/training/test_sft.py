@@ -181,8 +181,9 @@ def test_per_device_batch_does_not_change_the_adapter(tiny_path, sl_records, tmp
     adapter, up to float rounding. (With LoRA dropout on, the dropout masks are drawn per forward pass and so
     differ too: dropout is off here to compare the optimisation alone.) Adam divides by the gradient's own
     size, so a weight whose gradient is at rounding level moves by a rounding-driven share of the learning
-    rate (1e-2 here): up to 2.5e-5 apart on one machine, against ~1e-2 for a tenth of the learning rate."""
-    settings = {**FAST, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+    rate (1e-2 here): up to 2.5e-5 apart on one machine, against ~1e-2 for a tenth of the learning rate.
+    In float32: under bf16 autocast (`bf16_autocast: auto` where it pays) they agree to bfloat16 rounding."""
+    settings = {**FAST, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "bf16_autocast": False}
     train_sft(
         SFTConfig(method="lora", **settings), tiny_path, sl_records, tmp_path / "a", tmp_path / "wa", seed=0
     )
@@ -251,6 +252,33 @@ def test_bf16_autocast_needs_native_bf16(monkeypatch, tmp_path):
     )
     assert args.bf16
     monkeypatch.setattr(common, "bf16_supported", lambda: False)
-    with pytest.raises(ValueError, match="set sft.bf16_autocast / rl.bf16_autocast to false"):
+    with pytest.raises(ValueError, match="reward_model.bf16_autocast / rl.bf16_autocast to false or auto"):
         common.check_bf16(True)
     assert common.check_bf16(False) is False
+    assert common.check_bf16("auto") is False  # no native bf16: auto is off, not an error
+
+
+def test_bf16_autocast_auto_follows_the_measured_rates(monkeypatch):
+    """'auto' is on only where bfloat16 products beat float32 by BF16_MIN_GAIN, for a float32 model."""
+    import caiflow.training.common as common
+
+    monkeypatch.setattr(common, "has_cuda", lambda: False)
+    monkeypatch.setattr(common, "bf16_supported", lambda: True)
+    monkeypatch.setattr(common, "_BF16_RATES", {"bfloat16": 430.0, "float32": 225.0})
+    assert common.resolve_bf16_autocast("auto") is True
+    assert common.resolve_bf16_autocast("auto", "bfloat16") is False  # 16-bit weights: nothing to gain
+    assert common.resolve_bf16_autocast(False) is False and common.resolve_bf16_autocast(True) is True
+    monkeypatch.setattr(common, "_BF16_RATES", {"bfloat16": 130.0, "float32": 225.0})  # slower bf16 CPUs
+    assert common.resolve_bf16_autocast("auto") is False
+    monkeypatch.setattr(common, "_BF16_RATES", {"bfloat16": 1.2 * 225.0, "float32": 225.0})
+    assert common.resolve_bf16_autocast("auto") is False  # under the 1.25x bar
+
+
+def test_bf16_rates_are_measured_once(monkeypatch):
+    import caiflow.training.common as common
+
+    monkeypatch.setattr(common, "has_cuda", lambda: False)
+    monkeypatch.setattr(common, "_BF16_RATES", {})
+    rates = common.bf16_rates()
+    assert set(rates) == {"bfloat16", "float32"} and min(rates.values()) > 0
+    assert common.bf16_rates() == rates  # the same figures, not a second measurement
