@@ -27,9 +27,9 @@ from pydantic import BaseModel
 from caiflow.config import Config, build_config
 from caiflow.pipeline import STEPS, downstream
 from caiflow.plan import plan_for
-from caiflow.training.common import resolve_bf16_autocast
 from caiflow.sections import Section, fingerprint_class
 from caiflow.step_config import PromptSource
+from caiflow.training.common import resolve_bf16_autocast
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
