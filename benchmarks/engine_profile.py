@@ -8,8 +8,10 @@ from caiflow.generation import GenerationEngine, Sampling
 PACKED_OP = "mkldnn::_linear_pointwise"
 # Self-time groups, by profiler op name; the rest (norms, activations, rotary embeddings, the
 # sampler, cache surgery, Python-side ops) is "other".
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", PACKED_OP)
-ATTENTION_OPS = ("scaled_dot_product",)
+GEMM_OPS = ("aten::mm", "aten::addmm", PACKED_OP)
+# Batched products are attention's: the decode step's two products on the key/value heads
+# (caiflow.cpu_kernels.decode_attention); the linear layers run 2-D products.
+ATTENTION_OPS = ("scaled_dot_product", "aten::bmm", "aten::baddbmm")
 
 
 def packed_flops(event) -> float:

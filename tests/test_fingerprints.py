@@ -442,5 +442,9 @@ def test_auto_bf16_is_fingerprinted_as_what_it_resolves_to(tiny_data):
         explicit = set_path(explicit, f"{section}.bf16_autocast", AUTO_BF16)
         other = set_path(other, f"{section}.bf16_autocast", not AUTO_BF16)
     assert fingerprints(explicit) == auto
+    cfg = build_config(tiny_data, base_dir=TINY.parent)
+    assert cfg.sft.bf16_autocast == "auto"
+    plan_for(cfg)  # the steps read the config the plan resolved
+    assert [getattr(cfg, s).bf16_autocast for s in ("sft", "reward_model", "rl")] == [AUTO_BF16] * 3
     changed = {step for step, fp in fingerprints(other).items() if fp != auto[step]}
     assert changed == {"sft", "preferences", "reward_model", "rl", "evaluate"}

@@ -468,6 +468,7 @@ def test_generation_benchmark_profile_splits_the_engine_time(tiny_model):
     ids = engine_for(tiny_model, batch_size=4).generate_ids(PROMPTS, SAMPLED, list(range(len(PROMPTS))))
     assert prof["tokens"] == sum(len(row) for row in ids) > 0
     assert prof["gemm"] > 0 and prof["gemm_gflops"] > 0 and prof["other"] > 0
+    assert prof["attention"] > 0  # prefill's SDPA and the decode steps' batched products
 
 
 def test_categorize_benchmark_prints_both_ways_and_their_agreement(model_store):

@@ -16,7 +16,10 @@ the trainer subclass below overrides that one method (``_generate_single_turn``)
   the process and the row's place in the generation batch, so a run repeats itself, and a row's
   completion does not depend on how TRL slices the batch into per-device passes;
 - completions keep the EOS token they ended on (TRL scores and trains on it) and stop at
-  ``max_completion_length`` as TRL's do.
+  ``max_completion_length`` as TRL's do;
+- under bf16 autocast (``rl.bf16_autocast``) the trainer's passes compute in bfloat16 and the
+  sampling in the model's own dtype (:func:`model_precision`; TRL's ``generate`` samples under
+  the trainer's autocast, every product in bfloat16 with the weights cast per call).
 
 Where that cannot stand in for TRL's own path (vLLM, multimodal prompts, top-k / min-p /
 repetition penalty, 4-bit base weights, DoRA, LoRA on embeddings, modules trained whole, a model
@@ -62,6 +65,27 @@ def merged_adapter(model: Any) -> Iterator[None]:
     finally:
         for base, weight in swapped:
             base.weight = weight
+
+
+@contextmanager
+def model_precision(model: Any) -> Iterator[None]:
+    """Inside: the model computes in its own dtype, without the autocast that accelerate wraps a
+    trained model's forward in under mixed precision (`bf16_autocast`).
+
+    The trainer's autocast is for its passes; sampling under it would run every product in
+    bfloat16 with the weights cast on each call (and off the CPU kernels' packed products). The
+    wrapped forward is set aside and put back on exit.
+    """
+    original = model.__dict__.get("_original_forward")
+    wrapped = model.__dict__.get("forward")
+    if original is None or wrapped is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
 
 
 def fallback_reason(trainer: Any, images: Any, multimodal_fields: Any) -> str | None:
@@ -179,7 +203,7 @@ def with_engine_rollouts(trainer_cls: type, seed: int, fast_cpu: bool = True) ->
             first = rank * len(prompts)  # each process's rows get their own numbers
             seeds = [row_seed(seed, f"rollout-{step}-{call}-{first + i}", "rl") for i in range(len(prompts))]
             model = self.accelerator.unwrap_model(self.model)
-            with merged_adapter(model) if self._merge else nullcontext():
+            with model_precision(model), merged_adapter(model) if self._merge else nullcontext():
                 return self._engine.generate_tokens(prompts, sampling, seeds, keep_stop=True)
 
     EngineRollouts.__name__ = f"EngineRollouts{trainer_cls.__name__}"

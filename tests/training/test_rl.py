@@ -15,7 +15,13 @@ from caiflow.faults import OOM_ABOVE_ENV as FAULT_ENV
 from caiflow.models import load_policy
 from caiflow.training.config import RLConfig
 from caiflow.training.rl import check_prompts, history_from_logs, train_rl
-from caiflow.training.rollouts import adapter_problem, can_merge, fallback_reason, merged_adapter
+from caiflow.training.rollouts import (
+    adapter_problem,
+    can_merge,
+    fallback_reason,
+    merged_adapter,
+    model_precision,
+)
 
 FAST = dict(
     lora={"r": 4, "alpha": 8},
@@ -419,3 +425,64 @@ def test_rollouts_benchmark_prints_trls_way_and_the_engines():
     assert lines[1].endswith("1.00x")
     tokens = [float(line.split(" tokens ")[0].split()[-1]) for line in lines[1:]]
     assert all(0 < t <= 16 for t in tokens)  # one prompt x 4 copies x at most 4 new tokens
+
+
+def test_engine_samples_in_the_models_dtype_under_bf16_autocast(
+    tiny_path, sl_adapter, reward_dir, tmp_path, monkeypatch
+):
+    """rl.bf16_autocast: the trainer's passes run under accelerate's autocast, the engine's sampling does
+    not: its linear layers take the CPU kernels' float32 packed products (under autocast they would fall
+    back to bfloat16 products with the weights cast per call)."""
+    import caiflow.cpu_kernels as kernels
+    import caiflow.training.common as common
+    from caiflow.generation import GenerationEngine
+
+    monkeypatch.setattr(common, "bf16_supported", lambda: True)  # autocast runs on any CPU, if slowly
+    packed_calls = {"sampling": 0, "other": 0}
+    sampling = [False]
+    real_product, real_generate = kernels._product, GenerationEngine.generate_tokens
+
+    def product(x, packed, bias):
+        packed_calls["sampling" if sampling[0] else "other"] += 1
+        return real_product(x, packed, bias)
+
+    def generate_tokens(self, *args, **kwargs):
+        assert "_original_forward" in self.model.__dict__  # the trainer's model, wrapped by accelerate
+        sampling[0] = True
+        try:
+            return real_generate(self, *args, **kwargs)
+        finally:
+            sampling[0] = False
+            assert "_original_forward" in self.model.__dict__ and "forward" in self.model.__dict__  # put back
+
+    monkeypatch.setattr(kernels, "_product", product)
+    monkeypatch.setattr(GenerationEngine, "generate_tokens", generate_tokens)
+    metrics = train_rl(
+        RLConfig(**{**FAST, "bf16_autocast": True}),
+        sl_adapter,
+        tiny_path,
+        reward_dir,
+        PROMPTS,
+        tmp_path / "out",
+        tmp_path / "work",
+        seed=0,
+    )
+    assert metrics["rollouts"] == "engine, merged" and metrics["steps"] == FAST["max_steps"]
+    assert packed_calls["sampling"] > 0
+
+
+def test_model_precision_sets_accelerates_autocast_aside():
+    class Wrapped(torch.nn.Module):
+        def forward(self, x):
+            return torch.is_autocast_enabled("cpu")
+
+    model = Wrapped()
+    model._original_forward = model.forward
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model._original_forward)
+    assert model(torch.ones(1)) is True
+    with model_precision(model):
+        assert model(torch.ones(1)) is False
+    assert model(torch.ones(1)) is True
+    plain = torch.nn.Linear(2, 2)
+    with model_precision(plain):  # nothing wrapped: nothing to do
+        assert "forward" not in plain.__dict__
