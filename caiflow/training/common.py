@@ -150,34 +150,32 @@ def bf16_rates() -> dict[str, float]:
     import time
 
     import torch
+    import torch.nn.functional as F
+
+    from caiflow.cpu_kernels import pack
 
     if _BF16_RATES or has_cuda():
         return dict(_BF16_RATES)
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(400, 576, generator=gen), torch.randn(1536, 576, generator=gen)
-    flops = 2.0 * 400 * 576 * 1536
 
-    def rate(fn) -> float:
+    def rate(product) -> float:
         for _ in range(3):
-            fn()
+            product()
         best = float("inf")
         for _ in range(10):
-            t = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t)
-        return flops / best / 1e9
+            start = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - start)
+        return 2.0 * 400 * 576 * 1536 / best / 1e9
 
-    import torch.nn.functional as F
-
-    from caiflow.cpu_kernels import pack
-    from caiflow.cpu_kernels import unsupported as no_packing
-
-    fp32 = rate(lambda: F.linear(x, w))
-    if no_packing(torch.nn.Linear(1, 1)) is None:
+    float32 = rate(lambda: F.linear(x, w))
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         packed = pack(w)
-        fp32 = max(fp32, rate(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")))
+        packed_rate = rate(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+        float32 = max(float32, packed_rate)
     xb, wb = x.bfloat16(), w.bfloat16()
-    _BF16_RATES.update(bfloat16=rate(lambda: F.linear(xb, wb)), float32=fp32)
+    _BF16_RATES.update(bfloat16=rate(lambda: F.linear(xb, wb)), float32=float32)
     return dict(_BF16_RATES)
 
 
