@@ -213,8 +213,8 @@ TRAINING_SECTIONS = ("sft", "reward_model", "rl")
 def resolve_auto_settings(cfg: Config) -> dict[str, bool]:
     """Settings left to this machine, decided once per run and written into `cfg`, so that the steps
     and the fingerprints see what runs: each training section's `bf16_autocast: auto` becomes true or
-    false (`caiflow.training.common.resolve_bf16_autocast`). Returns what 'auto' became, by section."""
-    from caiflow.training.common import bf16_rates, resolve_bf16_autocast
+    false (`caiflow.training.precision.resolve_bf16_autocast`). Returns what 'auto' became, by section."""
+    from caiflow.training.precision import bf16_rates, resolve_bf16_autocast
 
     resolved = {}
     for name in TRAINING_SECTIONS:

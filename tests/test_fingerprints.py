@@ -29,7 +29,7 @@ from caiflow.pipeline import STEPS, downstream
 from caiflow.plan import plan_for
 from caiflow.sections import Section, fingerprint_class
 from caiflow.step_config import PromptSource
-from caiflow.training.common import resolve_bf16_autocast
+from caiflow.training.precision import resolve_bf16_autocast
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

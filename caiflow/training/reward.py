@@ -54,7 +54,6 @@ from caiflow.training.common import (
     log_to_logger,
     lora_config,
     quiet_libraries,
-    resolve_bf16_autocast,
     seed_everything,
     train_with_backoff,
     trainer_args,
@@ -62,6 +61,7 @@ from caiflow.training.common import (
 )
 from caiflow.training.config import RewardModelConfig
 from caiflow.training.launch import is_main_process
+from caiflow.training.precision import resolve_bf16_autocast
 from caiflow.training.reward_data import assign_principles, check_prefs, pairs_to_rows, split_pairs
 from caiflow.training.reward_scorer import (
     ENSEMBLE_FILE,

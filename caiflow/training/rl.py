@@ -59,7 +59,6 @@ from caiflow.training.common import (
     log_to_logger,
     lora_config,
     quiet_libraries,
-    resolve_bf16_autocast,
     score_labelled_positions_only,
     seed_everything,
     train_with_backoff,
@@ -67,6 +66,7 @@ from caiflow.training.common import (
     write_card,
 )
 from caiflow.training.config import RLConfig
+from caiflow.training.precision import resolve_bf16_autocast
 from caiflow.training.rollouts import with_engine_rollouts
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,6 @@ from caiflow.training.common import (
     log_to_logger,
     lora_config,
     quiet_libraries,
-    resolve_bf16_autocast,
     score_labelled_positions_only,
     seed_everything,
     train_with_backoff,
@@ -44,6 +43,7 @@ from caiflow.training.common import (
 )
 from caiflow.training.config import SFTConfig
 from caiflow.training.launch import is_main_process
+from caiflow.training.precision import resolve_bf16_autocast
 
 log = logging.getLogger(__name__)
 

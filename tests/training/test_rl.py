@@ -434,10 +434,10 @@ def test_engine_samples_in_the_models_dtype_under_bf16_autocast(
     not: its linear layers take the CPU kernels' float32 packed products (under autocast they would fall
     back to bfloat16 products with the weights cast per call)."""
     import caiflow.cpu_kernels as kernels
-    import caiflow.training.common as common
+    import caiflow.training.precision as precision
     from caiflow.generation import GenerationEngine
 
-    monkeypatch.setattr(common, "bf16_supported", lambda: True)  # autocast runs on any CPU, if slowly
+    monkeypatch.setattr(precision, "bf16_supported", lambda: True)  # autocast runs on any CPU, if slowly
     packed_calls = {"sampling": 0, "other": 0}
     sampling = [False]
     real_product, real_generate = kernels._product, GenerationEngine.generate_tokens

@@ -238,8 +238,9 @@ def test_bf16_autocast_needs_native_bf16(monkeypatch, tmp_path):
     from trl import SFTConfig as TRLSFTConfig
 
     import caiflow.training.common as common
+    import caiflow.training.precision as precision
 
-    monkeypatch.setattr(common, "bf16_supported", lambda: True)
+    monkeypatch.setattr(precision, "bf16_supported", lambda: True)
     args = common.trainer_args(
         TRLSFTConfig,
         tmp_path,
@@ -251,34 +252,34 @@ def test_bf16_autocast_needs_native_bf16(monkeypatch, tmp_path):
         bf16_autocast=True,
     )
     assert args.bf16
-    monkeypatch.setattr(common, "bf16_supported", lambda: False)
+    monkeypatch.setattr(precision, "bf16_supported", lambda: False)
     with pytest.raises(ValueError, match="reward_model.bf16_autocast / rl.bf16_autocast to false or auto"):
-        common.check_bf16(True)
-    assert common.check_bf16(False) is False
-    assert common.check_bf16("auto") is False  # no native bf16: auto is off, not an error
+        precision.check_bf16(True)
+    assert precision.check_bf16(False) is False
+    assert precision.check_bf16("auto") is False  # no native bf16: auto is off, not an error
 
 
 def test_bf16_autocast_auto_follows_the_measured_rates(monkeypatch):
     """'auto' is on only where bfloat16 products beat float32 by BF16_MIN_GAIN, for a float32 model."""
-    import caiflow.training.common as common
+    import caiflow.training.precision as precision
 
-    monkeypatch.setattr(common, "has_cuda", lambda: False)
-    monkeypatch.setattr(common, "bf16_supported", lambda: True)
-    monkeypatch.setattr(common, "_BF16_RATES", {"bfloat16": 430.0, "float32": 225.0})
-    assert common.resolve_bf16_autocast("auto") is True
-    assert common.resolve_bf16_autocast("auto", "bfloat16") is False  # 16-bit weights: nothing to gain
-    assert common.resolve_bf16_autocast(False) is False and common.resolve_bf16_autocast(True) is True
-    monkeypatch.setattr(common, "_BF16_RATES", {"bfloat16": 130.0, "float32": 225.0})  # slower bf16 CPUs
-    assert common.resolve_bf16_autocast("auto") is False
-    monkeypatch.setattr(common, "_BF16_RATES", {"bfloat16": 1.2 * 225.0, "float32": 225.0})
-    assert common.resolve_bf16_autocast("auto") is False  # under the 1.25x bar
+    monkeypatch.setattr(precision, "has_cuda", lambda: False)
+    monkeypatch.setattr(precision, "bf16_supported", lambda: True)
+    monkeypatch.setattr(precision, "_BF16_RATES", {"bfloat16": 430.0, "float32": 225.0})
+    assert precision.resolve_bf16_autocast("auto") is True
+    assert precision.resolve_bf16_autocast("auto", "bfloat16") is False  # 16-bit weights: nothing to gain
+    assert precision.resolve_bf16_autocast(False) is False and precision.resolve_bf16_autocast(True) is True
+    monkeypatch.setattr(precision, "_BF16_RATES", {"bfloat16": 130.0, "float32": 225.0})  # slower bf16 CPUs
+    assert precision.resolve_bf16_autocast("auto") is False
+    monkeypatch.setattr(precision, "_BF16_RATES", {"bfloat16": 1.2 * 225.0, "float32": 225.0})
+    assert precision.resolve_bf16_autocast("auto") is False  # under the 1.25x bar
 
 
 def test_bf16_rates_are_measured_once(monkeypatch):
-    import caiflow.training.common as common
+    import caiflow.training.precision as precision
 
-    monkeypatch.setattr(common, "has_cuda", lambda: False)
-    monkeypatch.setattr(common, "_BF16_RATES", {})
-    rates = common.bf16_rates()
+    monkeypatch.setattr(precision, "has_cuda", lambda: False)
+    monkeypatch.setattr(precision, "_BF16_RATES", {})
+    rates = precision.bf16_rates()
     assert set(rates) == {"bfloat16", "float32"} and min(rates.values()) > 0
-    assert common.bf16_rates() == rates  # the same figures, not a second measurement
+    assert precision.bf16_rates() == rates  # the same figures, not a second measurement
