@@ -39,7 +39,7 @@ def hardware() -> dict[str, Any]:
     """CPU, core count, memory and accelerators of this machine."""
     info: dict[str, Any] = {
         "machine": platform.machine(),
-        "processor": _cpu_name(),
+        "processor": cpu_name(),
         "cpus": os.cpu_count(),
         "memory_gib": _memory_gib(),
         "python": platform.python_version(),
@@ -65,7 +65,7 @@ def environment() -> dict[str, Any]:
     return {"packages": package_versions(), "hardware": hardware()}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:

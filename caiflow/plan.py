@@ -214,7 +214,7 @@ def resolve_auto_settings(cfg: Config) -> dict[str, bool]:
     """Settings left to this machine, decided once per run and written into `cfg`, so that the steps
     and the fingerprints see what runs: each training section's `bf16_autocast: auto` becomes true or
     false (`caiflow.training.precision.resolve_bf16_autocast`). Returns what 'auto' became, by section."""
-    from caiflow.training.precision import bf16_rates, resolve_bf16_autocast
+    from caiflow.training.precision import bf16_rates, bf16_supported, rates_file, resolve_bf16_autocast
 
     resolved = {}
     for name in TRAINING_SECTIONS:
@@ -222,9 +222,10 @@ def resolve_auto_settings(cfg: Config) -> dict[str, bool]:
         if section.bf16_autocast == "auto":
             section.bf16_autocast = resolved[name] = resolve_bf16_autocast("auto", cfg.model.dtype)
     if resolved:
-        rates = bf16_rates()
+        rates = bf16_rates() if cfg.model.dtype == "float32" and bf16_supported() else {}
         measured = (
-            f" (bfloat16 products {rates['bfloat16']:.0f} GFLOP/s, float32 {rates['float32']:.0f} here)"
+            f" (bfloat16 products {rates['bfloat16']:.0f} GFLOP/s, float32 {rates['float32']:.0f} on this"
+            f" machine, as measured once and kept in {rates_file()})"
             if rates
             else ""
         )

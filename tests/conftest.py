@@ -20,6 +20,21 @@ import pytest
 from caiflow.models import TINY_MODEL, load_model_and_tokenizer, resolve_model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def machine_cache(tmp_path_factory) -> Path:
+    """What caiflow remembers about this machine (the measured products that decide
+    `bf16_autocast: auto`) is kept for the session, not in the user's cache; the runs the tests
+    start as subprocesses inherit it."""
+    folder = tmp_path_factory.mktemp("machine-cache")
+    old = os.environ.get("CAIFLOW_CACHE_DIR")
+    os.environ["CAIFLOW_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("CAIFLOW_CACHE_DIR", None)
+    else:
+        os.environ["CAIFLOW_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory) -> Path:
     """A storage root shared by the session, so each model is built or dequantised once."""

@@ -179,7 +179,9 @@ def test_two_concurrent_runs_compute_each_step_once(api_url, storage, reference)
         outs.append(run_record(storage, proc))
     for step in ref_record["steps"]:
         flags = [rec["steps"][step]["cached"] for rec in outs]
-        assert sorted(flags) == [False, True], (step, flags)  # exactly one run computed it
+        said = [[x for x in (p.stdout_text + p.stderr_text).splitlines() if step in x] for p in (a, b)]
+        # exactly one run computed it (on failure: both runs' records and log lines for the step)
+        assert sorted(flags) == [False, True], (step, [r["steps"][step] for r in outs], said)
         assert outs[0]["steps"][step]["fingerprint"] == outs[1]["steps"][step]["fingerprint"]
     assert_same_data(storage, ref_root, ref_record, ["prompts", "critique_revision", "preferences"])
 

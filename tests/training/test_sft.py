@@ -3,6 +3,7 @@ out-of-memory back-off."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -275,11 +276,30 @@ def test_bf16_autocast_auto_follows_the_measured_rates(monkeypatch):
     assert precision.resolve_bf16_autocast("auto") is False  # under the 1.25x bar
 
 
-def test_bf16_rates_are_measured_once(monkeypatch):
+def test_bf16_rates_are_measured_once_per_machine_and_remembered(monkeypatch, tmp_path):
+    """Every run on a machine decides 'auto' alike: the products are timed once (interleaved) and
+    kept in the machine cache, whatever load a later run meets; an unreadable file is measured again."""
     import caiflow.training.precision as precision
 
+    monkeypatch.setenv("CAIFLOW_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(precision, "has_cuda", lambda: False)
     monkeypatch.setattr(precision, "_BF16_RATES", {})
     rates = precision.bf16_rates()
     assert set(rates) == {"bfloat16", "float32"} and min(rates.values()) > 0
-    assert precision.bf16_rates() == rates  # the same figures, not a second measurement
+    kept = json.loads((tmp_path / "cache" / "precision.json").read_text())
+    assert kept == {precision.machine_key(): rates}
+
+    def no_second_measurement(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(precision, "measure_rates", no_second_measurement)
+    assert precision.bf16_rates() == rates  # this process: its own figures
+    monkeypatch.setattr(precision, "_BF16_RATES", {})  # a new process on the same machine
+    assert precision.bf16_rates() == rates
+    (tmp_path / "cache" / "precision.json").write_text("{not json")
+    monkeypatch.setattr(precision, "_BF16_RATES", {})
+    monkeypatch.setattr(precision, "measure_rates", lambda: {"bfloat16": 1.0, "float32": 2.0})
+    assert precision.bf16_rates() == {"bfloat16": 1.0, "float32": 2.0}
+    assert json.loads((tmp_path / "cache" / "precision.json").read_text()) == {
+        precision.machine_key(): {"bfloat16": 1.0, "float32": 2.0}
+    }
