@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # Tests run offline and quietly: no hub lookups, no telemetry from the Prefect test server.
@@ -14,25 +17,23 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # (its GCS, raylet and workers), instead of the machine's own network address. Read when ray is
 # imported, so it is set before any test imports it; the head node inherits it.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# What caiflow remembers about this machine (the measured products that decide `bf16_autocast: auto`)
+# is kept for the session, not in the user's cache: set before any test module is imported (some
+# resolve 'auto' when collected), and inherited by the runs the tests start as subprocesses.
+os.environ["CAIFLOW_CACHE_DIR"] = tempfile.mkdtemp(prefix="caiflow-machine-cache-")
 
 import pytest
 
 from caiflow.models import TINY_MODEL, load_model_and_tokenizer, resolve_model
 
+MACHINE_CACHE = Path(os.environ["CAIFLOW_CACHE_DIR"])
+
 
 @pytest.fixture(scope="session", autouse=True)
-def machine_cache(tmp_path_factory) -> Path:
-    """What caiflow remembers about this machine (the measured products that decide
-    `bf16_autocast: auto`) is kept for the session, not in the user's cache; the runs the tests
-    start as subprocesses inherit it."""
-    folder = tmp_path_factory.mktemp("machine-cache")
-    old = os.environ.get("CAIFLOW_CACHE_DIR")
-    os.environ["CAIFLOW_CACHE_DIR"] = str(folder)
-    yield folder
-    if old is None:
-        os.environ.pop("CAIFLOW_CACHE_DIR", None)
-    else:
-        os.environ["CAIFLOW_CACHE_DIR"] = old
+def machine_cache() -> Iterator[Path]:
+    """The session's machine cache (MACHINE_CACHE), removed at the end."""
+    yield MACHINE_CACHE
+    shutil.rmtree(MACHINE_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
