@@ -221,19 +221,19 @@ def resolve_auto_settings(cfg: Config) -> dict[str, bool]:
         section = getattr(cfg, name)
         if section.bf16_autocast == "auto":
             section.bf16_autocast = resolved[name] = resolve_bf16_autocast("auto", cfg.model.dtype)
-    if resolved:
-        rates = bf16_rates() if cfg.model.dtype == "float32" and bf16_supported() else {}
-        measured = (
+    if not resolved:
+        return resolved
+    if cfg.model.dtype != "float32":
+        why = f" (model.dtype {cfg.model.dtype})"
+    elif rates := bf16_rates() if bf16_supported() else {}:  # {} on a GPU: nothing was timed
+        why = (
             f" (bfloat16 products {rates['bfloat16']:.0f} GFLOP/s, float32 {rates['float32']:.0f} on this"
             f" machine, as measured once and kept in {rates_file()})"
-            if rates
-            else ""
         )
-        log.info(
-            "bf16_autocast: auto -> %s%s",
-            ", ".join(f"{name} {'on' if on else 'off'}" for name, on in resolved.items()),
-            measured if cfg.model.dtype == "float32" else f" (model.dtype {cfg.model.dtype})",
-        )
+    else:
+        why = ""
+    on_off = ", ".join(f"{name} {'on' if on else 'off'}" for name, on in resolved.items())
+    log.info("bf16_autocast: auto -> %s%s", on_off, why)
     return resolved
 
 

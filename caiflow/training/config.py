@@ -31,9 +31,9 @@ def bf16_autocast_field() -> Any:
         "auto",
         description="Train under bfloat16 autocast (weights and optimiser state stay in model.dtype). "
         "'auto': on where it pays: a GPU with bf16, or a CPU with native bfloat16 whose bfloat16 products "
-        "run at least 1.25x its float32 ones (measured once per run, ~0.1 s; some AVX512-BF16 CPUs run "
-        "them slower), for a float32 model; true: on (an error where the hardware has no bf16); false: "
-        "off. Changes the numbers, so what it resolves to is fingerprinted.",
+        "run at least 1.25x its float32 ones (measured once per machine and kept in ~/.cache/caiflow; some "
+        "AVX512-BF16 CPUs run them slower), for a float32 model; true: on (an error where the hardware has "
+        "no bf16); false: off. Changes the numbers, so what it resolves to is fingerprinted.",
     )
 
 
