@@ -30,6 +30,11 @@ layer (LoRA's base weights) also takes its input's gradient through a packed cop
 that trains runs torch's own product, as does anything under autocast. Outside the context the
 model is untouched.
 
+``cpu_kernels(..., products=torch.bfloat16)`` has a float32 model's layers multiply in bfloat16
+where no gradient is recorded, on bfloat16 packed copies (the input rounded to bfloat16, the output
+returned in float32): what a reward model that trained under bf16 autocast is scored with
+(`caiflow.training.reward_scorer`).
+
 A packed copy costs one more copy of the linear layers' weights in (CPU) memory while the cache
 lives (an engine's, a reward scorer's or a trainer's lifetime), two in training (W and W^T), and
 RL keeps the merged copies' too. `caiflow memory` plans accelerator memory and leaves it out.
@@ -40,6 +45,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -49,6 +55,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 DTYPES = (torch.float32, torch.bfloat16)
+# the dtype packed layers multiply in when no gradient is recorded (None: the weights' own); `cpu_kernels`
+# sets it for its duration
+_PRODUCTS: ContextVar[torch.dtype | None] = ContextVar("caiflow_cpu_products", default=None)
 
 
 def unsupported(model: Any) -> str | None:
@@ -76,14 +85,20 @@ class _Packed:
     may reuse its id and memory), its storage and its in-place write count. Its transpose, which a
     backward pass multiplies by, is packed on first use."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype | None = None):
         self.source = weakref.ref(weight)
         self.ptr, self.version = weight.data_ptr(), weight._version
-        self.packed = pack(weight)
+        self.dtype = dtype or weight.dtype
+        self.packed = pack(weight.detach().to(self.dtype))
         self._transposed: torch.Tensor | None = None
 
-    def holds(self, weight: torch.Tensor) -> bool:
-        return self.source() is weight and self.ptr == weight.data_ptr() and self.version == weight._version
+    def holds(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+        return (
+            self.source() is weight
+            and self.ptr == weight.data_ptr()
+            and self.version == weight._version
+            and self.dtype == (dtype or weight.dtype)
+        )
 
     def transposed(self) -> torch.Tensor:
         if self._transposed is None:
@@ -97,14 +112,19 @@ class _Packed:
 KEEP_PER_LAYER = 2
 
 
-def _lookup(cache: dict[int, list[_Packed]], module: torch.nn.Module, weight: torch.Tensor) -> _Packed:
+def _lookup(
+    cache: dict[int, list[_Packed]],
+    module: torch.nn.Module,
+    weight: torch.Tensor,
+    dtype: torch.dtype | None = None,
+) -> _Packed:
     entries = cache.get(id(module), [])
     for entry in entries:
-        if entry.holds(weight):
+        if entry.holds(weight, dtype):
             return entry
     # a stale packing of this very tensor (written since) or of a freed one is let go
     kept = [e for e in entries if e.source() is not None and e.source() is not weight]
-    entry = _Packed(weight)
+    entry = _Packed(weight, dtype)
     cache[id(module)] = [entry, *kept][:KEEP_PER_LAYER]
     return entry
 
@@ -136,6 +156,11 @@ def _packed_forward(module: torch.nn.Linear, cache: dict[int, list[_Packed]]):
         recording = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         )
+        products = _PRODUCTS.get()
+        if not recording and products is not None and products != x.dtype:
+            entry = _lookup(cache, module, weight, products)
+            low = None if bias is None else bias.to(products)
+            return _product(x.to(products), entry.packed, low).to(x.dtype)
         if not recording:
             return _product(x, _lookup(cache, module, weight).packed, bias)
         if weight.requires_grad or (bias is not None and bias.requires_grad):
@@ -264,7 +289,9 @@ def packed_linears(model: Any, cache: dict | None = None) -> Iterator[int]:
 
 
 @contextmanager
-def cpu_kernels(model: Any, cache: dict | None = None, enabled: bool = True) -> Iterator[int]:
+def cpu_kernels(
+    model: Any, cache: dict | None = None, enabled: bool = True, products: torch.dtype | None = None
+) -> Iterator[int]:
     """Both swaps for a model on the CPU (packed linear layers, decode attention); nothing elsewhere,
     nor when not `enabled` (``model.cpu_kernels: false``).
 
@@ -273,5 +300,20 @@ def cpu_kernels(model: Any, cache: dict | None = None, enabled: bool = True) -> 
     if not enabled or unsupported(model) is not None:
         yield 0
         return
-    with packed_linears(model, cache) as layers, _decode_attention(model):
+    with packed_linears(model, cache) as layers, _decode_attention(model), _products(products):
         yield layers
+
+
+@contextmanager
+def _products(dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside: packed layers with no gradient to record multiply in `dtype` (None: an enclosing
+    context's choice, else the weights' dtype), layers an enclosing context switched included (RL
+    scores its rewards inside the trainer's context)."""
+    if dtype is None:
+        yield
+        return
+    token = _PRODUCTS.set(dtype)
+    try:
+        yield
+    finally:
+        _PRODUCTS.reset(token)

@@ -42,10 +42,13 @@ PIPELINE: tuple[StepSpec, ...] = (
     StepSpec("preferences", 6, ("prompts", "sft"), True, "AI-feedback preference pairs"),
     # reward_model 3, rl 4, evaluate 8: reward scoring runs the sequences' shared prefix once (rewards move at
     # float-rounding level); rl 4 also: completions sampled by caiflow's engine (rl.rollouts)
-    StepSpec("reward_model", 4, ("preferences",), True, "reward model on the soft AI labels"),
+    # reward_model 5, rl 7: a float32 reward model that trained under bf16 autocast is scored with bfloat16
+    # products (ensemble.json's `products`; rewards move by ~3% of their spread, pair probabilities by at
+    # most 0.012 on the demo); rl 7 also: rl.disable_dropout (on by default)
+    StepSpec("reward_model", 5, ("preferences",), True, "reward model on the soft AI labels"),
     # rl 3, evaluate 5: the reward model scores in model.dtype (it loaded in float32 before)
     StepSpec(
-        "rl", 6, ("prompts", "sft", "reward_model"), True, "RL from the SL model against the reward model"
+        "rl", 7, ("prompts", "sft", "reward_model"), True, "RL from the SL model against the reward model"
     ),
     # The base model's answers depend on no constitution: a constitution and its inversion share them.
     StepSpec(

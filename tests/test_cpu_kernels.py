@@ -84,6 +84,34 @@ def test_the_packed_weight_follows_in_place_writes_and_swapped_weights():
     assert len(cache[id(layer)]) == cpu_kernels.KEEP_PER_LAYER
 
 
+def test_bfloat16_products_round_a_float32_layers_input_and_weight_inside_the_context_only():
+    """cpu_kernels(products=bfloat16): a float32 layer multiplies as autocast would (input, weight and
+    bias rounded to bfloat16, the output returned in float32), also where an enclosing context already
+    switched the layer (RL scores rewards inside the trainer's context); a recorded gradient and the
+    layer outside the context keep float32."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    layer = model[0]
+    x = torch.randn(5, 64)
+    low = torch.nn.functional.linear(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16()).float()
+    full = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert (low - full).abs().max() > 1e-3  # the two precisions can be told apart
+    cache: dict = {}
+    with torch.no_grad():
+        with kernels_context(model, cache, products=torch.bfloat16):
+            got = model(x)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, low, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x), full)  # outside: float32 again
+        with packed_linears(model, cache):  # the trainer's context around the scorer's
+            with kernels_context(model, cache, products=torch.bfloat16):
+                torch.testing.assert_close(model(x), low, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model(x), full, atol=1e-5, rtol=1e-5)
+    x.requires_grad_(True)
+    with kernels_context(model, cache, products=torch.bfloat16):
+        torch.testing.assert_close(model(x), full, atol=1e-5, rtol=1e-5)  # training's products stay
+
+
 def test_a_layer_that_trains_runs_torchs_product():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4))

@@ -210,6 +210,13 @@ class RLConfig(Section):
         "sampling; the adapter stays live for 16-bit weights; TRL's way where the engine cannot stand in, "
         "the step's metrics say which); 'trl', TRL's generate on the live adapter. Fingerprinted.",
     )
+    disable_dropout: bool = Field(
+        True,
+        description="No dropout in RL (TRL's disable_dropout): the policy that samples, the one whose "
+        "log-probabilities TRL takes for the KL and the one trained are then one function, as the "
+        "engine's rollouts (which run without dropout) assume; false: the adapter's lora.dropout in "
+        "every training pass.",
+    )
     max_steps: int = Field(20, ge=1, description="Optimiser steps.")
     batch_size: int = Field(
         8,

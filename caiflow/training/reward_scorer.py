@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 
 ENSEMBLE_FILE = "ensemble.json"
+# ensemble.json's record of the precision the members' linear layers trained in ('bfloat16' under bf16
+# autocast, else absent): scoring multiplies in it, so a member is scored as it was trained
+PRODUCTS_KEY = "products"
 ECE_BINS = 10  # equal-width probability bins for the expected calibration error
 
 
@@ -54,6 +57,7 @@ def score_ids(
     prefix_min_tokens: int | None = 16,
     fast_cpu: bool = True,
     packed: dict | None = None,
+    products: str | None = None,
 ) -> np.ndarray:
     """Reward of each token sequence: length-sorted batches, right-padded, inference mode, input
     order kept. A token prefix every sequence shares (the chat template's preamble, a system prompt),
@@ -61,14 +65,20 @@ def score_ids(
 
     `fast_cpu`: on the CPU, the linear layers multiply through oneDNN with packed weights
     (caiflow.cpu_kernels); `packed` keeps the packed weights between calls (None: packed per call).
+    `products`: 'bfloat16' multiplies the linear layers of a float32 model in bfloat16, as the member
+    trained under bf16 autocast (`PRODUCTS_KEY` in ensemble.json): on the CPU kernels' packed bfloat16
+    copies, elsewhere under autocast; None: in the model's dtype.
     """
     import torch
     from transformers import DynamicCache
 
-    from caiflow.cpu_kernels import cpu_kernels
+    from caiflow.cpu_kernels import cpu_kernels, unsupported
     from caiflow.decoding import cache_kwarg, common_prefix, shared_prefix, start_from_prefix, supports
 
     device = next(model.parameters()).device
+    low = getattr(torch, products) if products else None
+    # the CPU kernels multiply in `low` themselves; anywhere else autocast does
+    autocast = low is not None and not (fast_cpu and unsupported(model) is None)
     out = np.zeros(len(ids), dtype=float)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     # The head reads each row's last non-pad token of what it is given: a row whose own tokens after the
@@ -76,7 +86,11 @@ def score_ids(
     head = common_prefix(ids) if len(ids) > 1 else 0
     if ids and (not supports(model) or any(set(x[head:]) <= {pad_token_id} for x in ids)):
         prefix_min_tokens = None
-    with torch.inference_mode(), cpu_kernels(model, packed, enabled=fast_cpu):
+    with (
+        torch.inference_mode(),
+        cpu_kernels(model, packed, enabled=fast_cpu, products=low),
+        torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=autocast),
+    ):
         name = cache_kwarg(model)
         prefix = shared_prefix(model, ids, prefix_min_tokens, name, last_logits=False)
         p = prefix[0] if prefix else 0
@@ -130,6 +144,8 @@ class RewardScorer:
             )
         self.spec = json.loads(spec_file.read_text())
         self.fast_cpu = fast_cpu  # caiflow's CPU kernels (model.cpu_kernels)
+        # bfloat16 products where the members trained under bf16 autocast, for a float32 load
+        self.products = self.spec.get(PRODUCTS_KEY) if dtype == "float32" else None
         self._packed: dict = {}  # the members' packed weights, kept while the scorer lives
         self.lam = float(self.spec.get("lambda", 0.0) if lam is None else lam)
         self.batch_size = max(1, int(batch_size))
@@ -219,6 +235,7 @@ class RewardScorer:
                     self.batch_size,
                     fast_cpu=self.fast_cpu,
                     packed=self._packed,
+                    products=self.products,
                 )
                 for _, m in self._member_models()
             ]

@@ -231,6 +231,7 @@ def train_rl(
             num_generations=cfg.num_generations,
             max_completion_length=cfg.max_new_tokens,
             temperature=cfg.temperature,
+            disable_dropout=cfg.disable_dropout,
             # the reward function only needs prompts and completions; keep the rest
             remove_unused_columns=False,
             log_completions=False,  # no rich tables on stdout; the history goes into the metrics instead

@@ -326,6 +326,33 @@ def test_bad_preferences_say_what_to_fix(tiny_path, prefs, tmp_path):
         )
 
 
+def test_a_member_trained_under_bf16_autocast_is_scored_in_bfloat16_products(tiny_path, prefs, tmp_path):
+    """reward_model.bf16_autocast on: ensemble.json records `products: bfloat16` and every scorer of the
+    folder multiplies its linear layers in bfloat16 (the CPU kernels' packed copies, or autocast without
+    them), close to float32 but not equal; off: no record, float32 products."""
+    for name, bf16 in (("a", True), ("b", False)):
+        cfg = RewardModelConfig(**FAST, eval_fraction=0.0, bf16_autocast=bf16)
+        train_reward_model(cfg, tiny_path, prefs, tmp_path / name, tmp_path / f"w{name}", seed=0)
+    assert json.loads((tmp_path / "a" / "ensemble.json").read_text())["products"] == "bfloat16"
+    assert "products" not in json.loads((tmp_path / "b" / "ensemble.json").read_text())
+    prompts, answers = list(prefs["prompt"][:8]), [c[0]["content"] for c in prefs["chosen"][:8]]
+    bf16, fp32 = RewardScorer(tmp_path / "a"), RewardScorer(tmp_path / "b")
+    assert (bf16.products, fp32.products) == ("bfloat16", None)
+    assert RewardScorer(tmp_path / "a", dtype="bfloat16").products is None  # 16-bit weights: nothing to add
+    model, ids = bf16.models[0], bf16.encode(prompts, answers)
+    pad = model.config.pad_token_id
+    packed, full, autocast = (
+        score_ids(model, ids, pad, products=p, fast_cpu=fast)
+        for p, fast in (("bfloat16", True), (None, True), ("bfloat16", False))
+    )
+    np.testing.assert_allclose(bf16.score_members(prompts, answers)[0] + bf16.offsets[0], packed)
+    spread = np.ptp(full)
+    for low in (packed, autocast):  # without the CPU kernels, autocast multiplies in bfloat16
+        moved = np.abs(low - full)
+        assert 0 < moved.max() < 0.1 * spread
+    np.testing.assert_allclose(packed, autocast, atol=0.1 * spread)
+
+
 def test_per_device_batch_does_not_change_the_reward_model(tiny_path, prefs, tmp_path):
     """reward_model.per_device_batch_size is not fingerprinted: accumulation gives the same scores
     (dropout off; with LoRA dropout on, its masks are drawn per forward pass and differ too). In float32:

@@ -471,6 +471,37 @@ def test_engine_samples_in_the_models_dtype_under_bf16_autocast(
     assert packed_calls["sampling"] > 0
 
 
+@pytest.mark.parametrize("disable", [True, False])
+def test_rl_disable_dropout_turns_the_adapters_dropout_off(
+    disable, tiny_path, sl_adapter, reward_dir, tmp_path, monkeypatch
+):
+    """rl.disable_dropout (the default): no dropout in any pass of the trainer's policy, so the policy that
+    samples, the one TRL scores for the KL and the one trained are one function; off, the adapter's
+    lora.dropout stays in the training passes."""
+    from caiflow.generation import GenerationEngine
+
+    seen: list[set[float]] = []
+    real = GenerationEngine.generate_tokens
+
+    def generate_tokens(self, *args, **kwargs):
+        seen.append({m.p for m in self.model.modules() if isinstance(m, torch.nn.Dropout)})
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationEngine, "generate_tokens", generate_tokens)
+    settings = {**FAST, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "max_steps": 1}
+    train_rl(
+        RLConfig(**settings, disable_dropout=disable),
+        sl_adapter,
+        tiny_path,
+        reward_dir,
+        PROMPTS,
+        tmp_path / "out",
+        tmp_path / "work",
+        seed=0,
+    )
+    assert seen and all(p == ({0.0} if disable else {0.1}) for p in seen)
+
+
 def test_model_precision_sets_accelerates_autocast_aside():
     class Wrapped(torch.nn.Module):
         def forward(self, x):
