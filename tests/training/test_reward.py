@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import caiflow.training.reward as reward
+from caiflow.cpu_kernels import cpu_kernels
 from caiflow.faults import OOM_ABOVE_ENV as FAULT_ENV
 from caiflow.training.config import RewardModelConfig
 from caiflow.training.reward import soft_label_loss, train_reward_model
@@ -189,9 +190,13 @@ def test_scorer_gives_member_and_aggregated_scores(ensemble):
     one_by_one = RewardScorer(out, batch_size=1).score_members(prompts, answers)
     assert members == pytest.approx(one_by_one, abs=1e-5)
     ids = conversation_ids(scorer.tokenizer, prompts[1], answers[1])
-    with torch.inference_mode():
+    # in the precision the member trained in (bfloat16 products under bf16 autocast: `auto` where it pays)
+    low = getattr(torch, scorer.products) if scorer.products else None
+    with torch.inference_mode(), cpu_kernels(scorer.models[0], products=low):
         raw = scorer.models[0](input_ids=torch.tensor([ids])).logits[0, 0].item()
-    assert members[0, 1] == pytest.approx(raw - scorer.offsets[0], abs=1e-5)
+    # bfloat16 products end in a bfloat16 score (8 significant bits): one step of it apart at most
+    tol = 1e-5 if low is None else 2**-7 * abs(raw)
+    assert members[0, 1] == pytest.approx(raw - scorer.offsets[0], abs=tol)
     with pytest.raises(ValueError, match="one completion per prompt"):
         scorer.score(prompts, answers[:2])
 
@@ -331,7 +336,7 @@ def test_a_member_trained_under_bf16_autocast_is_scored_in_bfloat16_products(tin
     folder multiplies its linear layers in bfloat16 (the CPU kernels' packed copies, or autocast without
     them), close to float32 but not equal; off: no record, float32 products."""
     for name, bf16 in (("a", True), ("b", False)):
-        cfg = RewardModelConfig(**FAST, eval_fraction=0.0, bf16_autocast=bf16)
+        cfg = RewardModelConfig(**{**FAST, "eval_fraction": 0.0, "bf16_autocast": bf16})
         train_reward_model(cfg, tiny_path, prefs, tmp_path / name, tmp_path / f"w{name}", seed=0)
     assert json.loads((tmp_path / "a" / "ensemble.json").read_text())["products"] == "bfloat16"
     assert "products" not in json.loads((tmp_path / "b" / "ensemble.json").read_text())
