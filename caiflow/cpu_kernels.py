@@ -122,7 +122,7 @@ def _lookup(
     for entry in entries:
         if entry.holds(weight, dtype):
             return entry
-    # a stale packing of this very tensor (written since) or of a freed one is let go
+    # a stale packing of this very tensor (written since, or in another dtype) or of a freed one is let go
     kept = [e for e in entries if e.source() is not None and e.source() is not weight]
     entry = _Packed(weight, dtype)
     cache[id(module)] = [entry, *kept][:KEEP_PER_LAYER]
