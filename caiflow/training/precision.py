@@ -153,6 +153,15 @@ def resolve_bf16_autocast(setting: bool | str, dtype: str = "float32") -> bool:
     return bool(setting)
 
 
+def scoring_products(setting: bool | str, dtype: str, quantized: bool = False) -> str | None:
+    """The products a reward model is scored with: 'bfloat16' when a float32 model (not 4-bit) trains
+    under bf16 autocast (`setting`), so it is scored as it trained (ensemble.json's `products`); None:
+    in `dtype`."""
+    if dtype != "float32" or quantized or not resolve_bf16_autocast(setting, dtype):
+        return None
+    return "bfloat16"
+
+
 def check_bf16(wanted: bool | str) -> bool:
     """`wanted` ('auto' resolved), after checking the hardware: bf16 autocast emulated in software would
     only be slower."""

@@ -23,8 +23,7 @@ Output layout (``out_dir``)::
     member-00/ ...     a full AutoModelForSequenceClassification (LoRA merged in), tokenizer;
                        with ``shared_backbone``: the member's LoRA adapter and score head only
                        (ensemble.json names the backbone; 'qlora' loads it 4-bit for scoring)
-    ensemble.json      members, lambda, mode, offsets, seeds, principles per member, max_length,
-                       products (bfloat16: trained under bf16 autocast, scored so)
+    ensemble.json      members, lambda, mode, offsets, seeds, principles per member, max_length, products
     tokenizer files    the shared tokenizer (same as in each member)
     README.md          model card with the held-out metrics
 
@@ -62,7 +61,7 @@ from caiflow.training.common import (
 )
 from caiflow.training.config import RewardModelConfig
 from caiflow.training.launch import is_main_process
-from caiflow.training.precision import resolve_bf16_autocast
+from caiflow.training.precision import resolve_bf16_autocast, scoring_products
 from caiflow.training.reward_data import assign_principles, check_prefs, pairs_to_rows, split_pairs
 from caiflow.training.reward_scorer import (
     ENSEMBLE_FILE,
@@ -139,14 +138,6 @@ def _soft_label_trainer_class():
             return (loss, outputs) if return_outputs else loss
 
     return SoftLabelCollator, SoftLabelRewardTrainer
-
-
-def scoring_products(cfg: RewardModelConfig, dtype: str) -> str | None:
-    """'bfloat16' when a float32 member trains under bf16 autocast (not 4-bit): it is then scored with
-    its linear layers in bfloat16, here and wherever ensemble.json is read; None: in `dtype`."""
-    if dtype != "float32" or cfg.method == "qlora" or not resolve_bf16_autocast(cfg.bf16_autocast, dtype):
-        return None
-    return "bfloat16"
 
 
 def _train_member(
@@ -249,7 +240,7 @@ def _train_and_score_member(
     pad, batch = tokenizer.pad_token_id, cfg.per_device_batch_size * 2
     sample = np.random.default_rng(seed).permutation(len(rows))[:OFFSET_SAMPLE]
     packed: dict = {}  # the trained member's packed weights, shared by its three scoring calls
-    products = scoring_products(cfg, dtype)  # as downstream scores it (ensemble.json)
+    products = scoring_products(cfg.bf16_autocast, dtype, cfg.method == "qlora")  # as ensemble.json says
 
     def score(ids: list[list[int]]) -> np.ndarray:
         return score_ids(model, ids, pad, batch, fast_cpu=fast_cpu, packed=packed, products=products)
@@ -393,9 +384,8 @@ def train_reward_model(
         "backbone": str(backbone_path) if cfg.shared_backbone else None,
         "quantized": cfg.method == "qlora",
     }
-    products = scoring_products(cfg, dtype)
-    if products:  # absent: scored in the loaded dtype, as before the key existed
-        spec[PRODUCTS_KEY] = products
+    if products := scoring_products(cfg.bf16_autocast, dtype, cfg.method == "qlora"):
+        spec[PRODUCTS_KEY] = products  # absent: scored in the loaded dtype, as before the key existed
     if is_main_process():
         tokenizer.save_pretrained(out_dir)
         (out_dir / ENSEMBLE_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
