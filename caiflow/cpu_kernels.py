@@ -24,11 +24,13 @@ size moves them.
 :func:`packed_linears` is a context manager: inside it, every plain ``nn.Linear`` of a model on
 the CPU in float32 or bfloat16 multiplies through ``torch.ops.mkldnn._linear_pointwise`` with a
 copy of its weight reordered once (``_reorder_linear_weight``) and kept in a cache the caller
-owns, keyed by the weight tensor and its version: a weight written in place (an optimiser step)
-or swapped (RL's merged adapter copies) is packed again at its next use. In training, a frozen
-layer (LoRA's base weights) also takes its input's gradient through a packed copy of W^T; a layer
-that trains runs torch's own product, as does anything under autocast. Outside the context the
-model is untouched.
+owns, keyed by the weight tensor and its version: a weight written in place or swapped (RL's
+merged adapter copies) is packed again at its next use. In training, a frozen layer (LoRA's base
+weights) also takes its input's gradient through a packed copy of W^T; a layer that trains (a
+trainable weight in a module in training mode) runs torch's own product, with or without a
+gradient to record, as does anything under autocast: torch's fused optimisers (the Trainer's
+default) write the weights in place without bumping the version, so a packing of them could go
+stale unseen. Outside the context the model is untouched.
 
 ``cpu_kernels(..., products=torch.bfloat16)`` has a float32 model's layers multiply in bfloat16
 where no gradient is recorded, on bfloat16 packed copies (the input rounded to bfloat16, the output
@@ -153,6 +155,10 @@ def _packed_forward(module: torch.nn.Linear, cache: dict[int, list[_Packed]]):
         weight, bias = module.weight, module.bias
         if x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type):
             return F.linear(x, weight, bias)  # autocast picks the product's dtype: leave it to torch
+        if module.training and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+            # a layer in training: its optimiser writes the weight in place, and torch's fused optimisers
+            # (the Trainer's default adamw_torch_fused) do so without bumping the version the cache checks
+            return F.linear(x, weight, bias)
         recording = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         )

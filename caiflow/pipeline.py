@@ -47,8 +47,11 @@ PIPELINE: tuple[StepSpec, ...] = (
     # most 0.012 on the demo); rl 7 also: rl.disable_dropout (on by default)
     StepSpec("reward_model", 5, ("preferences",), True, "reward model on the soft AI labels"),
     # rl 3, evaluate 5: the reward model scores in model.dtype (it loaded in float32 before)
+    # rl 8: RLOO's old log-probabilities come from the trained pass (the same numbers); in float32 on the
+    # CPU, TRL's no-grad passes multiplied the adapter by a stale packing of its first weights (torch's
+    # fused AdamW writes without bumping the version the cache checked), so the KL term read zero
     StepSpec(
-        "rl", 7, ("prompts", "sft", "reward_model"), True, "RL from the SL model against the reward model"
+        "rl", 8, ("prompts", "sft", "reward_model"), True, "RL from the SL model against the reward model"
     ),
     # The base model's answers depend on no constitution: a constitution and its inversion share them.
     StepSpec(

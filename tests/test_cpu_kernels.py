@@ -39,7 +39,7 @@ def switched(model) -> list[str]:
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_packed_layer_computes_torchs_product_and_is_put_back(dtype, tol, bias):
     torch.manual_seed(0)
-    layer = torch.nn.Sequential(torch.nn.Linear(48, 80, bias=bias)).to(dtype)
+    layer = torch.nn.Sequential(torch.nn.Linear(48, 80, bias=bias)).to(dtype).eval()
     x = torch.randn(3, 5, 48, dtype=dtype)
     with torch.no_grad():
         want = layer(x)
@@ -55,7 +55,7 @@ def test_a_packed_layer_computes_torchs_product_and_is_put_back(dtype, tol, bias
 
 def test_the_packed_weight_follows_in_place_writes_and_swapped_weights():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16)).eval()
     layer = model[0]
     x = torch.randn(4, 32)
     cache: dict = {}
@@ -84,13 +84,35 @@ def test_the_packed_weight_follows_in_place_writes_and_swapped_weights():
     assert len(cache[id(layer)]) == cpu_kernels.KEEP_PER_LAYER
 
 
+def test_a_layer_in_training_never_multiplies_by_a_stale_packing_after_a_fused_optimiser_step():
+    """torch's fused AdamW (the Trainer's default, adamw_torch_fused) writes the weights in place without
+    bumping their version, which the cache checks: a no-grad pass during training (TRL's old
+    log-probabilities) must still multiply by the weights as they are now."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    layer = model[0]
+    x = torch.randn(4, 32)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    with packed_linears(model, {}):
+        with torch.no_grad():
+            before = model(x)
+        model(x).square().sum().backward()
+        version = layer.weight._version
+        optimiser.step()
+        assert layer.weight._version == version  # the write the cache cannot see
+        with torch.no_grad():
+            after = model(x)
+    assert (after - before).abs().max() > 1e-2  # the step moved the output
+    torch.testing.assert_close(after, torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
 def test_bfloat16_products_round_a_float32_layers_input_and_weight_inside_the_context_only():
     """cpu_kernels(products=bfloat16): a float32 layer multiplies as autocast would (input, weight and
     bias rounded to bfloat16, the output returned in float32), also where an enclosing context already
     switched the layer (RL scores rewards inside the trainer's context); a recorded gradient and the
     layer outside the context keep float32."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48)).eval()
     layer = model[0]
     x = torch.randn(5, 64)
     low = torch.nn.functional.linear(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16()).float()

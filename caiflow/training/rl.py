@@ -6,6 +6,8 @@ disabled the model *is* the SL model, so TRL uses it as the KL reference (``beta
 without a second copy in memory. Completions are rewarded by
 :class:`~caiflow.training.reward_scorer.RewardScorer` (an ensemble scores mean - lambda * std).
 RLOO puts the KL into the reward (sequence-level log-ratio); GRPO adds it to the per-token loss.
+RLOO's old log-probabilities come from the pass that trains where the two are one function
+(``caiflow.training.old_logps``).
 With ``cfg.rollouts == "engine"`` (the default) the completions are sampled by caiflow's
 generation engine on the adapter merged into copies of the weights (``caiflow.training.rollouts``);
 ``"trl"`` keeps TRL's own ``generate``.
@@ -66,6 +68,7 @@ from caiflow.training.common import (
     write_card,
 )
 from caiflow.training.config import RLConfig
+from caiflow.training.old_logps import with_old_logps_from_trained_pass
 from caiflow.training.precision import resolve_bf16_autocast
 from caiflow.training.rollouts import with_engine_rollouts
 
@@ -202,6 +205,8 @@ def train_rl(
     config_cls, trainer_cls = _trainer_classes(cfg.algorithm)
     if cfg.rollouts == "engine":
         trainer_cls = with_engine_rollouts(trainer_cls, seed, fast_cpu)
+    if cfg.algorithm == "rloo":  # GRPO computes old log-probabilities only where it needs them
+        trainer_cls = with_old_logps_from_trained_pass(trainer_cls)
     peft_config = lora_config(cfg.lora)
     sl_full = full_weights(sl_model_path, base_model_path, work_dir, dtype) if cfg.method == "qlora" else None
 
@@ -260,6 +265,8 @@ def train_rl(
         "algorithm": cfg.algorithm,
         # what sampled the completions: 'engine, merged', 'engine, adapter live (why)', 'trl (why)' or 'trl'
         "rollouts": getattr(trainer, "rollouts_used", None) or "trl",
+        # RLOO's old log-probabilities: 'trained pass' or 'own pass (why)'; None for GRPO
+        "old_logps": getattr(trainer, "old_logps_used", None),
         "prompts": len(prompts),
         "steps": int(trainer.state.global_step),
         "train_loss": float(outcome.train_output.training_loss),
