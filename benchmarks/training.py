@@ -12,6 +12,8 @@ could gain at best). ``all-positions`` is float32 with TRL's output head scoring
 (prompt and padding too), as TRL does on the CPU unless `score_labelled_positions_only` is in place.
 ``torch-kernels`` is float32 on torch's own products (``model.cpu_kernels: false``); every other
 variant runs LoRA's frozen base weights on oneDNN's packed products (caiflow.cpu_kernels).
+``bf16-flash`` and ``fp32-flash`` send training's attention to SDPA's flash kernel, as before the
+CPU kernels took it over (``caiflow.cpu_kernels._training_attention``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,32 @@ VARIANTS = {
     "bf16+packing": {"bf16_autocast": True, "packing": True},
     "all-positions": {},  # float32, the output head scoring every position (see every_position)
     "torch-kernels": {},  # float32 on torch's products (train_sft's fast_cpu=False)
+    "bf16-flash": {"bf16_autocast": True},  # training's attention on SDPA's flash kernel (flash_attention)
+    "fp32-flash": {},
 }
+
+
+@contextmanager
+def flash_attention(enabled: bool):
+    """While enabled, the CPU kernels leave training's attention to transformers' SDPA (its flash kernel)."""
+    if not enabled:
+        yield
+        return
+    import caiflow.cpu_kernels as kernels
+
+    own = kernels._training_attention
+
+    def sdpa(module, query, key, value, attention_mask, scaling, is_causal):
+        out, _ = kernels.sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal
+        )
+        return out
+
+    kernels._training_attention = sdpa
+    try:
+        yield
+    finally:
+        kernels._training_attention = own
 
 
 @contextmanager
@@ -138,7 +165,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             save_steps=1000,
             **VARIANTS[name],
         )
-        with tempfile.TemporaryDirectory() as tmp, every_position(name == "all-positions"):
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            every_position(name == "all-positions"),
+            flash_attention(name.endswith("-flash")),
+        ):
             start = time.perf_counter()
             fast = name != "torch-kernels"
             metrics = train_sft(cfg, path, data, Path(tmp) / "out", Path(tmp) / "work", seed=0, fast_cpu=fast)

@@ -36,7 +36,10 @@ PIPELINE: tuple[StepSpec, ...] = (
     StepSpec("critique_revision", 7, ("prompts",), True, "answer, critique, revise: SL-CAI data"),
     # sft 3, rl 5: TRL's output head scores only the labelled positions on the CPU too
     # (`training.common.score_labelled_positions_only`): the same values up to the product's rounding
-    StepSpec("sft", 4, ("critique_revision",), True, "supervised fine-tuning on the revisions"),
+    # sft 5, reward_model 6 (and rl 8): on the CPU, training's attention is two float32 batched products
+    # per key/value head (caiflow.cpu_kernels._training_attention) instead of SDPA's flash kernel:
+    # gradients move at rounding level
+    StepSpec("sft", 5, ("critique_revision",), True, "supervised fine-tuning on the revisions"),
     # preferences 4, baseline 2 (and critique_revision 6): the sampler's largest uniform rounded to 1.0
     # (infinite noise: a rare token won outright, or a pick outside the nucleus failed)
     StepSpec("preferences", 6, ("prompts", "sft"), True, "AI-feedback preference pairs"),
@@ -45,7 +48,7 @@ PIPELINE: tuple[StepSpec, ...] = (
     # reward_model 5, rl 7: a float32 reward model that trained under bf16 autocast is scored with bfloat16
     # products (ensemble.json's `products`; rewards move by ~3% of their spread, pair probabilities by at
     # most 0.012 on the demo); rl 7 also: rl.disable_dropout (on by default)
-    StepSpec("reward_model", 5, ("preferences",), True, "reward model on the soft AI labels"),
+    StepSpec("reward_model", 6, ("preferences",), True, "reward model on the soft AI labels"),
     # rl 3, evaluate 5: the reward model scores in model.dtype (it loaded in float32 before)
     # rl 8: RLOO's old log-probabilities come from the trained pass (the same numbers); in float32 on the
     # CPU, TRL's no-grad passes multiplied the adapter by a stale packing of its first weights (torch's

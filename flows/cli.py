@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -131,6 +132,27 @@ def check_inputs(cfg: Any) -> None:
             check_fits_context(load_prompts(sources, Path(cfg.base_dir)), context, count)
 
 
+def temporary_server_in_background() -> threading.Thread | None:
+    """Start Prefect's temporary server (no PREFECT_API_URL set) in a thread, so that its ~4 s start-up
+    runs beside the input checks and the pipeline's imports instead of after them; join it before the
+    flow runs. None where a server is configured. The server stops at exit, as Prefect's own does."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():  # Prefect's own test for starting one
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def start() -> None:
+        try:
+            SubprocessASGIServer().start()
+        except Exception as exc:  # noqa: BLE001 - the flow's own start tries again and reports it
+            log.warning("the temporary Prefect server did not start in the background: %s", exc)
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_flow(args: argparse.Namespace, call: Callable[[], Any]) -> tuple[int, Any]:
     """Check the inputs before Prefect starts, then `call()` the flow: (exit code, its result).
 
@@ -140,20 +162,24 @@ def run_flow(args: argparse.Namespace, call: Callable[[], Any]) -> tuple[int, An
     from caiflow.config import load_config
 
     errors = input_errors()
+    server = None
     try:
         args.set = list(args.set or []) + executor_overrides(args)
         cfg = load_config(args.config, args.set, args.storage)
+        # Prefect's cache records live beside the artifacts they point at (read when Prefect is imported).
+        os.environ.setdefault(
+            "PREFECT_LOCAL_STORAGE_PATH", str(Path(cfg.run.storage).resolve() / "prefect-results")
+        )
+        server = temporary_server_in_background()
         check_inputs(cfg)
     except errors as exc:
         print(f"caiflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT, None
-    # Prefect's cache records live beside the artifacts they point at (read when Prefect is imported).
-    os.environ.setdefault(
-        "PREFECT_LOCAL_STORAGE_PATH", str(Path(cfg.run.storage).resolve() / "prefect-results")
-    )
     from caiflow.endpoint_scorer import EndpointError
 
     try:
+        if server is not None:
+            server.join()  # the flow's client finds it running (a start under way would be taken as up)
         return 0, call()
     except EndpointError as exc:  # a server that went away mid-run: the run failed, and resumes
         print(f"caiflow: run failed: {exc}", file=sys.stderr)

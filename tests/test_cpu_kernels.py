@@ -223,7 +223,7 @@ def test_decode_attention_equals_sdpa(width):
 
 def test_masked_prompt_tokens_read_the_key_value_heads_without_copies(monkeypatch):
     """Several query tokens under a padding mask (prefill, scoring), no gradient: SDPA with enable_gqa,
-    the same output as transformers' repeat_kv path; with a gradient recorded, transformers' path."""
+    the same output as transformers' repeat_kv path; with a gradient recorded, the training products."""
     torch.manual_seed(0)
     rows, kv_heads, dim, q_len, width = 3, 2, 16, 5, 9
     q = torch.randn(rows, kv_heads * 3, q_len, dim)
@@ -238,8 +238,36 @@ def test_masked_prompt_tokens_read_the_key_value_heads_without_copies(monkeypatc
     monkeypatch.setattr(
         cpu_kernels, "sdpa_attention_forward", lambda *a, **kw: calls.append(1) or ("sdpa", None)
     )
-    decode_attention(_Module(), q.requires_grad_(), k, v, mask, scaling=0.25)
-    assert calls == [1]
+    got, _ = decode_attention(_Module(), q.requires_grad_(), k, v, mask, scaling=0.25)
+    assert calls == [] and got.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_attention_equals_sdpa_and_its_gradients(dtype):
+    """Several query tokens with a gradient to record (training): the same output and input gradients as
+    transformers' SDPA path, under a padding mask and causal without one; a padding row that sees no
+    column stays finite, so it cannot poison the rows that read it."""
+    torch.manual_seed(0)
+    rows, kv_heads, dim, tokens = 3, 2, 16, 7
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    base = [torch.randn(rows, h, tokens, dim) for h in (kv_heads * 3, kv_heads, kv_heads)]
+    padded = torch.ones(rows, 1, tokens, tokens, dtype=torch.bool).tril()
+    padded[0, ..., :3] = False  # left padding: row 0's first three tokens see nothing
+    valid = torch.ones(rows, tokens, dtype=torch.bool)
+    valid[0, :3] = False
+    for mask in (padded, None):
+        outputs, grads = [], []
+        for attend in (sdpa_attention_forward, decode_attention):
+            q, k, v = (t.to(dtype).requires_grad_(True) for t in base)
+            out, _ = attend(_Module(), q, k, v, mask, scaling=0.25)
+            (out.float()[valid] ** 2).sum().backward()
+            outputs.append(out.float()[valid])
+            grads.append([t.grad.float() for t in (q, k, v)])
+        assert out.dtype == dtype and out.shape == (rows, tokens, kv_heads * 3, dim)
+        assert torch.isfinite(out.float()).all()
+        torch.testing.assert_close(outputs[1], outputs[0], **tol)
+        for got, want in zip(grads[1], grads[0]):
+            torch.testing.assert_close(got, want, **tol)
 
 
 def test_decode_attention_leaves_prefill_and_extras_to_sdpa(monkeypatch):

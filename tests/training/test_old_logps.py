@@ -70,8 +70,10 @@ def test_rloo_takes_its_old_log_probabilities_from_the_trained_pass(
     assert fused["history"][-1]["kl"] != 0.0  # the policy left the reference: the KL compared means something
     a, b = _adapter(tmp_path / "fused"), _adapter(tmp_path / "own")
     assert a.keys() == b.keys()
+    # the same up to rounding (TRL's ratio is exp(0) up to it; Adam divides by the gradients' size)
+    assert max(b[name].abs().max() for name in b if "lora_B" in name) > 1e-3  # lora_B started at zero
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
 
 def _trainer(**args) -> SimpleNamespace:
