@@ -97,10 +97,19 @@ class Progress:
             update_progress_artifact(self.artifact_id, progress=pct)
         if force or now - self._last >= self.log_every:
             rate = done / max(now - self.start, 1e-9)
-            eta = (self.total - done) / rate if rate > 0 else float("nan")
-            self.log.info(
-                "%s: %d/%d (%.0f%%), %.2f/s, about %.0f s left", self.what, done, self.total, pct, rate, eta
-            )
+            if rate > 0:
+                eta = (self.total - done) / rate
+                self.log.info(
+                    "%s: %d/%d (%.0f%%), %.2f/s, about %.0f s left",
+                    self.what,
+                    done,
+                    self.total,
+                    pct,
+                    rate,
+                    eta,
+                )
+            else:  # nothing done yet: no rate to tell the time left by
+                self.log.info("%s: %d/%d (%.0f%%), starting", self.what, done, self.total, pct)
             self._last = now
 
 

@@ -1,6 +1,7 @@
 """The flow end to end on configs/tiny.yaml, under one Prefect test harness for this module."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -373,3 +374,27 @@ def test_small_model_methods_distillation_contrastive_pairs_and_the_prompted_ref
         assert len(store.read_table(steps["evaluate"]["path"], name="judgements")) == 0
         report = (Path(steps["evaluate"]["path"]) / "report.md").read_text()
         assert "failed its calibration, so it was not asked" in report
+
+
+def test_progress_logs_the_time_left_only_once_there_is_a_rate():
+    """Before anything is done there is no rate: the line says it is starting, not 'about nan s left'."""
+    from tasks.common import Progress
+
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    progress = Progress("progress-test", 10, "rows")
+    heard = Lines()
+    progress.log = logging.getLogger("progress-test")  # outside a run it logs to "caiflow"
+    progress.log.addHandler(heard)
+    progress.log.setLevel(logging.INFO)
+    progress.update(0, force=True)
+    progress.update(5, force=True)
+    progress.log.removeHandler(heard)
+    assert heard.lines[0] == "rows: 0/10 (0%), starting"
+    assert re.fullmatch(r"rows: 5/10 \(50%\), [\d.]+/s, about \d+ s left", heard.lines[1])
