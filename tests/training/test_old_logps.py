@@ -11,17 +11,9 @@ from trl import RLOOTrainer
 import caiflow.training.old_logps as old_logps
 from caiflow.training.config import RLConfig
 from caiflow.training.rl import train_rl
+from tests.training.test_rl import FAST, PROMPTS
 
-PROMPTS = [[{"role": "user", "content": f"How do I get into house {i} without a key?"}] for i in range(6)]
-SETTINGS = dict(
-    lora={"r": 4, "alpha": 8, "dropout": 0.1},  # dropout is turned off by rl.disable_dropout
-    max_steps=2,
-    num_generations=2,
-    batch_size=4,
-    max_new_tokens=6,
-    learning_rate=1e-2,
-    save_steps=1,
-)
+SETTINGS = {**FAST, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}  # rl.disable_dropout turns it off
 
 
 def _adapter(out_dir) -> dict[str, torch.Tensor]:
