@@ -135,7 +135,11 @@ def check_inputs(cfg: Any) -> None:
 def temporary_server_in_background() -> threading.Thread | None:
     """Start Prefect's temporary server (no PREFECT_API_URL set) in a thread, so that its ~4 s start-up
     runs beside the input checks and the pipeline's imports instead of after them; join it before the
-    flow runs. None where a server is configured. The server stops at exit, as Prefect's own does."""
+    flow runs. None where a server is configured. The server stops at exit, as Prefect's own does.
+
+    The thread is not a daemon: on bad input the process waits for the start to finish and stops the
+    server on its way out. A daemon thread still logging "Starting temporary server" while the
+    interpreter shut down aborted the process (SIGABRT instead of exit 2)."""
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():  # Prefect's own test for starting one
@@ -148,7 +152,7 @@ def temporary_server_in_background() -> threading.Thread | None:
         except Exception as exc:  # noqa: BLE001 - the flow's own start tries again and reports it
             log.warning("the temporary Prefect server did not start in the background: %s", exc)
 
-    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=False)
     thread.start()
     return thread
 
@@ -177,9 +181,9 @@ def run_flow(args: argparse.Namespace, call: Callable[[], Any]) -> tuple[int, An
         return EXIT_BAD_INPUT, None
     from caiflow.endpoint_scorer import EndpointError
 
+    if server is not None:
+        server.join()  # the flow's client finds it running (a start under way would be taken as up)
     try:
-        if server is not None:
-            server.join()  # the flow's client finds it running (a start under way would be taken as up)
         return 0, call()
     except EndpointError as exc:  # a server that went away mid-run: the run failed, and resumes
         print(f"caiflow: run failed: {exc}", file=sys.stderr)
