@@ -158,13 +158,12 @@ def _packed_forward(module: torch.nn.Linear, cache: dict[int, list[_Packed]]):
         weight, bias = module.weight, module.bias
         if x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type):
             return F.linear(x, weight, bias)  # autocast picks the product's dtype: leave it to torch
-        if module.training and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
+        if module.training and trainable:
             # a layer in training: its optimiser writes the weight in place, and torch's fused optimisers
             # (the Trainer's default adamw_torch_fused) do so without bumping the version the cache checks
             return F.linear(x, weight, bias)
-        recording = torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        )
+        recording = torch.is_grad_enabled() and (x.requires_grad or trainable)
         products = _PRODUCTS.get()
         if not recording and products is not None and products != x.dtype:
             entry = _lookup(cache, module, weight, products)
@@ -172,7 +171,7 @@ def _packed_forward(module: torch.nn.Linear, cache: dict[int, list[_Packed]]):
             return _product(x.to(products), entry.packed, low).to(x.dtype)
         if not recording:
             return _product(x, _lookup(cache, module, weight).packed, bias)
-        if weight.requires_grad or (bias is not None and bias.requires_grad):
+        if trainable:
             return F.linear(x, weight, bias)  # a trained layer: torch's product and its gradients
         return _FrozenLinear.apply(x, _lookup(cache, module, weight), bias)
 
@@ -221,7 +220,7 @@ def decode_attention(
     training = recording or getattr(module, "training", False)
     if simple and query.shape[2] > 1 and training and score_count <= TRAINING_ATTENTION_MAX_SCORES:
         # training, and a trainer's passes without a gradient (RL's old and reference log-probabilities):
-        # the one attention, so those passes and the trained one agree to the bit where they should
+        # one attention for all of them, so those passes and the trained one take the same kernels
         return _training_attention(module, query, key, value, attention_mask, scaling, is_causal), None
     if simple and query.shape[2] > 1 and attention_mask is not None and not recording:
         # a prompt's tokens under a padding mask (prefill, scoring): SDPA reads each key/value head
@@ -267,7 +266,8 @@ def _training_attention(
     scaling: float | None,
     is_causal: bool | None,
 ) -> torch.Tensor:
-    """Attention over several tokens with a gradient to record: (rows, tokens, heads, value dim).
+    """Attention over several tokens in training (a gradient to record, or the module in training
+    mode): (rows, tokens, heads, value dim).
 
     Two batched float32 products per key/value head, its query heads' tokens stacked as rows, and
     a softmax between them. SDPA's CPU flash kernel, made for long sequences, took 16.3 ms for the

@@ -98,18 +98,10 @@ class Progress:
         if force or now - self._last >= self.log_every:
             rate = done / max(now - self.start, 1e-9)
             if rate > 0:
-                eta = (self.total - done) / rate
-                self.log.info(
-                    "%s: %d/%d (%.0f%%), %.2f/s, about %.0f s left",
-                    self.what,
-                    done,
-                    self.total,
-                    pct,
-                    rate,
-                    eta,
-                )
+                tail = f"{rate:.2f}/s, about {(self.total - done) / rate:.0f} s left"
             else:  # nothing done yet: no rate to tell the time left by
-                self.log.info("%s: %d/%d (%.0f%%), starting", self.what, done, self.total, pct)
+                tail = "starting"
+            self.log.info("%s: %d/%d (%.0f%%), %s", self.what, done, self.total, pct, tail)
             self._last = now
 
 
